@@ -24,7 +24,7 @@ from torch import Tensor
 from lbw_kernels import contract as C
 from lbw_kernels.backends import BACKEND_NAMES, BackendUnavailable, load_backend
 
-from . import validation
+from . import distributed, validation
 from .control import StepRecord
 from .telemetry import Telemetry
 
@@ -91,6 +91,8 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
         self.telemetry: Telemetry | None = None
         self.applied_gate: Tensor | None = None
         self.num_steps = 0
+        self._shard_group = None
+        self._pending_loss: Tensor | None = None
         super().__init__(params, defaults)
         self._guard = _resolve_guard(guard)
         if self._guard is not None:
@@ -238,6 +240,12 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
         return self._hyper
 
     # ------------------------------------------------------------------ step
+    def record_loss(self, loss: Tensor | float) -> None:
+        """Give the next ``step()`` its loss telemetry when the caller of ``step()`` cannot
+        (a wrapper such as Accelerate's or the HF Trainer calls ``step()`` without it).
+        Under gradient accumulation, call it with the accumulated loss once per step."""
+        self._pending_loss = loss.detach() if isinstance(loss, Tensor) else loss
+
     def _collect(self) -> dict[tuple[torch.device, torch.dtype], dict[str, list]]:
         """Buckets of (device, dtype) with their tensor lists; validates before any change."""
         index = 0
@@ -257,12 +265,14 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
                 (p.device, p.dtype),
                 {"params": [], "grads": [], "exp_avgs": [], "exp_avg_sqs": [], "steps": [], "group_ids": []},
             )
-            b["params"].append(p)
-            b["grads"].append(p.grad)
-            b["exp_avgs"].append(state["exp_avg"])
-            b["exp_avg_sqs"].append(state["exp_avg_sq"])
+            # Kernels work on rank-local storage (FSDP2 parameters are DTensors).
+            b["params"].append(distributed.local_tensor(p))
+            b["grads"].append(distributed.local_tensor(p.grad))
+            b["exp_avgs"].append(distributed.local_tensor(state["exp_avg"]))
+            b["exp_avg_sqs"].append(distributed.local_tensor(state["exp_avg_sq"]))
             b["steps"].append(state["step"])
             b["group_ids"].append(gid)
+        self._shard_group = distributed.shard_group([p for _, p in found])
         return buckets
 
     def _group_ids_tensor(self, group_ids: list[int], device: torch.device) -> Tensor:
@@ -287,7 +297,8 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
         for bucket in buckets.values():
             norms = torch._foreach_norm(bucket["grads"], 2, dtype=torch.float32)
             sums.append(torch.stack(norms).to(device, torch.float64).square().sum())
-        return torch.stack(sums).sum().sqrt()
+        total_sq = distributed.sum_over_group(torch.stack(sums).sum(), self._shard_group)
+        return total_sq.sqrt()
 
     @torch.no_grad()
     def step(self, closure: Callable | None = None, *, loss: Tensor | float | None = None):
@@ -302,7 +313,8 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 closure_loss = closure()
         if loss is None:
-            loss = closure_loss
+            loss = closure_loss if closure_loss is not None else self._pending_loss
+        self._pending_loss = None
 
         buckets = self._collect()
         if not buckets:
@@ -329,7 +341,10 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
                 clip_coef = torch.where(ok, coef, one)
         loss_t = None
         if loss is not None:
+            # Each rank saw its own micro-batch: decide on the mean so all ranks agree.
             loss_t = torch.as_tensor(loss).detach().to(device).reshape(())
+            if self._guard is not None:
+                loss_t = distributed.mean_over_ranks(loss_t)
             if control is not None:
                 loss_ok = torch.isfinite(loss_t) & (loss_t.double() <= control.loss_limit)
                 ok = loss_ok if ok is None else ok & loss_ok
@@ -360,6 +375,7 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
             )
         reduced = partials[0] if len(partials) == 1 else torch.stack(partials).sum(0)
         values = torch.cat([reduced, self._numel_column(buckets, num_groups, device)[:, None]], dim=1)
+        distributed.sum_over_group(values, self._shard_group)  # shard partials -> global values
         self.telemetry = Telemetry(values)
         self.applied_gate = applied_gate
 
