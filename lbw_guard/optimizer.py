@@ -170,6 +170,7 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
 
     def state_dict(self) -> dict:
         sd = super().state_dict()
+        sd["num_steps"] = self.num_steps  # the guard numbers its records, events and snapshots by it
         if self._guard is not None:
             sd["guard"] = self._guard.state_dict()
         return sd
@@ -178,6 +179,7 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
         """Load our own or a ``torch.optim.AdamW`` state dict (same per-parameter keys)."""
         state_dict = dict(state_dict)
         guard_state = state_dict.pop("guard", None)
+        num_steps = state_dict.pop("num_steps", None)
         for i, group in enumerate(state_dict["param_groups"]):
             validation.check_hyperparameters({**self.defaults, **group}, f"loaded param group {i}")
         saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
@@ -196,6 +198,8 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
             }
             self.state[p] = state
         self._hyper_key = None
+        if num_steps is not None:
+            self.num_steps = int(num_steps)
         if self._guard is not None:
             self._guard.bind(self)
             if guard_state is not None:

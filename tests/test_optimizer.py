@@ -39,7 +39,26 @@ def groups_of(params, lr=1e-3):
     ]
 
 
-@pytest.mark.parametrize("backend", ["torch"])
+def available_backends():
+    """Backends that can run here: the reference, Triton (natively on a GPU or through the
+    interpreter), and the compiled C++ backend when it builds."""
+    from lbw_kernels.backends import BackendUnavailable, load_backend
+
+    names = []
+    device = torch.device("cpu")
+    for name in ("torch", "triton", "cpu"):
+        try:
+            load_backend(name, device)
+        except BackendUnavailable:
+            continue
+        names.append(name)
+    return names
+
+
+BACKENDS = available_backends()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_fp32_equals_torch_adamw_over_200_steps_with_scheduler(backend):
     ours = make_params(1)
     theirs = clone_params(ours)
@@ -63,13 +82,14 @@ def test_fp32_equals_torch_adamw_over_200_steps_with_scheduler(backend):
         assert float(opt.state[p]["step"]) == float(ref.state[q]["step"]) == 200
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_params_match_fp32_adamw_rounded_each_step(dtype):
+def test_low_precision_params_match_fp32_adamw_rounded_each_step(dtype, backend):
     """bf16/fp16 params with fp32 moments equal fp32 AdamW whose params are rounded to the
     dtype after every step, to within one unit in the last place of the dtype."""
     ours = make_params(3, dtype)
     theirs = clone_params(ours, torch.float32)
-    opt = FusedGuardedAdamW(ours, lr=1e-2, guard=None, backend="torch")
+    opt = FusedGuardedAdamW(ours, lr=1e-2, guard=None, backend=backend)
     ref = torch.optim.AdamW(theirs, lr=1e-2)
     gen = torch.Generator().manual_seed(4)
     for _ in range(50):
@@ -89,7 +109,8 @@ def test_low_precision_params_match_fp32_adamw_rounded_each_step(dtype):
         close_to_reference(opt.state[p]["exp_avg"], ref.state[q]["exp_avg"], rtol=1e-2)
 
 
-def test_small_transformer_equals_adamw():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_small_transformer_equals_adamw(backend):
     transformers = pytest.importorskip("transformers")
     cfg = transformers.Qwen2Config(
         vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -103,7 +124,7 @@ def test_small_transformer_equals_adamw():
     twin_decay = [p for n, p in twin.named_parameters() if p.ndim >= 2]
     twin_no_decay = [p for n, p in twin.named_parameters() if p.ndim < 2]
     opt = FusedGuardedAdamW(
-        [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=3e-3, guard=None, backend="torch"
+        [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=3e-3, guard=None, backend=backend
     )
     ref = torch.optim.AdamW([{"params": twin_decay}, {"params": twin_no_decay, "weight_decay": 0.0}], lr=3e-3)
     gen = torch.Generator().manual_seed(5)
@@ -121,10 +142,11 @@ def test_small_transformer_equals_adamw():
         close_to_reference(p.detach(), q.detach(), rtol=1e-6)
 
 
-def test_fused_clipping_equals_clip_grad_norm_then_adamw():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_clipping_equals_clip_grad_norm_then_adamw(backend):
     ours = make_params(6)
     theirs = clone_params(ours)
-    opt = FusedGuardedAdamW(groups_of(ours), guard=None, backend="torch", max_grad_norm=0.5)
+    opt = FusedGuardedAdamW(groups_of(ours), guard=None, backend=backend, max_grad_norm=0.5)
     ref = torch.optim.AdamW(groups_of(theirs))
     gen = torch.Generator().manual_seed(7)
     for _ in range(30):
@@ -138,10 +160,11 @@ def test_fused_clipping_equals_clip_grad_norm_then_adamw():
         close_to_reference(p.detach(), q.detach(), rtol=1e-6)
 
 
-def test_grad_scale_unscales_and_found_inf_skips_on_device():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grad_scale_unscales_and_found_inf_skips_on_device(backend):
     ours = make_params(8)
     theirs = clone_params(ours)
-    opt = FusedGuardedAdamW(ours, guard=None, backend="torch")
+    opt = FusedGuardedAdamW(ours, guard=None, backend=backend)
     ref = torch.optim.AdamW(theirs)
     gen = torch.Generator().manual_seed(9)
     for i in range(10):
@@ -166,9 +189,10 @@ def test_grad_scale_unscales_and_found_inf_skips_on_device():
         assert float(opt.state[p]["step"]) == float(ref.state[q]["step"]) == 8
 
 
-def test_telemetry_matches_direct_computation():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_telemetry_matches_direct_computation(backend):
     params = make_params(10)
-    opt = FusedGuardedAdamW(groups_of(params), guard=None, backend="torch")
+    opt = FusedGuardedAdamW(groups_of(params), guard=None, backend=backend)
     gen = torch.Generator().manual_seed(11)
     for step in range(3):
         grads = [torch.randn(p.shape, generator=gen) for p in params]
@@ -183,8 +207,8 @@ def test_telemetry_matches_direct_computation():
             g_all = torch.cat([grads[i].double() for i in idx])
             u_all = torch.cat([(params[i].detach() - before[i]).double() for i in idx])
             p_all = torch.cat([before[i].double() for i in idx])
-            assert tel["grad_sq"][gid] == pytest.approx(float(g_all.square().sum()), rel=1e-9)
-            assert tel["param_sq"][gid] == pytest.approx(float(p_all.square().sum()), rel=1e-9)
+            assert tel["grad_sq"][gid] == pytest.approx(float(g_all.square().sum()), rel=1e-6)
+            assert tel["param_sq"][gid] == pytest.approx(float(p_all.square().sum()), rel=1e-6)
             assert tel["update_sq"][gid] == pytest.approx(float(u_all.square().sum()), rel=1e-3)
             assert tel["grad_dot_update"][gid] == pytest.approx(float((g_all * u_all).sum()), rel=1e-3)
             assert tel["numel"][gid] == g_all.numel()
@@ -217,7 +241,7 @@ def test_outliers_and_nonfinite_are_counted_and_nonfinite_elements_untouched():
 
 
 def test_state_dict_round_trip_is_exact_and_resumes_identically():
-    def run(params, opt, steps, seed):
+    def run(params, opt, steps, seed):  # noqa: E306
         gen = torch.Generator().manual_seed(seed)
         for _ in range(steps):
             for p in params:
