@@ -15,9 +15,9 @@ def _extensions():
         return {}
     from torch.utils.cpp_extension import BuildExtension
 
-    from lbw_kernels._build import extension_modules
+    from lbw_kernels._build import get_extensions
 
-    return {"ext_modules": extension_modules(), "cmdclass": {"build_ext": BuildExtension}}
+    return {"ext_modules": get_extensions(), "cmdclass": {"build_ext": BuildExtension}}
 
 
 setup(**_extensions())
