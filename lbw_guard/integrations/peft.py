@@ -1,0 +1,80 @@
+"""Parameter groups for PEFT LoRA models, so the guard can freeze LoRA adapters one by one.
+
+The guard freezes whole parameter groups (a per-group gate of 0, never ``requires_grad``),
+so what it can isolate is decided by how the groups are built. With one group for all
+LoRA weights, a spike in one adapter can only be answered by scaling or skipping every
+adapter; with :func:`lora_param_groups` each adapted module (or each transformer layer)
+is its own group:
+
+>>> model = get_peft_model(base, LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
+>>> opt = FusedGuardedAdamW(lora_param_groups(model, by="layer"), lr=2e-4)
+>>> group_names(opt)   # ['layers.0', 'layers.1', ..., 'other']
+
+Works on any ``nn.Module``; it only relies on PEFT's parameter names (``lora_A``,
+``lora_B``, ``lora_embedding_A/B``, ``lora_magnitude_vector``), not on importing peft.
+"""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+from .logging import group_names
+
+_LORA = re.compile(r"\.lora_(A|B|embedding_A|embedding_B|magnitude_vector)(\.|$)")
+_LAYER = re.compile(r"(?:^|\.)(layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
+BY = ("module", "layer", "all")
+
+
+def _group_key(name: str, by: str) -> str | None:
+    """The LoRA group a parameter belongs to, or None for a non-LoRA parameter."""
+    match = _LORA.search(name)
+    if match is None:
+        return None
+    module = name[: match.start()]
+    if by == "all":
+        return "lora"
+    if by == "layer":
+        layer = _LAYER.search(module)
+        return f"{layer.group(1)}.{layer.group(2)}" if layer else module
+    for prefix in ("base_model.model.", "base_model."):  # PeftModel's wrapper prefixes
+        if module.startswith(prefix):
+            return module[len(prefix):]
+    return module
+
+
+def lora_param_groups(model: nn.Module, by: str = "module", other: str = "other", **options) -> list[dict]:
+    """Trainable parameters of ``model`` as optimizer param groups.
+
+    Args:
+        by: ``"module"`` (one group per adapted module, e.g. ``...layers.0.self_attn.q_proj``),
+            ``"layer"`` (one per transformer block) or ``"all"`` (one for every LoRA weight).
+        other: name of the group of trainable non-LoRA parameters (``modules_to_save``,
+            a classification head); left out when there are none.
+        options: hyperparameters for every group (``lr``, ``weight_decay``, ...).
+
+    Each group carries a ``"name"`` key (kept by the optimizer, shown by :func:`group_names`
+    and in the guard's log lines). Frozen parameters (``requires_grad=False``) are left out.
+    """
+    if by not in BY:
+        raise ValueError(f"by must be one of {BY}, got {by!r}")
+    groups: dict[str, list] = {}
+    rest = []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        key = _group_key(name, by)
+        if key is None:
+            rest.append(p)
+        else:
+            groups.setdefault(key, []).append(p)
+    if not groups:
+        raise ValueError("no trainable LoRA parameters found (is this a PEFT LoRA model?)")
+    out = [{"params": ps, "name": key, **options} for key, ps in groups.items()]
+    if rest:
+        out.append({"params": rest, "name": other, **options})
+    return out
+
+
+__all__ = ["BY", "group_names", "lora_param_groups"]
