@@ -6,4 +6,4 @@ cd "$(dirname "$0")/.."
 if ! python -c "import torch" 2>/dev/null; then
     python -m pip install -q "torch==2.13.0"
 fi
-python -m pip install -q --no-build-isolation -e ".[hf,dev]"
+python -m pip install -q --no-build-isolation -e ".[hf,stress,dev]"

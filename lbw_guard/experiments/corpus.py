@@ -1,0 +1,188 @@
+"""Text corpora for the stress suite, split into training and held-out documents.
+
+The default corpus is the running Python's own standard library source: it is always on disk,
+needs no network, and is large enough to train a small language model. Documents (files) are
+assigned to a split by a hash of their relative path, so no document is ever in both splits and
+the split does not depend on the order the filesystem lists files in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+# Directories that are not representative source text (vendored packages, test fixtures with
+# deliberately odd encodings and very long generated strings).
+_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+# Very large files (generated tables, pydoc topics) would dominate a byte budget.
+_MAX_FILE_BYTES = 150_000
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """Training and held-out text, plus a fingerprint that keys every cache built from it."""
+
+    name: str
+    train: list[str]
+    heldout: list[str]
+    fingerprint: str
+
+    @property
+    def train_chars(self) -> int:
+        return sum(len(d) for d in self.train)
+
+    @property
+    def heldout_chars(self) -> int:
+        return sum(len(d) for d in self.heldout)
+
+
+def _hash_key(name: str) -> int:
+    return int.from_bytes(hashlib.sha1(name.encode("utf-8")).digest()[:8], "big")
+
+
+def _fingerprint(name: str, train: list[str], heldout: list[str]) -> str:
+    h = hashlib.sha1(name.encode("utf-8"))
+    for split in (train, heldout):
+        h.update(b"\x00split")
+        for doc in split:
+            h.update(hashlib.sha1(doc.encode("utf-8")).digest())
+    return h.hexdigest()[:16]
+
+
+def split_documents(
+    named_docs: list[tuple[str, str]],
+    heldout_percent: int,
+    train_chars: int,
+    heldout_chars: int,
+) -> tuple[list[str], list[str]]:
+    """Hash-split (name, text) documents and fill each split up to its character budget.
+
+    Documents are visited in hash order, which is a fixed pseudo-random order: the budget picks a
+    deterministic, unbiased subset rather than, say, only the alphabetically first modules.
+    """
+    if not 0 < heldout_percent < 100:
+        raise ValueError(f"heldout_percent must be in (0, 100), got {heldout_percent}")
+    train: list[str] = []
+    heldout: list[str] = []
+    used = {"train": 0, "heldout": 0}
+    budget = {"train": train_chars, "heldout": heldout_chars}
+    for name, text in sorted(named_docs, key=lambda nd: (_hash_key(nd[0]), nd[0])):
+        split = "heldout" if _hash_key("split:" + name) % 100 < heldout_percent else "train"
+        if used[split] >= budget[split] or not text.strip():
+            continue
+        (heldout if split == "heldout" else train).append(text)
+        used[split] += len(text)
+    if not train or not heldout:
+        raise ValueError(
+            f"corpus too small to split: {len(train)} training and {len(heldout)} held-out "
+            f"documents from {len(named_docs)} documents"
+        )
+    return train, heldout
+
+
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def stdlib_documents(root: Path | None = None) -> list[tuple[str, str]]:
+    """Every readable ``.py`` file of the standard library as (relative path, text), sorted."""
+    root = stdlib_root() if root is None else root
+    docs = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if any(part in _SKIP_DIRS for part in rel.parts[:-1]):
+            continue
+        try:
+            if path.stat().st_size > _MAX_FILE_BYTES:
+                continue
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        docs.append((rel.as_posix(), text))
+    return docs
+
+
+def text_file_documents(path: Path) -> list[tuple[str, str]]:
+    """A local text file cut into documents at blank-line-separated blocks of ~4K characters."""
+    text = Path(path).read_text(encoding="utf-8", errors="replace")
+    docs: list[tuple[str, str]] = []
+    block: list[str] = []
+    size = 0
+    for para in text.split("\n\n"):
+        block.append(para)
+        size += len(para) + 2
+        if size >= 4096:
+            docs.append((f"{path}#{len(docs)}", "\n\n".join(block)))
+            block, size = [], 0
+    if block:
+        docs.append((f"{path}#{len(docs)}", "\n\n".join(block)))
+    return docs
+
+
+def wikitext_documents(name: str) -> tuple[list[str], list[str]]:
+    """WikiText's own train/validation splits through the optional ``datasets`` package."""
+    try:
+        import datasets  # optional: only needed for real data with network access
+    except ImportError as exc:
+        raise RuntimeError(
+            "--dataset needs the optional 'datasets' package (pip install datasets) and network "
+            "access; use the default stdlib corpus or --text-file PATH offline"
+        ) from exc
+    configs = {"wikitext-103": "wikitext-103-raw-v1", "wikitext-2": "wikitext-2-raw-v1"}
+    if name not in configs:
+        raise ValueError(f"unknown dataset {name!r}; choose from {sorted(configs)}")
+    ds = datasets.load_dataset("wikitext", configs[name])
+
+    def articles(split: str) -> list[str]:
+        # WikiText lines: an article starts at a " = Title = " heading.
+        docs: list[str] = []
+        for line in ds[split]["text"]:
+            if line.startswith(" = ") and not line.startswith(" = = ") and docs:
+                docs.append("")
+            if not docs:
+                docs.append("")
+            docs[-1] += line
+        return [d for d in docs if d.strip()]
+
+    return articles("train"), articles("validation")
+
+
+def load_corpus(
+    source: str = "stdlib",
+    *,
+    text_file: Path | None = None,
+    train_chars: int = 3_000_000,
+    heldout_chars: int = 300_000,
+    heldout_percent: int = 10,
+) -> Corpus:
+    """Load ``source`` ("stdlib", "text-file" or a WikiText name) within the character budgets."""
+    if source == "stdlib":
+        name = f"stdlib-{sysconfig.get_python_version()}"
+        train, heldout = split_documents(
+            stdlib_documents(), heldout_percent, train_chars, heldout_chars
+        )
+    elif source == "text-file":
+        if text_file is None:
+            raise ValueError("source 'text-file' needs text_file")
+        name = f"file-{Path(text_file).name}"
+        train, heldout = split_documents(
+            text_file_documents(Path(text_file)), heldout_percent, train_chars, heldout_chars
+        )
+    else:
+        name = source
+        all_train, all_heldout = wikitext_documents(source)
+        train = _take(all_train, train_chars)
+        heldout = _take(all_heldout, heldout_chars)
+    return Corpus(name, train, heldout, _fingerprint(name, train, heldout))
+
+
+def _take(docs: list[str], budget: int) -> list[str]:
+    out, used = [], 0
+    for d in docs:
+        if used >= budget:
+            break
+        out.append(d)
+        used += len(d)
+    return out
