@@ -1,0 +1,1 @@
+"""Benchmark suite of lbw-guard (pytest-benchmark). See benchmarks/README.md."""
