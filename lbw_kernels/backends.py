@@ -7,7 +7,10 @@ Compiled backends are imported lazily so that a missing compiler or GPU never br
 
 from __future__ import annotations
 
+import json
 import os
+from functools import lru_cache
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -17,6 +20,15 @@ BACKEND_NAMES = ("torch", "triton", "cpu", "cuda")
 
 class BackendUnavailable(RuntimeError):
     """A backend cannot run here (no GPU, no compiler, failed build); the message says why."""
+
+
+@lru_cache(maxsize=None)
+def auto_order(device_type: str) -> tuple[str, ...]:
+    """Backends for ``backend="auto"``, fastest first, as measured by the committed
+    benchmarks (``backend_ranking.json``, written by ``benchmarks/rank_backends.py``)."""
+    ranking = json.loads((Path(__file__).parent / "backend_ranking.json").read_text())
+    entry = ranking.get(device_type)
+    return tuple(entry["order"]) if entry else ("torch",)
 
 
 def _triton_interpreting() -> bool:
