@@ -396,11 +396,15 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
         return closure_loss
 
     def _host_lrs(self) -> list[float]:
-        """Scheduler lrs as host floats; a tensor lr is read from the last host copy made."""
-        key = self._hyper_key
-        if all(not isinstance(g["lr"], Tensor) for g in self.param_groups) or key is None:
-            return [float(g["lr"]) if not isinstance(g["lr"], Tensor) else float("nan") for g in self.param_groups]
-        return [float("nan")] * len(self.param_groups)
+        """Scheduler lrs as host floats for the guard. A tensor lr on an accelerator is
+        reported as NaN rather than read back (that would synchronise); the guard's
+        predictive bound is then off for that group."""
+        out = []
+        for g in self.param_groups:
+            lr = g["lr"]
+            on_host = not isinstance(lr, Tensor) or lr.device.type == "cpu"
+            out.append(float(lr) if on_host else float("nan"))
+        return out
 
     def _const_vector(self, value: float, n: int, device: torch.device) -> Tensor:
         key = ("vec", value, n, device)

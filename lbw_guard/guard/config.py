@@ -71,6 +71,28 @@ class GuardConfig:
     min_param_rms: float = 1e-2
     """rms(theta) used by the predictive bound is at least this (zero-initialised groups)."""
 
+    # --- trust region: is the commanded step size still making progress? -------------
+    trust_region: bool = True
+    """Hold the scale down while the commanded learning rate is too high (needs step(loss=...)).
+    The trust ratio rho = (slope of the loss over a window) / (mean predicted change g.u) is
+    about 1 - eta / (2 eta*) on a quadratic: ~0.5 at the best step size, < 0 past twice it.
+    A ceiling on the scale is set where a predictive cap binds (the commanded step is outside
+    the envelope) and is raised only while rho is confidently above ``trust_high``; it is cut
+    by ``decrease_factor`` while rho is confidently below ``trust_low``. Without evidence
+    (minibatch noise hides the trend) it holds. Runs without loss telemetry: no ceiling."""
+    trust_window: int = 32
+    """Records in the sliding window of (loss, g.u) the trust ratio is estimated over."""
+    trust_min_records: int = 16
+    """Records at the current ceiling needed before it may move again."""
+    trust_z: float = 2.0
+    """One-sided confidence (standard errors of the loss slope) a move needs."""
+    trust_low: float = 0.0
+    """Cut the ceiling while rho's upper confidence bound is below this (loss not falling)."""
+    trust_high: float = 0.25
+    """Raise the ceiling while rho's lower confidence bound is above this (good progress)."""
+    trust_increase: float = 1.5
+    """Multiplicative raise of the ceiling per decision (issuance still obeys max_scale_increase)."""
+
     # --- regimes ----------------------------------------------------------------------
     calm_steps: int = 10
     """Clean records at full scale before recovering becomes stable again."""
@@ -157,6 +179,9 @@ def _validate(c: GuardConfig) -> list[str]:
     integer("warmup_steps", 1)
     for name in ("hold_steps", "freeze_steps", "lag"):
         integer(name, 0)
+    integer("trust_window", 3)
+    integer("trust_min_records", 3)
+    check(isinstance(c.trust_region, bool), f"trust_region must be a bool, got {c.trust_region!r}")
     for name in ("calm_steps", "diverge_spikes", "diverge_window", "max_consecutive_skips",
                  "snapshot_interval", "snapshot_ring", "max_rollback_distance", "rollback_window"):
         integer(name, 1)
@@ -185,6 +210,11 @@ def _validate(c: GuardConfig) -> list[str]:
         ratio = number("max_update_ratio")
         check(not ratio <= 0.0, f"max_update_ratio must be > 0 or None, got {c.max_update_ratio}")
 
+    check(not number("trust_z") < 0.0, f"trust_z must be >= 0, got {c.trust_z}")
+    low, high = number("trust_low"), number("trust_high")
+    check(not low >= high, f"trust_low ({c.trust_low}) must be below trust_high ({c.trust_high})")
+    check(not number("trust_increase") <= 1.0, f"trust_increase must be > 1, got {c.trust_increase}")
+
     frac = number("max_frozen_fraction")
     check(0.0 <= frac < 1.0, f"max_frozen_fraction must be in [0, 1), got {c.max_frozen_fraction}")
 
@@ -192,6 +222,8 @@ def _validate(c: GuardConfig) -> list[str]:
         check(c.snapshot_interval <= c.max_rollback_distance,
               f"snapshot_interval ({c.snapshot_interval}) > max_rollback_distance "
               f"({c.max_rollback_distance}): no snapshot would ever be close enough to roll back to")
+        check(c.trust_min_records <= c.trust_window,
+              f"trust_min_records ({c.trust_min_records}) > trust_window ({c.trust_window})")
         check(c.diverge_spikes <= c.diverge_window,
               f"diverge_spikes ({c.diverge_spikes}) > diverge_window ({c.diverge_window}): "
               "divergence could never be detected")

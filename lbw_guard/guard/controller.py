@@ -83,6 +83,30 @@ def _as_float(x, default: float = math.nan) -> float:
         return default
 
 
+def _trust_ratio(window, z: float) -> tuple:
+    """(rho, lower, upper) of a window of (step, loss, g.u); Nones when undefined."""
+    n = len(window)
+    if n < 3:
+        return None, None, None
+    p = sum(r[2] for r in list(window)[:-1]) / (n - 1)
+    if not p < 0.0:
+        return None, None, None  # no predicted decrease to compare against
+    t0 = window[0][0]
+    ts = [r[0] - t0 for r in window]
+    ls = [r[1] for r in window]
+    tm, lm = sum(ts) / n, sum(ls) / n
+    sxx = sum((t - tm) ** 2 for t in ts)
+    if not sxx > 0:
+        return None, None, None
+    b = sum((t - tm) * (l - lm) for t, l in zip(ts, ls)) / sxx
+    res = sum((l - lm - b * (t - tm)) ** 2 for t, l in zip(ts, ls))
+    se = math.sqrt(res / (n - 2) / sxx)
+    rho, lower, upper = b / p, (b + z * se) / p, (b - z * se) / p
+    if not all(math.isfinite(x) for x in (rho, lower, upper)):
+        return None, None, None
+    return rho, lower, upper
+
+
 class Controller:
     """Adaptive statistics, regime and bounded actions for ``num_groups`` parameter groups."""
 
@@ -106,6 +130,11 @@ class Controller:
         self.rollback_steps: list[int] = []
         self.snapshot_steps: list[int] = []
         self.prev: dict | None = None  # previous record's loss and g.u, for the curvature
+        # Trust region: a ceiling on the scale, and the window of (step, loss, g.u) records
+        # measured under it (records issued before ``trust_since`` describe another ceiling).
+        self.trust_scale = 1.0
+        self.trust_since = 0
+        self.trust_window: deque[tuple[int, float, float]] = deque()
         self.outbox: list[Event] = []  # events raised while issuing control
         self.resize(num_groups)
 
@@ -156,7 +185,11 @@ class Controller:
         for g in range(G):
             lr = _as_float(lrs[g]) if g < len(lrs) else math.nan
             target, bound = self.aimd_scale, None
-            for cap, name in self._predictive_caps(g, lr):
+            caps = self._predictive_caps(g, lr)
+            self._latch_trust(step, caps)
+            if c.trust_region:
+                caps.append((self.trust_scale, "trust_ratio"))
+            for cap, name in caps:
                 if cap < target:
                     target, bound = cap, name
             target = min(1.0, max(c.min_scale, target))
@@ -169,6 +202,7 @@ class Controller:
                         regime=self.regime,
                         action="cap_scale" if capped else "release_cap",
                         detail={"group": g, "scale": issued, "aimd_scale": self.aimd_scale, "lr": lr,
+                                "trust_scale": self.trust_scale,
                                 "predicted_ratio": self._commanded_ratio(g, lr),
                                 "envelope": self._envelope(g)},
                         bound=capped or self.capped[g],
@@ -178,6 +212,19 @@ class Controller:
             self.last_scale[g] = issued
             scales.append(issued)
         return ControlValues(scales, gates, self.grad_norm_limit(), self.loss_limit())
+
+    def _latch_trust(self, step: int, caps: list[tuple[float, str]]) -> None:
+        """A predictive cap that binds says the commanded step is outside the envelope: the
+        trust ceiling follows it down, and rises again only on evidence (``_trust_decide``),
+        not merely because the cap's inputs (c, rms(theta)) drifted."""
+        c = self.config
+        if not c.trust_region or not caps:
+            return
+        cap = min(1.0, max(c.min_scale, min(v for v, _ in caps)))
+        if cap < self.trust_scale:
+            self.trust_scale = cap
+            self.trust_since = step
+            self.trust_window.clear()
 
     def _commanded_ratio(self, g: int, lr: float) -> float:
         """Predicted update/param ratio of the next step at scale 1: lr * c / rms(theta)."""
@@ -293,8 +340,11 @@ class Controller:
             ("loss_spike", loss_spike), ("update_spike", update_spike), ("device_skip", device_skip),
         ) if hit]
         trouble = bool(reasons)
+        trust = self._trust_observe(step, loss, sig, trouble, written)
         sig.extra.update({"z_grad": z_grad, "z_loss": z_loss, "z_update": z_update,
-                          "norm_update_ratio": norm_ratio, "reasons": reasons})
+                          "norm_update_ratio": norm_ratio, "reasons": reasons,
+                          "rho": trust[0], "rho_lo": trust[1], "rho_hi": trust[2],
+                          "rho_records": trust[3], "trust_scale": self.trust_scale})
         signals = sig.summary()
         decision.signals = signals
 
@@ -309,6 +359,7 @@ class Controller:
                              issued_gate, decision)
         else:
             self._on_clean(step, signals, decision)
+            self._trust_decide(step, now, trust, issued_scale, written, signals, decision)
         return decision
 
     # ---- helpers of observe
@@ -392,6 +443,67 @@ class Controller:
         written_all = all(written)
         self.prev = {"step": step, "loss": loss if loss is not None and math.isfinite(loss) else None,
                      "gdotu": sig.grad_dot_update if written_all else math.nan}
+
+    # ---- trust region
+    def _trust_observe(self, step: int, loss, sig: StepSignals, trouble: bool, written) -> tuple:
+        """Fold the record into the trust window; (rho, lower, upper, records) of the window.
+
+        rho = b / p: b the least-squares slope of the loss over the window's steps (the
+        minibatch noise of one loss averages out over the window instead of entering twice,
+        as a sum of differences would), p the mean g.u of the updates between those losses
+        (the first-order predicted change per step, < 0 for a descent step). The bounds are
+        b -+ trust_z standard errors of the slope (from its residuals), divided by p.
+        """
+        nothing = (None, None, None, len(self.trust_window))
+        c = self.config
+        if not c.trust_region:
+            return nothing
+        if loss is None:  # no loss telemetry: no evidence can ever come, so no ceiling
+            self.trust_scale = 1.0
+            self.trust_window.clear()
+            return nothing
+        gu = sig.grad_dot_update
+        if trouble or not all(written) or not math.isfinite(loss) or not math.isfinite(gu):
+            self.trust_window.clear()  # a spike or a skipped/frozen step is not a trend
+            return nothing
+        if step < self.trust_since:
+            return nothing  # issued under an older ceiling
+        window = self.trust_window
+        if window and window[-1][0] != step - 1:
+            window.clear()
+        window.append((step, float(loss), float(gu)))
+        while len(window) > c.trust_window:
+            window.popleft()
+        return (*_trust_ratio(window, c.trust_z), len(window))
+
+    def _trust_decide(self, step, now, trust, issued_scale, written, signals, decision) -> None:
+        c = self.config
+        rho, lower, upper, n = trust
+        if rho is None or n < c.trust_min_records:
+            return
+        before = self.trust_scale
+        measured = max((issued_scale[g] for g in range(self.num_groups) if written[g]), default=before)
+        if upper < c.trust_low:
+            after = max(c.min_scale, c.decrease_factor * min(before, measured))
+            if after >= before:
+                return  # already at the floor: nothing to do, keep measuring
+            self.trust_scale = after
+            decision.events.append(Event(step=step, regime=self.regime, action="decrease_scale", signals=signals,
+                                         detail={"from": before, "to": after, "why": "trust_ratio", "rho": rho,
+                                                 "rho_hi": upper},
+                                         bound="min_scale" if after > c.decrease_factor * min(before, measured) else None,
+                                         applied=c.acts))
+        elif lower > c.trust_high and before < 1.0 and measured >= before * (1.0 - 1e-9):
+            # Only a ceiling the records were measured at (it was binding) earns a raise.
+            after = min(1.0, before * c.trust_increase)
+            self.trust_scale = after
+            decision.events.append(Event(step=step, regime=self.regime, action="raise_trust", signals=signals,
+                                         detail={"from": before, "to": after, "rho": rho, "rho_lo": lower},
+                                         applied=c.acts))
+        else:
+            return
+        self.trust_since = now + 1
+        self.trust_window.clear()
 
     def _release_frozen(self, now: int, decision: Decision) -> None:
         """Unfreeze expired groups, and the largest frozen ones while the frozen fraction
@@ -494,6 +606,8 @@ class Controller:
         self.consecutive_trouble = 0
         self.episode_start = None
         self.prev = None
+        self.trust_window.clear()
+        self.trust_since = now + 1
         self._transition(step, RECOVERING, signals, decision, "rollback")
         return True
 
@@ -582,6 +696,9 @@ class Controller:
             "freeze_until": list(self.freeze_until),
             "last_scale": list(self.last_scale),
             "capped": list(self.capped),
+            "trust_scale": self.trust_scale,
+            "trust_since": self.trust_since,
+            "trust_window": [list(r) for r in self.trust_window],
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -605,3 +722,6 @@ class Controller:
             stat.load_state_dict(s)
         for name in ("norm_update", "param_rms", "numel", "freeze_until", "last_scale", "capped"):
             setattr(self, name, list(state[name]))
+        self.trust_scale = float(state.get("trust_scale", 1.0))
+        self.trust_since = int(state.get("trust_since", 0))
+        self.trust_window = deque((int(s), float(l), float(u)) for s, l, u in state.get("trust_window", []))
