@@ -85,6 +85,9 @@ def main(argv=None) -> None:
                           "identical_event_logs": same, **metrics}))
         if not same:
             raise SystemExit("ranks disagree on the guard's decisions")
+    # Leave together: a rank tearing gloo down while its peer is still in a collective
+    # aborts the peer at exit.
+    dist.barrier()
     dist.destroy_process_group()
 
 

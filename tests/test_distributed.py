@@ -114,6 +114,7 @@ def worker(rank: int, store: str, out: str) -> None:
         opt = FusedGuardedAdamW(param_groups(model), lr=1e-2, backend="torch", guard=guard_config())
         assert type(next(model.parameters())).__name__ == "DTensor"
         torch.save(run_rank(model, opt), os.path.join(out, f"fsdp{rank}.pt"))
+        dist.barrier()  # leave together: a rank tearing gloo down mid-collective aborts its peer
     finally:
         dist.destroy_process_group()
 

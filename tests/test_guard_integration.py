@@ -128,6 +128,21 @@ def test_healthy_run_is_not_disturbed():
     assert opt.guard.regime == "stable"
 
 
+@pytest.mark.parametrize("lr", [3e-2, 1e-1])
+def test_sustained_high_lr_is_held_down(lr, clean_loss):
+    # A constant learning rate 10x / 30x past the best for the whole run: the predictive cap
+    # binds on step 1 and the trust ceiling keeps the scale down while the trust ratio gives
+    # no evidence that a larger step would still make progress.
+    _, _, plain_loss, _ = train(None, plain=True, lr=lr)
+    _, opt, guard_loss, guard_finite = train("default", lr=lr)
+    print(f"\nlr {lr:g}: clean (lr {LR:g}) {clean_loss:.4f}  plain AdamW {plain_loss:.4f}  guard {guard_loss:.4f}  "
+          f"final scale {opt.guard.scale}")
+    assert guard_finite
+    assert guard_loss <= 1.10 * clean_loss
+    assert guard_loss < 0.8 * plain_loss
+    assert max(opt.guard.scale) * lr <= 0.02  # still held near the best rate at the end
+
+
 def test_resume_is_bit_identical():
     # Faults before and after the checkpoint so the guard state is far from trivial.
     def run(fault_steps, steps, model=None, opt=None, start=1):

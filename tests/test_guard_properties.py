@@ -68,6 +68,7 @@ def test_controller_stays_within_bounds(config, seq):
     rollbacks = []
     for step, r in enumerate(records, 1):
         values = ctl.control_values(step, r["lrs"])
+        prev_trust = ctl.trust_scale  # after the predictive latch, before the record
         for g in range(groups):
             s = values.scale[g]
             assert config.min_scale <= s <= 1.0
@@ -88,6 +89,11 @@ def test_controller_stays_within_bounds(config, seq):
         assert ctl.aimd_scale >= prev_aimd * config.decrease_factor - 1e-12
         assert ctl.aimd_scale - prev_aimd <= config.recovery_rate + 1e-12
         prev_aimd = ctl.aimd_scale
+        # the trust ceiling: in bounds; per record cut by at most one factor, raised by at
+        # most one factor (or reset to 1 when the record carries no loss)
+        assert config.min_scale <= ctl.trust_scale <= 1.0
+        assert ctl.trust_scale >= prev_trust * config.decrease_factor - 1e-12
+        assert ctl.trust_scale <= prev_trust * config.trust_increase + 1e-12 or ctl.trust_scale == 1.0
         if decision.rollback_to is not None:
             now = step + config.lag
             assert now - decision.rollback_to <= config.max_rollback_distance

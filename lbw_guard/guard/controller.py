@@ -83,28 +83,29 @@ def _as_float(x, default: float = math.nan) -> float:
         return default
 
 
-def _trust_ratio(window, z: float) -> tuple:
-    """(rho, lower, upper) of a window of (step, loss, g.u); Nones when undefined."""
+def _trust_fit(window) -> tuple | None:
+    """(b, se, p) of a window of (step, loss, g.u): the least-squares slope of the loss over
+    the steps, its standard error (from the residuals) and the mean g.u of the updates between
+    the window's losses (the first-order predicted change per step). None when undefined."""
     n = len(window)
     if n < 3:
-        return None, None, None
+        return None
     p = sum(r[2] for r in list(window)[:-1]) / (n - 1)
     if not p < 0.0:
-        return None, None, None  # no predicted decrease to compare against
+        return None  # no predicted decrease to compare against
     t0 = window[0][0]
     ts = [r[0] - t0 for r in window]
     ls = [r[1] for r in window]
     tm, lm = sum(ts) / n, sum(ls) / n
     sxx = sum((t - tm) ** 2 for t in ts)
     if not sxx > 0:
-        return None, None, None
+        return None
     b = sum((t - tm) * (l - lm) for t, l in zip(ts, ls)) / sxx
     res = sum((l - lm - b * (t - tm)) ** 2 for t, l in zip(ts, ls))
     se = math.sqrt(res / (n - 2) / sxx)
-    rho, lower, upper = b / p, (b + z * se) / p, (b - z * se) / p
-    if not all(math.isfinite(x) for x in (rho, lower, upper)):
-        return None, None, None
-    return rho, lower, upper
+    if not all(math.isfinite(x) for x in (b, se, p, b / p)):
+        return None
+    return b, se, p
 
 
 class Controller:
@@ -113,7 +114,7 @@ class Controller:
     def __init__(self, config: GuardConfig, num_groups: int):
         self.config = config
         c = config
-        self.grad_stat = EmaStat(c.ema_beta, c.warmup_steps, c.min_log_std, c.winsor_z)
+        self.grad_stat = EmaStat(c.ema_beta, c.warmup_steps, c.min_grad_log_std, c.winsor_z)
         self.loss_stat = EmaStat(c.ema_beta, c.warmup_steps, c.min_loss_rel_std, c.winsor_z, relative_std=True)
         self.update_stat = EmaStat(c.ema_beta, c.warmup_steps, c.min_log_std, c.winsor_z)
         self.group_grad_stats: list[EmaStat] = []
@@ -153,7 +154,7 @@ class Controller:
         self.command_stats = fit(getattr(self, "command_stats", []), None)
         for g in range(old, num_groups):
             self.command_stats[g] = EmaStat(c.ema_beta, c.warmup_steps, c.min_log_std, c.winsor_z)
-            self.group_grad_stats[g] = EmaStat(c.ema_beta, c.warmup_steps, c.min_log_std, c.winsor_z)
+            self.group_grad_stats[g] = EmaStat(c.ema_beta, c.warmup_steps, c.min_grad_log_std, c.winsor_z)
             self.group_outlier_stats[g] = EmaStat(c.ema_beta, c.warmup_steps, c.min_outlier_std, c.winsor_z)
         self.norm_update = fit(getattr(self, "norm_update", []), 1.0)  # c: RMS of the normalised update
         self.param_rms = fit(getattr(self, "param_rms", []), math.nan)
@@ -182,11 +183,13 @@ class Controller:
             return ControlValues([1.0] * G, [1.0] * G, math.inf, math.inf)
         gates = [0.0 if step <= self.freeze_until[g] else 1.0 for g in range(G)]
         scales = []
+        group_lrs = [_as_float(lrs[g]) if g < len(lrs) else math.nan for g in range(G)]
+        group_caps = [self._predictive_caps(g, group_lrs[g]) for g in range(G)]
+        self._latch_trust(step, [cap for caps in group_caps for cap in caps])  # one ceiling for all groups
         for g in range(G):
-            lr = _as_float(lrs[g]) if g < len(lrs) else math.nan
+            lr = group_lrs[g]
             target, bound = self.aimd_scale, None
-            caps = self._predictive_caps(g, lr)
-            self._latch_trust(step, caps)
+            caps = group_caps[g]
             if c.trust_region:
                 caps.append((self.trust_scale, "trust_ratio"))
             for cap, name in caps:
@@ -452,7 +455,7 @@ class Controller:
         minibatch noise of one loss averages out over the window instead of entering twice,
         as a sum of differences would), p the mean g.u of the updates between those losses
         (the first-order predicted change per step, < 0 for a descent step). The bounds are
-        b -+ trust_z standard errors of the slope (from its residuals), divided by p.
+        b + trust_z_raise and b - trust_z_cut standard errors of the slope, divided by p.
         """
         nothing = (None, None, None, len(self.trust_window))
         c = self.config
@@ -474,7 +477,12 @@ class Controller:
         window.append((step, float(loss), float(gu)))
         while len(window) > c.trust_window:
             window.popleft()
-        return (*_trust_ratio(window, c.trust_z), len(window))
+        fit = _trust_fit(window)
+        if fit is None:
+            return (None, None, None, len(window))
+        b, se, p = fit
+        # rho and its bounds: the raise tests the lower one, the cut the upper one.
+        return b / p, (b + c.trust_z_raise * se) / p, (b - c.trust_z_cut * se) / p, len(window)
 
     def _trust_decide(self, step, now, trust, issued_scale, written, signals, decision) -> None:
         c = self.config
