@@ -203,7 +203,9 @@ class Controller:
                     Event(
                         step=step,
                         regime=self.regime,
-                        action="cap_scale" if capped else "release_cap",
+                        # A new bound taking over an ongoing cap (the predictive cap handing
+                        # the scale to the trust ceiling) is the same intervention, re-labelled.
+                        action=("recap" if self.capped[g] else "cap_scale") if capped else "release_cap",
                         detail={"group": g, "scale": issued, "aimd_scale": self.aimd_scale, "lr": lr,
                                 "trust_scale": self.trust_scale,
                                 "predicted_ratio": self._commanded_ratio(g, lr),

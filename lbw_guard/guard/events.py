@@ -11,7 +11,7 @@ from typing import Any, Iterable
 # Actions that change the run (counted as interventions); the rest are observations.
 INTERVENTIONS = frozenset({"skip", "decrease_scale", "cap_scale", "rollback", "freeze", "rebaseline"})
 ACTIONS = INTERVENTIONS | {"transition", "unfreeze", "release_cap", "rollback_refused", "freeze_refused",
-                            "raise_trust"}
+                            "raise_trust", "recap"}
 
 
 @dataclass
