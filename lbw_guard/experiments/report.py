@@ -13,8 +13,10 @@ from .train import RunResult
 
 # A plain-AdamW run "trains cleanly" if its final perplexity is within this factor of plain
 # AdamW's best at the same size and seed and it never produced a non-finite loss. Guard
-# interventions on such runs are counted as false positives.
-CLEAN_FACTOR = 1.5
+# interventions on such runs are counted as false positives. (At 1.5x, a learning rate where
+# AdamW ends 50% worse counted as "clean", and the guard's cap that improved it by a quarter
+# was booked as a false positive.)
+CLEAN_FACTOR = 1.1
 # The stress test must reach learning rates where plain AdamW ends this many times above its best.
 STRESS_FACTOR = 5.0
 # Final perplexities within this relative distance are a tie, not a win or a loss: one seed's
