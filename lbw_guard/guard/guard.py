@@ -31,6 +31,18 @@ from .snapshots import SnapshotRing
 STATE_VERSION = 1
 
 
+def _async_to_host(t: Tensor) -> tuple[Tensor, object]:
+    """Start copying a small device tensor to pinned host memory; returns the host tensor and
+    the CUDA event that completes with the copy (None, and the tensor itself, on the CPU)."""
+    if t.device.type != "cuda":
+        return t, None
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
+
+
 class _Pending:
     """One record on its way to the host: a packed host tensor (+ CUDA event) or ready floats."""
 
@@ -131,13 +143,7 @@ class Guard:
             packed = torch.stack(sums)
             params = [p for group in groups for p in group["params"]]
             distributed.sum_over_group(packed, distributed.shard_group(params))
-            event = None
-            if device.type == "cuda":
-                host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
-                host.copy_(packed, non_blocking=True)
-                event = torch.cuda.Event()
-                event.record()
-                packed = host
+            packed, event = _async_to_host(packed)
         self._rms_probe = (packed, event, counts)
 
     def _read_rms_probe(self) -> None:
@@ -215,13 +221,7 @@ class Guard:
         loss = record.loss.detach().reshape(1).to(device, torch.float64) if record.loss is not None else self._nan_on(device)
         packed = torch.cat([record.telemetry.detach().reshape(-1).to(torch.float64),
                             record.applied_gate.detach().reshape(-1).to(device, torch.float64), loss])
-        event = None
-        if device.type == "cuda":
-            host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
-            host.copy_(packed, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            packed = host
+        packed, event = _async_to_host(packed)
         lrs = [float(x) for x in record.lrs]
         return _Pending(record.step, G, packed, event, record.loss is not None, lrs)
 
