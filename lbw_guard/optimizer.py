@@ -9,7 +9,9 @@ One step, as data flows (DESIGN §2):
 3. the backend's fused kernel updates p, m, v in one pass and reduces per-group telemetry;
 4. the guard receives the telemetry record, still on the device, and acts on it later.
 
-No step of this reads a device value on the host, so a CUDA training loop never waits here.
+No step of this reads a device value on the host; the guard reads each record one step
+later, so the host runs at most about one step ahead of the GPU, never stalling on the step
+it just launched.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from lbw_kernels.backends import BACKEND_NAMES, BackendUnavailable, auto_order, 
 
 from . import distributed, validation
 from .control import StepRecord
+from .guard.config import GuardConfig
 from .telemetry import Telemetry
 
 logger = logging.getLogger("lbw_guard")
@@ -60,6 +63,10 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
     Moments are kept in fp32 whatever the parameter dtype. ``opt.telemetry`` holds the
     last step's :class:`~lbw_guard.telemetry.Telemetry`.
     """
+
+    # torch.amp.GradScaler then hands us grad_scale/found_inf device tensors instead of
+    # unscaling the grads itself and skipping step() after reading found_inf on the host.
+    _step_supports_amp_scaling = True
 
     def __init__(
         self,
@@ -104,8 +111,10 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
     @property
     def backend_name(self) -> str:
         """The backend the first parameter's bucket runs on."""
-        p = self.param_groups[0]["params"][0]
-        return self._backend_for(p.device, p.dtype)[0]
+        for group in self.param_groups:
+            for p in group["params"]:
+                return self._backend_for(p.device, p.dtype)[0]
+        return "torch"
 
     def add_param_group(self, param_group: dict) -> None:
         where = f"param group {len(self.param_groups)}"
@@ -195,8 +204,10 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
             }
             self.state[p] = state
         self._hyper_key = None
-        if num_steps is not None:
-            self.num_steps = int(num_steps)
+        if num_steps is None:  # a torch.optim.AdamW state dict: continue from its step counts
+            steps = [float(st["step"]) for st in self.state.values() if "step" in st]
+            num_steps = int(max(steps, default=0))
+        self.num_steps = int(num_steps)
         if self._guard is not None:
             self._guard.bind(self)
             if guard_state is not None:
@@ -216,11 +227,15 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
         values travel through pinned memory so the copy never blocks the host.
         """
         groups = self.param_groups
-        if any(isinstance(g["lr"], Tensor) for g in groups):
-            lrs = torch.stack([torch.as_tensor(g["lr"]).to(device, torch.float64).reshape(()) for g in groups])
-            rest = self._hyperparameters_from_host([0.0] * len(groups), device)[1:]
-            return torch.cat([lrs[None], rest])
-        return self._hyperparameters_from_host([float(g["lr"]) for g in groups], device)
+        on_device = [isinstance(g["lr"], Tensor) and g["lr"].device.type != "cpu" for g in groups]
+        host = self._hyperparameters_from_host([0.0 if d else float(g["lr"]) for g, d in zip(groups, on_device)], device)
+        if not any(on_device):
+            return host
+        # An lr tensor on the accelerator is used where it is, never read back.
+        lrs = torch.stack([
+            g["lr"].to(device, torch.float64).reshape(()) if d else host[0, i] for i, (g, d) in enumerate(zip(groups, on_device))
+        ])
+        return torch.cat([lrs[None], host[1:]])
 
     def _hyperparameters_from_host(self, lrs: list[float], device: torch.device) -> Tensor:
         groups = self.param_groups
@@ -346,7 +361,7 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
         loss_t = None
         if loss is not None:
             # Each rank saw its own micro-batch: decide on the mean so all ranks agree.
-            loss_t = torch.as_tensor(loss).detach().to(device).reshape(())
+            loss_t = self._loss_tensor(loss, device)
             if self._guard is not None:
                 loss_t = distributed.mean_over_ranks(loss_t)
             if control is not None:
@@ -357,7 +372,8 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
             ok = no_inf if ok is None else ok & no_inf
 
         gate = control.gate if control is not None else self._const_vector(1.0, num_groups, device)
-        applied_gate = gate if ok is None else gate * ok.to(torch.float64)
+        # A fresh tensor: the guard rewrites its control buffer in place on later steps.
+        applied_gate = gate.clone() if ok is None else gate * ok.to(torch.float64)
         hyper = self._hyperparameters(device)
         lr_eff = hyper[0] * (control.scale if control is not None else 1.0)
 
@@ -395,6 +411,17 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
             )
         return closure_loss
 
+    @staticmethod
+    def _loss_tensor(loss: Tensor | float, device: torch.device) -> Tensor:
+        """The loss as a 0-d tensor on ``device``; a host value travels through pinned memory
+        so the copy never blocks."""
+        if isinstance(loss, Tensor) and loss.device == device:
+            return loss.detach().reshape(())
+        host = torch.as_tensor(loss).detach().reshape(())
+        if device.type == "cuda" and host.device.type == "cpu":
+            host = host.pin_memory()
+        return host.to(device, non_blocking=True)
+
     def _host_lrs(self) -> list[float]:
         """Scheduler lrs as host floats for the guard. A tensor lr on an accelerator is
         reported as NaN rather than read back (that would synchronise); the guard's
@@ -415,9 +442,8 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
     def _outlier_factor(self) -> float:
         if self._guard is not None:
             return float(self._guard.config.outlier_factor)
-        return DEFAULT_OUTLIER_FACTOR
+        return _DEFAULT_OUTLIER_FACTOR
 
 
-# |g| > k * sqrt(v_hat_prev): with Adam's second moment as the running scale, k = 10
-# flags only gross outliers (a Gaussian gradient crosses 10 sigma essentially never).
-DEFAULT_OUTLIER_FACTOR = 10.0
+# Telemetry without a guard counts outliers with the guard's default factor.
+_DEFAULT_OUTLIER_FACTOR = GuardConfig.outlier_factor

@@ -377,3 +377,57 @@ def test_add_param_group_and_closure():
 def test_auto_backend_reports_its_choice():
     opt = FusedGuardedAdamW(make_params(18), guard=None)
     assert opt.backend_name in ("cpu", "torch", "triton", "cuda")
+
+
+def test_real_grad_scaler_unscales_in_the_step_and_skips_inf_steps():
+    """torch.amp.GradScaler hands FusedGuardedAdamW its scale and found_inf tensors
+    (_step_supports_amp_scaling): results equal unscaled AdamW, an inf step is skipped."""
+    ours = make_params(19, sizes=(3, 4097))
+    theirs = clone_params(ours)
+    opt = FusedGuardedAdamW(ours, guard=None, backend="torch")
+    ref = torch.optim.AdamW(theirs)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    gen = torch.Generator().manual_seed(20)
+    for i in range(6):
+        grads = [torch.randn(p.shape, generator=gen) for p in ours]
+        loss = sum((p * g).sum() for p, g in zip(ours, grads))
+        if i == 3:
+            loss = loss * float("inf")  # every grad becomes inf: the scaler must skip the step
+        scaler.scale(loss).backward()
+        before = [p.detach().clone() for p in ours]
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        if i == 3:
+            assert all(torch.equal(p.detach(), b) for p, b in zip(ours, before))
+            assert scaler.get_scale() == 2.0**9
+            continue
+        for q, g in zip(theirs, grads):
+            q.grad = g.clone()
+        ref.step()
+    for p, q in zip(ours, theirs):
+        close_to_reference(p.detach(), q.detach(), rtol=1e-6)
+        assert float(opt.state[p]["step"]) == float(ref.state[q]["step"]) == 5
+
+
+def test_torch_adamw_state_dict_sets_the_step_count():
+    a = make_params(21)
+    ref = torch.optim.AdamW(a)
+    for _ in range(3):
+        for p in a:
+            p.grad = torch.randn_like(p)
+        ref.step()
+    opt = FusedGuardedAdamW(clone_params(a), guard=None, backend="torch")
+    opt.load_state_dict(ref.state_dict())
+    assert opt.num_steps == 3
+
+
+def test_applied_gate_is_a_snapshot_of_its_step():
+    a = make_params(22, sizes=(8,))
+    opt = FusedGuardedAdamW(a, guard="monitor", backend="torch")
+    gates = []
+    for _ in range(3):
+        a[0].grad = torch.randn(8)
+        opt.step()
+        gates.append(opt.applied_gate)
+    assert len({id(g) for g in gates}) == 3

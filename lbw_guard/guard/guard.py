@@ -161,7 +161,7 @@ class Guard:
             raise RuntimeError("Guard.before_step called before bind(optimizer)")
         if self._rms_probe is not None:
             self._read_rms_probe()
-        lrs = [g["lr"] if not isinstance(g["lr"], Tensor) else math.nan for g in self.optimizer.param_groups]
+        lrs = self.optimizer._host_lrs()
         values = self.controller.control_values(step, lrs)
         self._emit(self.controller.outbox)
         self.controller.outbox = []
