@@ -26,12 +26,7 @@ def test_guard_host_cost(benchmark, guarded, groups, device, plan):
     benchmark.group = f"guard host cost, {groups} group(s)"
     if guarded and (why := common.guard_unavailable()):
         pytest.skip(why)
-    gen = torch.Generator(device=device).manual_seed(0)
-    params = []
-    for _ in range(TENSORS):
-        p = torch.nn.Parameter(torch.randn(NUMEL_EACH, generator=gen, device=device))
-        p.grad = torch.randn(NUMEL_EACH, generator=gen, device=device) * 1e-3
-        params.append(p)
+    params = common.make_params(TENSORS, NUMEL_EACH, device)
     per_group = TENSORS // groups
     param_groups = [{"params": params[i * per_group:(i + 1) * per_group]} for i in range(groups)]
     with warnings.catch_warnings():

@@ -69,14 +69,7 @@ def tensors(case, dtype_name, device):
     if key not in _TENSORS:
         _TENSORS.clear()
         common.free_memory(device)
-        dtype = common.DTYPES[dtype_name]
-        gen = torch.Generator(device=device).manual_seed(0)
-        params = []
-        for _ in range(case.tensors):
-            p = torch.nn.Parameter(torch.randn(case.numel_each, generator=gen, device=device).to(dtype))
-            p.grad = (torch.randn(case.numel_each, generator=gen, device=device) * 1e-3).to(dtype)
-            params.append(p)
-        _TENSORS[key] = params
+        _TENSORS[key] = common.make_params(case.tensors, case.numel_each, device, common.DTYPES[dtype_name])
     return _TENSORS[key]
 
 

@@ -8,6 +8,7 @@ per-step figures. Results go to :data:`RESULTS`; conftest writes them to a JSON 
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -167,20 +168,27 @@ def free_memory(device: torch.device) -> None:
 
 
 # ---------------------------------------------------------------- optimizer helpers
+@functools.cache
 def guard_unavailable() -> str | None:
     """Why guard="default" cannot be built here (the guard package is optional), or None."""
-    if "guard" not in _GUARD_CHECK:
-        from lbw_guard import FusedGuardedAdamW
+    from lbw_guard import FusedGuardedAdamW
 
-        try:
-            FusedGuardedAdamW([torch.nn.Parameter(torch.zeros(2))], guard="default", backend="torch")
-            _GUARD_CHECK["guard"] = None
-        except Exception as exc:  # noqa: BLE001 - any failure means: benchmark without it
-            _GUARD_CHECK["guard"] = f"guard='default' unavailable here: {type(exc).__name__}: {exc}"
-    return _GUARD_CHECK["guard"]
+    try:
+        FusedGuardedAdamW([torch.nn.Parameter(torch.zeros(2))], guard="default", backend="torch")
+    except Exception as exc:  # noqa: BLE001 - any failure means: benchmark without it
+        return f"guard='default' unavailable here: {type(exc).__name__}: {exc}"
+    return None
 
 
-_GUARD_CHECK: dict[str, str | None] = {}
+def make_params(count: int, numel: int, device: torch.device, dtype: torch.dtype = torch.float32) -> list:
+    """``count`` parameters of ``numel`` elements with small random gradients, seeded."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    params = []
+    for _ in range(count):
+        p = torch.nn.Parameter(torch.randn(numel, generator=gen, device=device).to(dtype))
+        p.grad = (torch.randn(numel, generator=gen, device=device) * 1e-3).to(dtype)
+        params.append(p)
+    return params
 
 
 def backend_unavailable(name: str, device: torch.device) -> str | None:
@@ -218,24 +226,21 @@ class Spy:
             opt._global_grad_norm = norm
         guard = getattr(opt, "guard", None)
         if guard is not None:
-            orig_before, orig_after = guard.before_step, guard.after_step
+            guard.before_step = self._timed(guard.before_step, "before_s", count=True)
+            guard.after_step = self._timed(guard.after_step, "after_s")
 
-            def before(*a, **k):
-                t0 = time.perf_counter()
-                try:
-                    return orig_before(*a, **k)
-                finally:
-                    self.before_s += time.perf_counter() - t0
-                    self.guard_calls += 1
+    def _timed(self, orig, total: str, count: bool = False):
+        """``orig`` wrapped so its wall time accumulates in ``self.<total>``."""
 
-            def after(*a, **k):
-                t0 = time.perf_counter()
-                try:
-                    return orig_after(*a, **k)
-                finally:
-                    self.after_s += time.perf_counter() - t0
+        def wrapper(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return orig(*a, **k)
+            finally:
+                setattr(self, total, getattr(self, total) + time.perf_counter() - t0)
+                self.guard_calls += count
 
-            guard.before_step, guard.after_step = before, after
+        return wrapper
 
     @property
     def steps(self) -> int:

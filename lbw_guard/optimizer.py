@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections import OrderedDict
 from typing import Any, Callable, Iterable
 
 import torch
@@ -88,7 +89,7 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
         self.requested_backend = backend
         self.max_grad_norm = validation.check_max_grad_norm(max_grad_norm)
         self._backends: dict[tuple[torch.device, torch.dtype], tuple[str, Callable]] = {}
-        self._device_cache: dict[Any, Tensor] = {}
+        self._device_cache: OrderedDict[Any, Tensor] = OrderedDict()
         self._hyper_key: tuple | None = None
         self._hyper: Tensor | None = None
         self._guard = None
@@ -139,12 +140,9 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
         return self._backends[key]
 
     def _pick_backend(self, device: torch.device, dtype: torch.dtype) -> tuple[str, Callable]:
-        order = auto_order(device.type)
-        if dtype not in KERNEL_DTYPES:
-            order = ("torch",)
+        order = auto_order(device.type)  # always ends with the reference, "torch"
         if self.requested_backend != "auto":
-            rest = tuple(n for n in order if n != self.requested_backend)
-            order = (self.requested_backend,) + (rest or ("torch",))
+            order = (self.requested_backend,) + tuple(n for n in order if n != self.requested_backend)
         reasons = []
         for name in order:
             if name != "torch" and dtype not in KERNEL_DTYPES:
@@ -214,10 +212,16 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
                 self._guard.load_state_dict(guard_state)
 
     # ------------------------------------------------------------------ device scalars
-    def _const(self, value: float, device: torch.device, dtype: torch.dtype) -> Tensor:
-        key = (value, device, dtype)
-        if key not in self._device_cache:
-            self._device_cache[key] = torch.tensor(value, dtype=dtype, device=device)
+    def _cached(self, key: tuple, build: Callable[[], Tensor]) -> Tensor:
+        """Small device tensors built once from host values (group ids, element counts,
+        constants): a host-to-device copy only when a new grad-presence pattern shows up.
+        Least recently used entries go, so the cache stays small."""
+        if key in self._device_cache:
+            self._device_cache.move_to_end(key)
+        else:
+            self._device_cache[key] = build()
+            if len(self._device_cache) > _DEVICE_CACHE_SIZE:
+                self._device_cache.popitem(last=False)
         return self._device_cache[key]
 
     def _hyperparameters(self, device: torch.device) -> Tensor:
@@ -292,20 +296,16 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
         return buckets
 
     def _group_ids_tensor(self, group_ids: list[int], device: torch.device) -> Tensor:
-        key = ("gid", device, tuple(group_ids))
-        if key not in self._device_cache:
-            self._device_cache[key] = torch.tensor(group_ids, dtype=torch.long).to(device)
-        return self._device_cache[key]
+        return self._cached(("gid", device, tuple(group_ids)), lambda: torch.tensor(group_ids).to(device))
 
     def _numel_column(self, buckets: dict, num_groups: int, device: torch.device) -> Tensor:
         counts = [0] * num_groups
         for bucket in buckets.values():
             for p, gid in zip(bucket["params"], bucket["group_ids"]):
                 counts[gid] += p.numel()
-        key = ("numel", device, tuple(counts))
-        if key not in self._device_cache:
-            self._device_cache[key] = torch.tensor(counts, dtype=torch.float64).to(device)
-        return self._device_cache[key]
+        return self._cached(
+            ("numel", device, tuple(counts)), lambda: torch.tensor(counts, dtype=torch.float64).to(device)
+        )
 
     def _global_grad_norm(self, buckets: dict, device: torch.device) -> Tensor:
         """One read of every gradient: the global L2 norm as a float64 device scalar."""
@@ -343,7 +343,7 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
         device = next(iter(buckets))[0]
 
         control = self._guard.before_step(self.num_steps) if self._guard is not None else None
-        one = self._const(1.0, device, torch.float32)
+        one = self._cached(("one", device), lambda: torch.ones((), device=device))
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         inv_grad_scale = one if grad_scale is None else grad_scale.to(device, torch.float32).reciprocal()
@@ -371,7 +371,10 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
             no_inf = found_inf.to(device).reshape(()) == 0
             ok = no_inf if ok is None else ok & no_inf
 
-        gate = control.gate if control is not None else self._const_vector(1.0, num_groups, device)
+        if control is not None:
+            gate = control.gate
+        else:
+            gate = self._cached(("ones", num_groups, device), lambda: torch.ones(num_groups, dtype=torch.float64, device=device))
         # A fresh tensor: the guard rewrites its control buffer in place on later steps.
         applied_gate = gate.clone() if ok is None else gate * ok.to(torch.float64)
         hyper = self._hyperparameters(device)
@@ -433,17 +436,12 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
             out.append(float(lr) if on_host else float("nan"))
         return out
 
-    def _const_vector(self, value: float, n: int, device: torch.device) -> Tensor:
-        key = ("vec", value, n, device)
-        if key not in self._device_cache:
-            self._device_cache[key] = torch.full((n,), value, dtype=torch.float64, device=device)
-        return self._device_cache[key]
-
     def _outlier_factor(self) -> float:
         if self._guard is not None:
             return float(self._guard.config.outlier_factor)
         return _DEFAULT_OUTLIER_FACTOR
 
 
+_DEVICE_CACHE_SIZE = 64
 # Telemetry without a guard counts outliers with the guard's default factor.
 _DEFAULT_OUTLIER_FACTOR = GuardConfig.outlier_factor

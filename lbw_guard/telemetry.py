@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from lbw_kernels.contract import TELEMETRY_FIELDS
@@ -73,6 +72,3 @@ class Telemetry:
         host = self.values.detach().cpu().tolist()
         return {name: [row[i] for row in host] for i, name in enumerate(TELEMETRY_FIELDS)}
 
-
-def empty_telemetry(num_groups: int, device: torch.device) -> Telemetry:
-    return Telemetry(torch.zeros(num_groups, len(TELEMETRY_FIELDS), dtype=torch.float64, device=device))

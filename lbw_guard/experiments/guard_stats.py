@@ -15,10 +15,6 @@ from typing import Any
 
 import torch
 
-# Used only if an event has no ``intervention`` property (lbw_guard.guard.events defines it).
-_FALLBACK_INTERVENTIONS = {"skip", "decrease_scale", "cap_scale", "rollback", "freeze", "rebaseline"}
-
-
 @dataclass
 class GuardStats:
     skipped_steps: int = 0  # steps whose every group was gated off (guard or device-side check)
@@ -38,13 +34,6 @@ class GuardStats:
         return asdict(self)
 
 
-def _is_intervention(event: Any) -> bool:
-    if not getattr(event, "applied", True):
-        return False  # monitor mode: what the guard would have done
-    flag = getattr(event, "intervention", None)
-    return bool(flag) if flag is not None else getattr(event, "action", "") in _FALLBACK_INTERVENTIONS
-
-
 class GuardRecorder:
     """Call :meth:`after_step` after every optimizer step, then :meth:`finish`."""
 
@@ -61,7 +50,7 @@ class GuardRecorder:
         gate = getattr(self.optimizer, "applied_gate", None)
         if gate is not None:
             self.gates[step_index].copy_(gate.detach().reshape(-1), non_blocking=True)
-        scale = list(self.guard.scale) if self.guard is not None else []
+        scale = self.guard.scale if self.guard is not None else []  # already a copy
         self.scale_min.append(min(scale) if scale else 1.0)
         self.scale_mean.append(sum(scale) / len(scale) if scale else 1.0)
 
@@ -69,14 +58,15 @@ class GuardRecorder:
         gates = self.gates[:steps_run].cpu()
         off = gates == 0
         skipped = off.all(dim=1)
-        events = list(getattr(self.guard, "events", []) or [])
+        events = self.guard.events if self.guard is not None else []
+        applied = self.guard.interventions if self.guard is not None else []  # monitor: none applied
         stats = GuardStats(
             skipped_steps=int(skipped.sum()),
             frozen_group_steps=int(off[~skipped].sum()),
-            rollbacks=sum(1 for e in events if e.action == "rollback" and getattr(e, "applied", True)),
+            rollbacks=sum(e.action == "rollback" for e in applied),
             actions=dict(Counter(e.action for e in events)),
             regimes=dict(Counter(e.regime for e in events)),
-            intervention_steps=[(int(e.step), e.action) for e in events if _is_intervention(e)],
+            intervention_steps=[(int(e.step), e.action) for e in applied],
             final_regime=str(getattr(self.guard, "regime", "")),
         )
         stats.interventions = len(stats.intervention_steps)

@@ -26,10 +26,6 @@ TIE_TOLERANCE = 0.01
 NEAR_BEST_FACTOR = 1.5
 
 
-def _finite(x: float | None) -> float | None:
-    return x if x is not None and math.isfinite(x) else None
-
-
 def _mean_std(values: list[float]) -> tuple[float, float]:
     if any(not math.isfinite(v) for v in values):
         return math.inf, 0.0

@@ -192,7 +192,7 @@ def train_run(
                 time_to_target = train_s
             t0 = time.perf_counter()
             eval_s += t0 - t1
-        if steps_run % _DEAD_AFTER == 0 and steps_run >= _DEAD_AFTER and not last:
+        if steps_run % _DEAD_AFTER == 0 and not last:
             if not torch.isfinite(losses[steps_run - _DEAD_AFTER : steps_run]).any():
                 break  # dead run: finish the clock, skip the rest
     _sync(device)
@@ -234,8 +234,6 @@ def train_run(
 
 def run_from_json(d: dict) -> RunResult:
     """Rebuild a RunResult from its JSON form (null numbers were non-finite)."""
-    from .guard_stats import GuardStats
-
     def num(x):
         return math.inf if x is None else x
 

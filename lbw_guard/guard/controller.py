@@ -316,7 +316,7 @@ class Controller:
         decision = Decision()  # events raised by control_values stay in self.outbox for the caller
         self.processed += 1
 
-        self._curvature(sig, step, rows, written)
+        self._curvature(sig, step, written)
         for g, gs in enumerate(sig.groups):
             if gs.numel > 0 and _finite(gs.numel):
                 self.numel[g] = gs.numel
@@ -437,7 +437,7 @@ class Controller:
                 if math.isfinite(value):
                     self.norm_update[g] = value
 
-    def _curvature(self, sig: StepSignals, step: int, rows, written) -> None:
+    def _curvature(self, sig: StepSignals, step: int, written) -> None:
         prev, loss = self.prev, sig.loss
         if prev is not None and prev["step"] == step - 1 and loss is not None and prev["loss"] is not None:
             dl = loss - prev["loss"]

@@ -10,8 +10,6 @@ from typing import Any, Iterable
 
 # Actions that change the run (counted as interventions); the rest are observations.
 INTERVENTIONS = frozenset({"skip", "decrease_scale", "cap_scale", "rollback", "freeze", "rebaseline"})
-ACTIONS = INTERVENTIONS | {"transition", "unfreeze", "release_cap", "rollback_refused", "freeze_refused",
-                            "raise_trust", "recap"}
 
 
 @dataclass

@@ -26,6 +26,7 @@ from lbw_guard.control import StepControl, StepRecord
 from .config import GuardConfig, preset
 from .controller import Controller, HostRecord
 from .events import Event, JsonlWriter
+from .signals import NUM_FIELDS
 from .snapshots import SnapshotRing
 
 STATE_VERSION = 1
@@ -62,9 +63,10 @@ class _Pending:
                 self.event.synchronize()  # recorded a step ago: already complete
             values = self.packed.tolist()
             G = self.num_groups
-            rows = [values[g * 7:(g + 1) * 7] for g in range(G)]
-            applied = values[7 * G: 8 * G]
-            loss = values[8 * G] if self.has_loss else None
+            F = NUM_FIELDS
+            rows = [values[g * F:(g + 1) * F] for g in range(G)]
+            applied = values[F * G:(F + 1) * G]
+            loss = values[(F + 1) * G] if self.has_loss else None
             self.ready = HostRecord(self.step, rows, applied, loss, list(self.lrs), list(scale), list(gate))
             self.packed = self.event = None
         return self.ready
@@ -118,7 +120,6 @@ class Guard:
         if G != self._num_groups or device != self._device:
             self._num_groups, self._device = G, device
             self._control = torch.ones(2 * G + 2, dtype=torch.float64, device=device)
-            self._nan = torch.full((1,), math.nan, dtype=torch.float64, device=device)
             self._staging = []
             self._last_values = None
         self._probe_param_rms(groups, device)
@@ -200,8 +201,7 @@ class Guard:
         now = record.step
         while len(self._pending) > self.config.lag:
             pending = self._pending.popleft()
-            scale, gate = self._issued.pop(pending.step, ([1.0] * pending.num_groups, [1.0] * pending.num_groups))
-            rec = pending.host_record(scale, gate)
+            rec = pending.host_record(*self._issued_for(pending, pop=True))
             decision = self.controller.observe(rec, now)
             self._trace_record(rec, decision.signals)
             self._emit(decision.events)
@@ -214,6 +214,11 @@ class Guard:
                 break
         if self.controller.take_snapshot(now) and self.config.acts:
             self._ring.take(now, self.optimizer)
+
+    def _issued_for(self, pending: _Pending, pop: bool = False) -> tuple[list[float], list[float]]:
+        """The scale and gate issued for a pending record's step (ones if none was)."""
+        lookup = self._issued.pop if pop else self._issued.get
+        return lookup(pending.step, ([1.0] * pending.num_groups, [1.0] * pending.num_groups))
 
     def _to_host(self, record: StepRecord) -> _Pending:
         G = record.telemetry.shape[0]
@@ -285,7 +290,7 @@ class Guard:
     def state_dict(self) -> dict:
         pending = []
         for p in self._pending:
-            scale, gate = self._issued.get(p.step, ([1.0] * p.num_groups, [1.0] * p.num_groups))
+            scale, gate = self._issued_for(p)
             pending.append({"record": p.host_record(scale, gate).to_dict(), "num_groups": p.num_groups})
         return {
             "version": STATE_VERSION,
@@ -314,7 +319,7 @@ class Guard:
                      p["record"]["lrs"], ready=HostRecord.from_dict(p["record"]))
             for p in state["pending"]
         )
-        self.events = [Event(**e) for e in state["events"]]
+        self.events = [Event.from_dict(e) for e in state["events"]]
         self.records = list(state["records"])
         self._ring = SnapshotRing(self.config.snapshot_ring)
         self._ring.load_state_dict(state["snapshots"], pin=self._device is not None and self._device.type == "cuda")

@@ -66,10 +66,6 @@ class StepSignals:
         return out
 
 
-def _finite_or_zero(x: float) -> float:
-    return x if math.isfinite(x) else 0.0
-
-
 def derive(rows: list[list[float]], loss: float | None) -> StepSignals:
     """Per-group and global signals from a [G][7] telemetry table."""
     groups = []

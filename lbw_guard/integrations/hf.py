@@ -74,9 +74,7 @@ class GuardCallback(TrainerCallback):
         loss = _loss_of(output)
         if loss is None:
             return
-        loss = loss.detach().float().mean()
-        self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
-        self._loss_count += 1
+        self.add_loss(loss.mean())
 
     def add_loss(self, loss: torch.Tensor) -> None:
         """Count one micro-batch's loss towards the next optimizer step (used when
@@ -113,10 +111,8 @@ class GuardCallback(TrainerCallback):
         self.events.update()
 
     def on_log(self, args, state, control, logs=None, optimizer=None, **kwargs):
-        opt = self._resolve(optimizer)
-        if logs is not None and opt is not None and hasattr(opt, "record_loss"):
-            for key, value in guard_metrics(opt, self.prefix).items():
-                logs.setdefault(key, value)
+        if logs is not None:
+            _add_guard_metrics(logs, self._resolve(optimizer), self.prefix)
 
     def on_train_end(self, args, state, control, **kwargs):
         self.events.update()
@@ -158,11 +154,16 @@ class GuardedTrainer(Trainer):
         return loss
 
     def log(self, logs, *args, **kwargs):
-        opt = unwrap_optimizer(self.optimizer) if self.optimizer is not None else None
-        if opt is not None and hasattr(opt, "record_loss"):
-            for key, value in guard_metrics(opt, self.guard_callback.prefix).items():
-                logs.setdefault(key, value)
+        if self.optimizer is not None:
+            _add_guard_metrics(logs, unwrap_optimizer(self.optimizer), self.guard_callback.prefix)
         return super().log(logs, *args, **kwargs)
+
+
+def _add_guard_metrics(logs: dict, opt, prefix: str) -> None:
+    """Add the guard's metrics to a Trainer log entry, keeping any value already there."""
+    if opt is not None and hasattr(opt, "record_loss"):
+        for key, value in guard_metrics(opt, prefix).items():
+            logs.setdefault(key, value)
 
 
 __all__ = ["GuardCallback", "GuardedTrainer", "attach_guard"]

@@ -57,17 +57,11 @@ def guard_metrics(optimizer, prefix: str = "guard/") -> dict[str, float]:
         scale = guard.scale
         out["scale"] = min(scale) if scale else 1.0
         out["regime"] = float(REGIME_CODES.get(guard.regime, -1))
-        counts = {"skip": 0, "rollback": 0, "freeze": 0}
-        interventions = 0
-        for event in guard.events:
-            if event.intervention and event.applied:
-                interventions += 1
-                if event.action in counts:
-                    counts[event.action] += 1
-        out["interventions"] = float(interventions)
-        out["skips"] = float(counts["skip"])
-        out["rollbacks"] = float(counts["rollback"])
-        out["freezes"] = float(counts["freeze"])
+        applied = guard.interventions
+        out["interventions"] = float(len(applied))
+        out["skips"] = float(sum(e.action == "skip" for e in applied))
+        out["rollbacks"] = float(sum(e.action == "rollback" for e in applied))
+        out["freezes"] = float(sum(e.action == "freeze" for e in applied))
         gate = getattr(opt, "applied_gate", None)
         if gate is not None:
             out["gated_groups"] = float((gate.detach().cpu() == 0).sum())
@@ -103,6 +97,8 @@ class EventLogger:
             self.cursor = len(events)
         new = events[self.cursor:]
         self.cursor = len(events)
+        if not new:  # most steps: no group-name lookup
+            return new
         names = group_names(self.optimizer)
         for event in new:
             self.log.log(self._level(event), self._describe(event, names))
