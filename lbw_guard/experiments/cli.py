@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 from .arms import DEFAULT_ARMS
-from .config import DEFAULT_LRS, StressConfig, default_cache_dir
+from .config import BACKENDS, DEFAULT_LRS, MODES, SCHEDULES, TOKENIZERS, StressConfig, default_cache_dir
+from .models import ARCHITECTURES
 
 # The CI smoke: every arm on the smallest model for a handful of steps.
 SMOKE = dict(sizes=("nano",), lrs=(3e-3, 3e-2), steps=12, batch_size=4, seq_len=32, eval_every=6,
@@ -37,9 +38,9 @@ def _names(text: str) -> tuple[str, ...]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--mode", choices=("full", "lora"), default="full",
+    p.add_argument("--mode", choices=MODES, default="full",
                    help="full-parameter training, or LoRA fine-tuning of a cached base model")
-    p.add_argument("--arch", choices=("qwen2", "llama"), default="qwen2")
+    p.add_argument("--arch", choices=ARCHITECTURES, default="qwen2")
     p.add_argument("--sizes", type=_names, default=(),
                    help="model sizes, comma-separated (nano,tiny,small,base,qwen2.5-0.5b,tinyllama-1.1b); "
                         "default tiny on cpu, qwen2.5-0.5b on cuda")
@@ -51,14 +52,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--warmup-steps", type=int, default=0)
-    p.add_argument("--schedule", choices=("constant", "cosine"), default="constant")
+    p.add_argument("--schedule", choices=SCHEDULES, default="constant")
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--guard", default="default", help="guard preset for the guard arms")
-    p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton", "cpu", "cuda"),
+    p.add_argument("--backend", default="auto", choices=BACKENDS,
                    help="FusedGuardedAdamW backend for the guard arms")
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--eval-windows", type=int, default=64, help="held-out windows of seq-len tokens")
-    p.add_argument("--tokenizer", choices=("bpe", "byte"), default="bpe")
+    p.add_argument("--tokenizer", choices=TOKENIZERS, default="bpe")
     p.add_argument("--vocab-size", type=int, default=4096)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--dataset", choices=("wikitext-103", "wikitext-2"),

@@ -11,12 +11,15 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from lbw_kernels.backends import BACKEND_NAMES
+
 from .arms import DEFAULT_ARMS, parse_arm
 from .models import ARCHITECTURES, SIZES
 
 MODES = ("full", "lora")
 TOKENIZERS = ("bpe", "byte")
 SCHEDULES = ("constant", "cosine")
+BACKENDS = ("auto",) + BACKEND_NAMES
 CORPORA = ("stdlib", "text-file", "wikitext-103", "wikitext-2")
 
 # Calibration, measured once with plain AdamW (tiny Qwen2, BPE-4096 on the Python 3.11 stdlib,
@@ -109,8 +112,7 @@ class StressConfig:
         need(self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}")
         need(0 <= self.betas[0] < 1 and 0 <= self.betas[1] < 1, f"betas must be in [0, 1), got {self.betas}")
         need(self.eps > 0 and self.weight_decay >= 0, "eps must be > 0 and weight_decay >= 0")
-        need(self.backend in ("auto", "torch", "triton", "cpu", "cuda"),
-             f"backend must be auto, torch, triton, cpu or cuda, got {self.backend!r}")
+        need(self.backend in BACKENDS, f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         need(self.tokenizer in TOKENIZERS, f"tokenizer must be one of {TOKENIZERS}")
         need(self.tokenizer == "byte" or self.vocab_size >= 512, "vocab_size must be >= 512 for BPE")
         need(self.corpus in CORPORA, f"corpus must be one of {CORPORA}")

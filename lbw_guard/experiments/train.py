@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from .arms import Arm, Stepper, build_optimizer
 from .data import TokenData
 from .guard_stats import GuardRecorder, GuardStats
+from .models import count_parameters
 
 # A run whose training loss stayed non-finite this many steps in a row is dead: stop it early.
 _DEAD_AFTER = 25
@@ -223,7 +224,7 @@ def train_run(
         tokens_per_second=tokens_trained / train_s if train_s > 0 else 0.0,
         seconds_per_step=train_s / max(steps_run, 1),
         guard=recorder.finish(steps_run) if recorder is not None else None,
-        trainable_params=sum(p.numel() for p in params),
+        trainable_params=count_parameters(model, trainable_only=True),
         backend=getattr(optimizer, "backend_name", "torch-foreach" if arm.optimizer == "adamw" else "torch-fused"),
     )
     if time_to_target is not None or target_ppl is not None:
