@@ -19,7 +19,17 @@ import sys
 
 import torch
 
-CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+
+def find_csrc(package_dir: str) -> str:
+    """The C++ sources: a copy inside the package in an installed wheel (setup.py puts it
+    there), else ``csrc/`` next to the package, in a checkout or an editable install."""
+    packaged = os.path.join(package_dir, "csrc")
+    if os.path.isdir(packaged):
+        return packaged
+    return os.path.join(os.path.dirname(package_dir), "csrc")
+
+
+CSRC = find_csrc(os.path.dirname(os.path.abspath(__file__)))
 
 CPU_SOURCES = (
     "cpu/fused_adamw_cpu.cpp",
