@@ -13,6 +13,7 @@ from pathlib import Path
 
 from lbw_kernels.backends import BACKEND_NAMES
 
+from ..guard.config import PRESETS as GUARD_PRESETS
 from .arms import DEFAULT_ARMS, parse_arm
 from .models import ARCHITECTURES, SIZES
 
@@ -30,6 +31,8 @@ CORPORA = ("stdlib", "text-file", "wikitext-103", "wikitext-2")
 # The LoRA rates are a first guess, not yet calibrated (LoRA adapters tolerate higher rates).
 DEFAULT_LRS = {"full": (3e-3, 1e-2, 1e-1), "lora": (1e-3, 1e-2, 3e-2)}
 DEFAULT_SIZES = {"cpu": ("tiny",), "cuda": ("qwen2.5-0.5b",)}
+# Written into the output directory after every finished run, so an interrupt keeps them.
+PARTIAL_NAME = "results.partial.json"
 
 
 def default_cache_dir() -> Path:
@@ -37,6 +40,18 @@ def default_cache_dir() -> Path:
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "lbw_guard"
     )
     return Path(base)
+
+
+class StressConfigError(ValueError):
+    """An invalid StressConfig value; ``field`` names the setting (the CLI maps it to its flag)."""
+
+    def __init__(self, field: str, message: str):
+        self.field, self.message = field, message
+        super().__init__(f"stress config: {message}")
+
+
+def _finite(x: float) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
 
 
 @dataclass
@@ -82,13 +97,13 @@ class StressConfig:
     plots: bool = True
 
     def __post_init__(self) -> None:
-        def need(cond: bool, msg: str) -> None:
+        def need(cond: bool, field: str, msg: str) -> None:
             if not cond:
-                raise ValueError(f"stress config: {msg}")
+                raise StressConfigError(field, msg)
 
-        need(self.mode in MODES, f"mode must be one of {MODES}, got {self.mode!r}")
-        need(self.arch in ARCHITECTURES, f"arch must be one of {ARCHITECTURES}, got {self.arch!r}")
-        need(self.device in ("cpu", "cuda"), f"device must be 'cpu' or 'cuda', got {self.device!r}")
+        need(self.mode in MODES, "mode", f"mode must be one of {MODES}, got {self.mode!r}")
+        need(self.arch in ARCHITECTURES, "arch", f"arch must be one of {ARCHITECTURES}, got {self.arch!r}")
+        need(self.device in ("cpu", "cuda"), "device", f"device must be 'cpu' or 'cuda', got {self.device!r}")
         if not self.sizes:
             self.sizes = DEFAULT_SIZES[self.device]
         if not self.lrs:
@@ -98,35 +113,50 @@ class StressConfig:
         self.lrs = tuple(float(x) for x in self.lrs)
         self.seeds = tuple(int(s) for s in self.seeds)
         for s in self.sizes:
-            need(s in SIZES, f"unknown size {s!r}; choose from {sorted(SIZES)}")
-        need(len(self.arms) > 0 and len(set(self.arms)) == len(self.arms), "arms must be non-empty and distinct")
+            need(s in SIZES, "sizes", f"unknown size {s!r}; choose from {', '.join(SIZES)}")
+        need(len(set(self.sizes)) == len(self.sizes), "sizes", f"sizes must be distinct, got {self.sizes}")
+        need(len(self.arms) > 0 and len(set(self.arms)) == len(self.arms), "arms",
+             "arms must be non-empty and distinct")
         for a in self.arms:
-            parse_arm(a)  # raises a clear error for a malformed arm name
-        need(len(self.seeds) > 0 and len(set(self.seeds)) == len(self.seeds), "seeds must be non-empty and distinct")
-        need(all(s >= 0 for s in self.seeds), "seeds must be non-negative")
-        need(all(math.isfinite(x) and x > 0 for x in self.lrs), f"learning rates must be positive, got {self.lrs}")
+            try:
+                parse_arm(a)
+            except ValueError as exc:
+                raise StressConfigError("arms", str(exc)) from None
+        need(len(self.seeds) > 0 and len(set(self.seeds)) == len(self.seeds), "seeds",
+             "seeds must be non-empty and distinct")
+        need(all(s >= 0 for s in self.seeds), "seeds", "seeds must be non-negative")
+        need(len(set(self.lrs)) == len(self.lrs), "lrs", f"learning rates must be distinct, got {self.lrs}")
+        need(all(math.isfinite(x) and x > 0 for x in self.lrs), "lrs",
+             f"learning rates must be positive, got {self.lrs}")
         for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_windows", "lora_rank", "lora_alpha"):
-            need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
-        need(self.seq_len >= 8, "seq_len must be >= 8")
-        need(0 <= self.warmup_steps < self.steps, "warmup_steps must be in [0, steps)")
-        need(self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}")
-        need(0 <= self.betas[0] < 1 and 0 <= self.betas[1] < 1, f"betas must be in [0, 1), got {self.betas}")
-        need(self.eps > 0 and self.weight_decay >= 0, "eps must be > 0 and weight_decay >= 0")
-        need(self.backend in BACKENDS, f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
-        need(self.tokenizer in TOKENIZERS, f"tokenizer must be one of {TOKENIZERS}")
-        need(self.tokenizer == "byte" or self.vocab_size >= 512, "vocab_size must be >= 512 for BPE")
-        need(self.corpus in CORPORA, f"corpus must be one of {CORPORA}")
-        need(self.corpus != "text-file" or self.text_file is not None, "corpus 'text-file' needs text_file")
+            need(getattr(self, name) >= 1, name, f"{name} must be >= 1, got {getattr(self, name)}")
+        need(self.seq_len >= 8, "seq_len", "seq_len must be >= 8")
+        need(0 <= self.warmup_steps < self.steps, "warmup_steps",
+             f"warmup_steps must be in [0, steps) = [0, {self.steps}), got {self.warmup_steps}")
+        need(self.schedule in SCHEDULES, "schedule", f"schedule must be one of {SCHEDULES}")
+        need(0 <= self.betas[0] < 1 and 0 <= self.betas[1] < 1, "betas", f"betas must be in [0, 1), got {self.betas}")
+        need(_finite(self.eps) and self.eps > 0, "eps", f"eps must be > 0, got {self.eps}")
+        need(_finite(self.weight_decay) and self.weight_decay >= 0, "weight_decay",
+             f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
+        need(self.guard in GUARD_PRESETS, "guard",
+             f"unknown guard preset {self.guard!r}; choose one of {', '.join(GUARD_PRESETS)}")
+        need(self.backend in BACKENDS, "backend", f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        need(self.tokenizer in TOKENIZERS, "tokenizer", f"tokenizer must be one of {TOKENIZERS}")
+        need(self.tokenizer == "byte" or self.vocab_size >= 512, "vocab_size", "vocab_size must be >= 512 for BPE")
+        need(self.corpus in CORPORA, "corpus", f"corpus must be one of {CORPORA}")
+        need(self.corpus != "text-file" or self.text_file is not None, "text_file",
+             "corpus 'text-file' needs text_file")
         if self.text_file is not None:
             self.text_file = Path(self.text_file)
-            need(self.text_file.is_file(), f"text file {self.text_file} does not exist")
-        need(self.train_chars > 0 and self.heldout_chars > 0, "character budgets must be positive")
+            need(self.text_file.is_file(), "text_file", f"text file {self.text_file} does not exist")
+        need(self.train_chars > 0 and self.heldout_chars > 0, "train_chars", "character budgets must be positive")
         if not self.precision:
             self.precision = "bf16" if self.device == "cuda" else "fp32"
-        need(self.precision in ("fp32", "bf16"), "precision must be 'fp32' or 'bf16'")
-        need(self.threads >= 0, "threads must be >= 0")
-        need(self.base_steps >= 1 and self.base_lr > 0, "base_steps and base_lr must be positive")
-        need(self.speed_steps >= 0, "speed_steps must be >= 0")
+        need(self.precision in ("fp32", "bf16"), "precision", "precision must be 'fp32' or 'bf16'")
+        need(self.threads >= 0, "threads", "threads must be >= 0")
+        need(self.base_steps >= 1, "base_steps", f"base_steps must be >= 1, got {self.base_steps}")
+        need(_finite(self.base_lr) and self.base_lr > 0, "base_lr", f"base_lr must be positive, got {self.base_lr}")
+        need(self.speed_steps >= 0, "speed_steps", "speed_steps must be >= 0")
         self.cache_dir = Path(self.cache_dir)
         self.out_dir = Path(self.out_dir)
 

@@ -14,7 +14,8 @@ class SweepProgress:
     """Progress display; with ``enabled=False`` it prints nothing (tests, piped output)."""
 
     def __init__(self, console: Console | None = None, enabled: bool = True) -> None:
-        self.console = console or Console(stderr=True)
+        # log_path=False: no "progress.py:NN" at the end of every logged line
+        self.console = console or Console(stderr=True, log_path=False)
         self.enabled = enabled
         self._progress: Progress | None = None
         self._sweep_task = None
@@ -37,9 +38,11 @@ class SweepProgress:
         if self.enabled:
             self.console.log(message)
 
-    def start_sweep(self, total_runs: int) -> None:
+    def start_sweep(self, total_runs: int, completed: int = 0) -> None:
+        """The bar over all runs; ``completed`` of them were done before (``--resume``)."""
         if self._progress is not None:
-            self._sweep_task = self._progress.add_task("[bold]stress sweep (runs)", total=total_runs)
+            self._sweep_task = self._progress.add_task("[bold]stress sweep (runs)", total=total_runs,
+                                                       completed=completed)
 
     @contextlib.contextmanager
     def run(self, label: str, steps: int) -> Iterator[Callable[[int], None]]:

@@ -131,17 +131,18 @@ def false_positives(runs: list[RunResult]) -> dict:
 
 
 # ---------------------------------------------------------------------------- serialisation
-def _jsonable(obj):
+def jsonable(obj):
+    """``obj`` as plain JSON data: non-finite floats become null, dataclasses dicts."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if isinstance(obj, Path):
         return str(obj)
     if hasattr(obj, "__dataclass_fields__"):
-        return _jsonable(asdict(obj))
+        return jsonable(asdict(obj))
     return obj
 
 
@@ -150,7 +151,7 @@ def results_document(sweep: dict) -> dict:
     doc = dict(sweep)
     doc["summary"] = summarize(sweep["runs"])
     doc["schema"] = "lbw-guard-stress/1"
-    return _jsonable(doc)
+    return jsonable(doc)
 
 
 def write_json(doc: dict, path: Path) -> None:
@@ -271,6 +272,10 @@ def markdown_report(doc: dict, plots: list[str]) -> str:
         + ".",
         "",
     ]
+    if meta.get("complete") is False:
+        planned = f" of {meta['runs_planned']}" if meta.get("runs_planned") else ""
+        parts += [f"**Unfinished sweep: {meta.get('runs_finished', len(doc['runs']))}{planned} runs** (interrupted; "
+                  "the same command with `--resume` finishes it).", ""]
     for size in doc["summary"]["sizes"]:
         header, rows = table_rows(doc, size)
         m = meta["models"].get(size, {})

@@ -6,8 +6,9 @@ import math
 import platform
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -64,61 +65,104 @@ def _check_device(cfg: StressConfig) -> None:
         raise RuntimeError("--device cuda was asked for but torch.cuda.is_available() is False")
 
 
-def run_sweep(cfg: StressConfig, progress: SweepProgress) -> dict:
-    """Run every (size, seed, lr, arm) of ``cfg`` and return the results document (JSON-ready)."""
+RunKey = tuple[str, int, float, str]
+
+
+def planned_runs(cfg: StressConfig) -> list[RunKey]:
+    """Every (size, seed, lr, arm) of the sweep, in the order they run."""
+    return [(size, seed, lr, arm) for size in cfg.sizes for seed in cfg.seeds for lr in cfg.lrs for arm in cfg.arms]
+
+
+def run_key(r: RunResult) -> RunKey:
+    return (r.size, r.seed, r.lr, r.arm)
+
+
+@dataclass
+class SweepState:
+    """What a sweep has finished so far: enough to write its results after an interrupt.
+
+    ``runs`` may start with runs of an earlier, interrupted invocation (``--resume``).
+    """
+
+    cfg: StressConfig
+    runs: list[RunResult] = field(default_factory=list)
+    models: dict = field(default_factory=dict)
+    bases: dict = field(default_factory=dict)
+    prep: Prepared | None = None
+    speed: dict | None = None
+    resumed: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def total_runs(self) -> int:
+        return len(planned_runs(self.cfg))
+
+    def document(self) -> dict:
+        """The results document of the runs finished so far (needs the prepared data's facts)."""
+        assert self.prep is not None, "no data prepared yet"
+        order = {key: i for i, key in enumerate(planned_runs(self.cfg))}
+        runs = sorted(self.runs, key=lambda r: order.get(run_key(r), len(order)))
+        meta = _meta(self.cfg, self.prep, self.models, self.bases, time.perf_counter() - self.started)
+        meta.update(runs_planned=self.total_runs, runs_finished=len(runs), runs_resumed=self.resumed,
+                    complete=len(runs) == self.total_runs)
+        return {"meta": meta, "config": self.cfg.to_json(), "runs": runs, "speed": self.speed}
+
+
+def run_sweep(cfg: StressConfig, progress: SweepProgress, state: SweepState | None = None,
+              on_run: Callable[[SweepState], None] | None = None) -> dict:
+    """Run every (size, seed, lr, arm) of ``cfg`` and return the results document (JSON-ready).
+
+    Runs already in ``state`` are skipped; ``on_run(state)`` is called after each finished run
+    (to save it), and ``state`` holds everything finished if the sweep is interrupted.
+    """
+    state = state or SweepState(cfg)
     _check_device(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    started = time.perf_counter()
     progress.note("preparing corpus and tokenizer")
-    prep = prepare_data(cfg)
+    prep = state.prep = prepare_data(cfg)
     progress.note(
         f"corpus {prep.corpus.name}: {len(prep.corpus.train)} train / {len(prep.corpus.heldout)} held-out "
         f"documents, {prep.data.train.numel():,} / {prep.data.heldout.numel():,} tokens "
         f"({prep.tokenizer.kind}, vocab {prep.tokenizer.vocab_size}) in {prep.prepare_seconds:.1f}s"
     )
     settings = run_settings(cfg)
-    arms = [parse_arm(a) for a in cfg.arms]
-    runs: list[RunResult] = []
-    models: dict[str, dict] = {}
-    bases: dict[str, dict] = {}
-    total_runs = len(cfg.sizes) * len(cfg.seeds) * len(cfg.lrs) * len(arms)
-    progress.start_sweep(total_runs)
+    arms = {a: parse_arm(a) for a in cfg.arms}
+    done = {run_key(r) for r in state.runs}
+    todo = [key for key in planned_runs(cfg) if key not in done]
+    progress.start_sweep(state.total_runs, completed=state.total_runs - len(todo))
+    if done:
+        progress.note(f"resuming: {len(done)} of {state.total_runs} runs already done")
 
-    for size in cfg.sizes:
-        base_state = None
-        if cfg.mode == "lora":
+    base_state, base_size = None, None
+    for size, seed, lr, arm_name in todo:
+        arm = arms[arm_name]
+        if cfg.mode == "lora" and base_size != size:  # once per size, and only if a run needs it
             base_settings = run_settings(cfg, steps=cfg.base_steps, lr_warmup=0)
             with progress.run(f"LoRA base {size} (AdamW lr {cfg.base_lr:g})", cfg.base_steps) as tick:
-                base_state, bases[size] = base_model_state(
+                base_state, state.bases[size] = base_model_state(
                     cfg.arch, size, prep.data, prep.data_key, prep.eval_windows, base_settings,
                     cfg.base_lr, cfg.cache_dir, on_step=tick)
-        for seed in cfg.seeds:
-            for lr in cfg.lrs:
-                for arm in arms:
-                    model = _make_model(cfg, size, seed, prep, base_state)
-                    if size not in models:
-                        models[size] = {
-                            "total_params": count_parameters(model),
-                            "trainable_params": count_parameters(model, trainable_only=True),
-                        }
-                    label = f"{size} seed {seed} lr {lr:g} {arm.label}"
-                    with progress.run(label, cfg.steps) as tick:
-                        result = train_run(model, arm, lr, seed, prep.data, prep.eval_windows, settings,
-                                           size=size, mode=cfg.mode, on_step=tick)
-                    runs.append(result)
-                    progress.finish_run(result)
-                    del model
+            base_size = size
+        model = _make_model(cfg, size, seed, prep, base_state)
+        if size not in state.models:
+            state.models[size] = {
+                "total_params": count_parameters(model),
+                "trainable_params": count_parameters(model, trainable_only=True),
+            }
+        label = f"{size} seed {seed} lr {lr:g} {arm.label}"
+        with progress.run(label, cfg.steps) as tick:
+            result = train_run(model, arm, lr, seed, prep.data, prep.eval_windows, settings,
+                               size=size, mode=cfg.mode, on_step=tick)
+        del model
+        state.runs.append(result)
+        progress.finish_run(result)
+        if on_run is not None:
+            on_run(state)
 
-    speed = None
     if cfg.compare_speed:
-        speed = compare_speed(cfg, prep, runs, progress)
-    return {
-        "meta": _meta(cfg, prep, models, bases, time.perf_counter() - started),
-        "config": cfg.to_json(),
-        "runs": runs,
-        "speed": speed,
-    }
+        state.speed = compare_speed(cfg, prep, state.runs, progress)
+    return state.document()
 
 
 def _make_model(cfg: StressConfig, size: str, seed: int, prep: Prepared, base_state: dict | None):

@@ -5,43 +5,194 @@ A trace is what a guard writes with ``GuardConfig(trace_path=...)`` (or
 Replay feeds those records to a fresh controller built from ``--config`` and prints what
 it would have flagged and done, so thresholds can be tuned on a real run before the guard
 is trusted to act on it. Replay never touches a model: rollbacks are reported, not done,
-and the recorded telemetry is what the recorded run produced.
+and the recorded telemetry is what the recorded run produced. A trace holding several runs
+(appended to one file) is split where each run starts; the last run is replayed unless
+``--run N`` picks another.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections import Counter
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 
 from .config import PRESETS, GuardConfig
 from .controller import Controller, HostRecord
-from .events import JsonlWriter, decode_floats, read_jsonl
+from .events import RUN_START, JsonlError, JsonlWriter, decode_floats, iter_jsonl
+
+PROG = "lbw-guard replay"
 
 
+# ---------------------------------------------------------------------------- configuration
 def load_config(spec: str | None, overrides: list[str]) -> GuardConfig:
-    """A preset name or a JSON file of GuardConfig fields, plus KEY=VALUE overrides."""
+    """A preset name or a JSON file of GuardConfig fields, plus KEY=VALUE overrides.
+
+    Every problem is a ValueError with a one-line message naming the option.
+    """
     if spec is None:
         config = PRESETS["default"]
     elif spec in PRESETS:
         config = PRESETS[spec]
-    elif os.path.exists(spec):
-        config = GuardConfig.from_json(spec)
     else:
-        raise ValueError(f"--config {spec!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a file")
+        config = _config_file(spec)
     values = config.to_dict()
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or key not in values:
-            raise ValueError(f"--set {item!r}: expected KEY=VALUE with KEY a GuardConfig field")
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE with KEY a GuardConfig field "
+                             "(e.g. --set z_grad=8)")
+        values[key] = _override_value(raw)
+    try:
+        return GuardConfig.from_dict(values)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"--set: {exc}") from None
+
+
+def _config_file(spec: str) -> GuardConfig:
+    presets = ", ".join(PRESETS)
+    try:
+        with open(spec, "rb") as fh:
+            values = json.loads(fh.read(1 << 20).decode("utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"--config {spec!r} is neither a preset ({presets}) nor a file") from None
+    except OSError as exc:
+        raise ValueError(f"--config {spec}: cannot read it ({exc.strerror})") from None
+    except (ValueError, RecursionError) as exc:  # not UTF-8, not JSON
+        raise ValueError(f"--config {spec}: not a JSON file ({exc})") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"--config {spec}: expected a JSON object of GuardConfig fields")
+    try:
+        return GuardConfig.from_dict(values)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"--config {spec}: {exc}") from None
+
+
+def _override_value(raw: str):
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError):
+        return raw  # a bare string, e.g. mode=monitor
+
+
+# ---------------------------------------------------------------------------- reading a trace
+RUN_HEADERS = (RUN_START, "config")  # "config" heads a file written by Guard.write_jsonl
+_SPECIAL = ("nan", "inf", "-inf")  # how the trace writer encodes non-finite floats
+
+
+@dataclass
+class TraceRun:
+    """One run's records in a trace, with the line number of each."""
+
+    records: list[dict] = field(default_factory=list)
+    lines: list[int] = field(default_factory=list)
+
+    def describe(self) -> str:
+        return (f"lines {self.lines[0]}-{self.lines[-1]}, steps "
+                f"{self.records[0]['step']}..{self.records[-1]['step']}")
+
+
+def _is_number(x) -> bool:
+    if isinstance(x, str):
+        return x in _SPECIAL
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return False
+    try:
+        float(x)  # an integer too large for a float would overflow in the controller
+    except OverflowError:
+        return False
+    return True
+
+
+def _is_numbers(value) -> bool:
+    return isinstance(value, list) and all(_is_number(x) for x in value)
+
+
+def _is_step(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int) and 0 <= value < 2**63
+
+
+def _is_telemetry(value) -> bool:
+    """One row of numbers per parameter group, every row as long as the first."""
+    return (isinstance(value, list) and len(value) > 0 and all(_is_numbers(row) and row for row in value)
+            and len({len(row) for row in value}) == 1)
+
+
+# What each field of a trace record must hold (the fields HostRecord.from_dict reads); keep
+# in step with the record format the guard writes.
+RECORD_SCHEMA = {
+    "step": (_is_step, "a non-negative integer"),
+    "telemetry": (_is_telemetry, "a non-empty list of per-group lists of numbers, all of one length"),
+    "applied_gate": (_is_numbers, "a list of numbers"),
+    "loss": (lambda v: v is None or _is_number(v), "a number or null"),
+    "lrs": (_is_numbers, "a list of numbers"),
+    "scale": (_is_numbers, "a list of numbers"),
+    "gate": (_is_numbers, "a list of numbers"),
+}
+
+
+def _short(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_record(rec: dict) -> None:
+    """Raise ValueError (what is wrong) unless ``rec`` is a record the controller can replay."""
+    missing = [k for k in RECORD_SCHEMA if k not in rec]
+    if missing:
+        raise ValueError(f"record without field(s) {', '.join(missing)}")
+    for key, (ok, what) in RECORD_SCHEMA.items():
+        if not ok(rec[key]):
+            raise ValueError(f"record {key!r} must be {what}, got {_short(rec[key])}")
+
+
+def read_runs(path: str, on_warning=None) -> list[TraceRun]:
+    """The runs of a trace, in file order; each record checked (JsonlError names the line).
+
+    A run starts at a ``run_start`` header (written when a guard opens the trace) or, in a
+    trace without headers, at a record whose step does not follow the previous record's.
+    """
+    runs = [TraceRun()]
+    for number, obj in iter_jsonl(path, on_warning=on_warning):
+        kind = obj.get("type")
+        if not isinstance(kind, str):
+            raise JsonlError(path, number, '"type" missing or not a string '
+                                           '(expected "record", "event" or "run_start")')
+        if kind in RUN_HEADERS:
+            if runs[-1].records:
+                runs.append(TraceRun())
+            continue
+        if kind != "record":
+            continue  # events and future line types do not feed the controller
         try:
-            values[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            values[key] = raw  # a bare string, e.g. mode=monitor
-    return GuardConfig.from_dict(values)
+            check_record(obj)
+        except ValueError as exc:
+            raise JsonlError(path, number, str(exc)) from None
+        current = runs[-1]
+        if current.records and obj["step"] <= current.records[-1]["step"]:
+            current = TraceRun()  # the step went back: another run appended without a header
+            runs.append(current)
+        current.records.append(obj)
+        current.lines.append(number)
+    return [r for r in runs if r.records]
+
+
+def pick_run(runs: list[TraceRun], wanted: int | None, path: str, on_warning) -> tuple[int, TraceRun]:
+    """(1-based number, run) of the run to replay: ``wanted``, or the last one."""
+    if not runs:
+        raise ValueError(f"{path}: holds no telemetry records (write one with GuardConfig(trace_path=...))")
+    if wanted is not None and not 1 <= wanted <= len(runs):
+        raise ValueError(f"--run {wanted}: {path} holds {len(runs)} run(s); choose 1..{len(runs)}")
+    number = wanted or len(runs)
+    if len(runs) > 1:
+        listing = [f"run {i} {r.describe()}" for i, r in enumerate(runs, 1)]
+        if len(listing) > 4:  # keep the warning one readable line
+            listing = listing[:2] + ["..."] + listing[-1:]
+        listing = "; ".join(listing)
+        which = "as asked" if wanted else "the last; choose another with --run N"
+        on_warning(f"{path} holds {len(runs)} runs ({listing}): replaying run {number}, {which}")
+    return number, runs[number - 1]
 
 
 def replay(records: list[dict], config: GuardConfig):
@@ -68,21 +219,48 @@ def replay(records: list[dict], config: GuardConfig):
     return events, flagged, controller
 
 
+def _warn(message: str) -> None:
+    print(f"{PROG}: warning: {message}", file=sys.stderr)
+
+
+def _fail(message: str) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _os_message(exc: OSError, default: str) -> str:
+    name = exc.filename if exc.filename is not None else default
+    return f"{name}: {exc.strerror or exc}"
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config, args.set or [])
-        lines = [l for l in read_jsonl(args.trace) if l.get("type") == "record"]
-    except (OSError, ValueError) as exc:
-        print(f"lbw-guard replay: {exc}", file=sys.stderr)
-        return 2
-    if not lines:
-        print(f"lbw-guard replay: {args.trace} holds no telemetry records "
-              "(write one with GuardConfig(trace_path=...))", file=sys.stderr)
-        return 2
-    events, flagged, controller = replay(lines, config)
+    except ValueError as exc:
+        return _fail(str(exc))
+    try:
+        runs = read_runs(args.trace, _warn)
+        number, trace_run = pick_run(runs, args.run, args.trace, _warn)
+    except OSError as exc:
+        return _fail(f"cannot read the trace {_os_message(exc, args.trace)}")
+    except ValueError as exc:
+        return _fail(str(exc))
+    try:  # opened before replaying, so an unwritable path fails first
+        writer = JsonlWriter(args.events, mode="w") if args.events else None
+    except OSError as exc:
+        return _fail(f"--events: cannot write {_os_message(exc, args.events)}")
+    lines = trace_run.records
+    try:
+        events, flagged, controller = replay(lines, config)
+    except Exception as exc:  # the records passed every check above: a controller bug, not bad input
+        if writer is not None:
+            writer.close()
+        print(f"{PROG}: error: {args.trace}: the controller failed on this trace ({type(exc).__name__}: {exc}); "
+              "please report it with the trace", file=sys.stderr)
+        return 1
     out = sys.stdout
-    if args.events:
-        with JsonlWriter(args.events, mode="w") as writer:
+    if writer is not None:
+        with writer:
             writer.write_all(e.to_dict() for e in events)
     if not args.quiet:
         for e in events:
@@ -92,7 +270,8 @@ def run(args: argparse.Namespace) -> int:
     actions = Counter(e.action for e in events)
     interventions = sum(1 for e in events if e.intervention)
     steps = len(lines)
-    print(f"replayed {steps} records (steps {lines[0]['step']}..{lines[-1]['step']}): "
+    which = f", run {number} of {len(runs)}" if len(runs) > 1 else ""
+    print(f"replayed {steps} records (steps {lines[0]['step']}..{lines[-1]['step']}{which}): "
           f"{len(flagged)} flagged, {interventions} interventions "
           f"({1000.0 * interventions / steps:.2f} per 1000 steps); final regime {controller.regime}", file=out)
     if actions:
@@ -100,16 +279,32 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a run number 1, 2, ..., got {text!r}")
+    return value
+
+
 def register(subparsers) -> argparse.ArgumentParser:
     """Add the ``replay`` subcommand to an argparse ``subparsers`` object."""
+    from ..cli import HelpFormatter
+
     parser = subparsers.add_parser(
         "replay",
         help="run the guard's detection over a recorded telemetry trace",
         description=__doc__.split("\n\n")[1],
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("trace", help="a JSONL trace written by the guard (trace_path=...)")
-    parser.add_argument("--config", help="preset name (default, monitor, conservative) or JSON file of GuardConfig fields")
+    parser.add_argument("--config", default="default",
+                        help=f"guard preset ({', '.join(PRESETS)}) or JSON file of GuardConfig fields")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one GuardConfig field (repeatable)")
+    parser.add_argument("--run", type=_positive_int, metavar="N",
+                        help="which run of a trace holding several (appended) runs to replay; default the last")
     parser.add_argument("--events", metavar="PATH", help="also write the replayed events as JSONL")
     parser.add_argument("--quiet", action="store_true", help="print only the summary")
     parser.set_defaults(func=run)
@@ -117,9 +312,14 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lbw-guard")
+    from ..cli import Parser
+
+    parser = Parser(prog="lbw-guard")
     register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error already printed
+        return exc.code if isinstance(exc.code, int) else 0
     return args.func(args)
 
 
