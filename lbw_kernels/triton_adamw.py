@@ -1,297 +1,344 @@
-"""Triton backend of the fused guarded AdamW step (contract: :mod:`lbw_kernels.contract`).
+"""Triton backend of the fused guarded AdamW step (contract v2: :mod:`lbw_kernels.contract`).
 
-One call updates one bucket with two launches:
+One call updates one bucket with two launches and no host synchronisation:
 
-1. ``_adamw_tiles_kernel``: one program per tile of ``BLOCK`` elements of one tensor, for
-   every tensor of the bucket at once. A cached device table holds each tensor's data
-   pointers (p, g, m, v) and numel; a cached tile table holds (tensor index, start) per
-   program, ordered group by group. The kernel updates p, m, v and writes the tile's six
-   telemetry partial sums (fp64) to row ``pid`` of a [num_tiles, 8] buffer.
-2. ``_reduce_kernel``: one program per group sums that group's contiguous tile rows in a
-   fixed order, so telemetry is bit-identical from run to run.
+1. :func:`.triton_update.update_kernel`, one program per chunk (a run of whole tiles of one
+   tensor): one pass over p, g, m, v; the step-wide checks, gates and coefficients are
+   derived on the device from the control table and the device scalars; each program
+   writes one row of float64 telemetry partials;
+2. :func:`.triton_finish.finish_kernel`, one program per tensor plus one: per-tensor sums
+   (fixed order), signals, group fields (last program of each group to arrive), applied
+   gates, invalid flags, globals, and the step counters advanced by the applied gate.
 
-Everything the step depends on (coefficients, grad scale, clip coefficient, gate) is read
-from device memory inside the kernels: no host sync, and the two launches can be captured
-in a CUDA graph once the tables are cached.
+The host work per call is a few checks, cache lookups keyed on the tensors' data pointers,
+numels, group ids, kinds and step pointers, and the two launches. Tables are built and
+uploaded, and scratch (partials, per-tensor rows, group counters) allocated, only when the
+layout or a storage changes; cached entries stay alive (and entries created during CUDA-graph
+capture are never evicted), so a captured graph keeps valid buffers.
+
+Validation (lengths, dtypes, devices, shapes, strides and density, fp32 moments and steps,
+control/tensor_out/record_out shapes, group ids and kinds) happens before anything is
+launched; per-tensor checks run when a pointer table is built (a cached table means these
+storages were checked). A param, its grad and moments must share strides and be
+non-overlapping and dense (contiguous, channels_last, ...): they are processed as flat
+arrays over their storage.
 """
 
 from __future__ import annotations
 
-import os
-from collections import OrderedDict
+import contextlib
+import numbers
+from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
-import triton
 import triton.language as tl
 from torch import Tensor
 
 from . import contract as C
-
-_GPU_BLOCK = 2048  # elements per program on a GPU: 8 per thread with 8 warps
-_GPU_WARPS = 8
-# The interpreter runs each program as numpy calls, so fewer, larger programs are faster.
-_INTERPRET_BLOCK = 8192
-_PARTIAL_COLS = 8  # the six reduced fields, padded to a power of two
-_REDUCE_ROWS = 64  # tile rows the reduce kernel sums per loop iteration
-_TABLE_COLS = 5  # p, g, m, v data pointers, numel
-_CACHE_SIZE = 16  # table entries kept per cache (a few buckets, a few grad layouts each)
+from .triton_common import HAS_GRAD_NORM, HAS_LOSS, interpreting
+from .triton_finish import SCRATCH_COLS, TENSOR_COLS, finish_kernel
+from .triton_update import CHUNK_COLS, PARTIAL_COLS, update_kernel
 
 _P_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+_SCALAR_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_KINDS = (C.KIND_OTHER, C.KIND_MATRIX, C.KIND_ZERO_INIT)
+_MAX_CHUNK = 1 << 30  # elements per chunk: int32 offsets inside a program
+_CACHE_SIZE = 32  # entries kept per cache (a few buckets, a few grad layouts each)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Block and grid choices of one device kind (see :func:`chunk_tiles`)."""
+
+    block: int  # elements per tile (update kernel)
+    num_warps: int  # update kernel
+    max_registers: int  # update kernel's register cap (ptxas maxnreg), 0: none
+    finish_warps: int
+    rows: int  # partial rows the finish kernel sums per step
+    members: int  # group members it sums per step
+    groups: int  # groups the globals program handles per step
+    fixed_chunk_tiles: int = 0  # > 0: every chunk is this many tiles (the interpreter)
+    min_chunk_tiles: int = 8  # below this a program's set-up is not amortised ...
+    blocks_per_sm: int = 4  # ... unless the GPU would not get one full wave
+    max_waves: int = 8  # beyond this, chunks grow instead of the grid
+    max_rows_per_tensor: int = 1024  # bounds the finish kernel's loop per tensor
 
 
-def _block_size(device: torch.device) -> int:
-    return _INTERPRET_BLOCK if device.type == "cpu" else _GPU_BLOCK
+# GPU: 512-element tiles over 4 warps = 4 elements per thread (one 16-byte vector per fp32
+# array, 8 bytes for bf16/fp16 params and grads). The IEEE div/sqrt sequences (their slow
+# paths are calls) put the loop at ~124-128 registers; capping at 128 (no spills, see
+# ``python -m lbw_kernels.compile_check``) guarantees 4 blocks (16 warps) per SM on sm_80 and
+# sm_90, ~32 KB of loads in flight per SM. Chunks: 4 blocks per SM, up to 8 waves.
+GPU_CONFIG = LaunchConfig(block=512, num_warps=4, max_registers=128, finish_warps=4, rows=64,
+                          members=32, groups=32)
+# The interpreter runs each program as numpy calls on whole tiles: larger tiles are faster;
+# two tiles per chunk keep several chunks (and partial tiles) per tensor in the tests.
+INTERPRET_CONFIG = LaunchConfig(block=2048, num_warps=4, max_registers=0, finish_warps=4, rows=64, members=32,
+                                groups=32, fixed_chunk_tiles=2)
 
 
-@triton.jit
-def _round_to(x, P_DTYPE: tl.constexpr):
-    """fp32 -> P_DTYPE, round to nearest even like torch's ``.to(dtype)``.
-
-    bf16 is rounded by hand: the interpreter's own fp32->bf16 cast truncates, and the
-    integer version costs a few ALU ops in a memory-bound kernel on the GPU.
-    """
-    if P_DTYPE == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        quiet_nan = tl.full(bits.shape, 0x7FC0, tl.uint32)  # torch's canonical bf16 NaN
-        out = tl.where(x != x, quiet_nan, rounded)
-        return out.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return x.to(P_DTYPE)
+def update_options(cfg: LaunchConfig) -> dict:
+    """Compile options of the update kernel beyond num_warps (shared with compile_check)."""
+    return {"maxnreg": cfg.max_registers} if cfg.max_registers else {}
 
 
-@triton.jit
-def _tile_step(p_ptrs, g_ptrs, m_ptrs, v_ptrs, offs, numel, c_ptr, inv_scale, clip,
-               P_DTYPE: tl.constexpr, BLOCK: tl.constexpr, MASKED: tl.constexpr):
-    """Update one tile and return its partial sums. ``MASKED`` is False for full tiles so
-    that their loads and stores carry no per-element bounds mask and can be vectorised."""
-    step_size = tl.load(c_ptr + 0)
-    bc2_sqrt = tl.load(c_ptr + 1)
-    decay = tl.load(c_ptr + 2)
-    one_minus_beta1 = tl.load(c_ptr + 3)
-    beta2 = tl.load(c_ptr + 4)
-    one_minus_beta2 = tl.load(c_ptr + 5)
-    eps = tl.load(c_ptr + 6)
-    outlier_scale = tl.load(c_ptr + 7)
-    # Broadcast to a tensor: a uniform mask keeps stores vectorisable (and the interpreter
-    # cannot '&' a scalar bool with a tensor).
-    gate_on = (tl.zeros([BLOCK], dtype=tl.float32) + tl.load(c_ptr + 8)) != 0.0
-
-    if MASKED:
-        in_bounds = offs < numel
-        p = tl.load(p_ptrs, mask=in_bounds, other=0.0)
-        g = tl.load(g_ptrs, mask=in_bounds, other=0.0)
-        m = tl.load(m_ptrs, mask=in_bounds, other=0.0)
-        v = tl.load(v_ptrs, mask=in_bounds, other=0.0)
-    else:
-        in_bounds = tl.full([BLOCK], 1, tl.int1)
-        p = tl.load(p_ptrs)
-        g = tl.load(g_ptrs)
-        m = tl.load(m_ptrs)
-        v = tl.load(v_ptrs)
-
-    # Same operations in the same order as the reference; sqrt_rn/div_rn (and no FMA
-    # contraction, see the launcher) keep results bit-identical to torch's IEEE ops.
-    p32 = p.to(tl.float32)
-    g_raw = g.to(tl.float32) * inv_scale
-    finite = (tl.abs(g_raw) < float("inf")) & in_bounds  # false for NaN and +-inf
-    g_raw = tl.where(finite, g_raw, 0.0)
-    g_used = g_raw * clip
-    outlier = finite & (tl.abs(g_raw) > outlier_scale * tl.sqrt_rn(v))
-
-    m_new = m + one_minus_beta1 * (g_used - m)
-    v_new = v * beta2 + one_minus_beta2 * g_used * g_used
-    denom = tl.div_rn(tl.sqrt_rn(v_new), bc2_sqrt) + eps
-    p_new = p32 * decay - step_size * tl.div_rn(m_new, denom)
-
-    written = finite & gate_on
-    u = tl.where(written, p_new - p32, 0.0)
-
-    # Unwritten elements get their loaded bits stored back (a select, no arithmetic), so
-    # they stay bit-exact while the store mask stays uniform; a gated tensor stores nothing.
-    store_mask = in_bounds & gate_on
-    tl.store(p_ptrs, tl.where(written, _round_to(p_new, P_DTYPE), p), mask=store_mask)
-    tl.store(m_ptrs, tl.where(written, m_new, m), mask=store_mask)
-    tl.store(v_ptrs, tl.where(written, v_new, v), mask=store_mask)
-
-    # fp32 * fp32 is exact in fp64, so only the summation order differs from the reference.
-    g64 = g_raw.to(tl.float64)
-    u64 = u.to(tl.float64)
-    p64 = tl.where(in_bounds, p32, 0.0).to(tl.float64)
-    grad_sq = tl.sum(g64 * g64, axis=0)
-    update_sq = tl.sum(u64 * u64, axis=0)
-    param_sq = tl.sum(p64 * p64, axis=0)
-    grad_dot_update = tl.sum(g64 * u64, axis=0)
-    outliers = tl.sum(outlier.to(tl.int32), axis=0).to(tl.float64)
-    nonfinite = tl.sum((in_bounds & ~finite).to(tl.int32), axis=0).to(tl.float64)
-    return grad_sq, update_sq, param_sq, grad_dot_update, outliers, nonfinite
+def _config(device: torch.device) -> LaunchConfig:
+    return INTERPRET_CONFIG if device.type == "cpu" else GPU_CONFIG
 
 
-@triton.jit
-def _adamw_tiles_kernel(tensor_tab, tile_tab, coeffs, inv_scale_ptr, clip_ptr, partials,
-                        P_DTYPE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
-                        TABLE_COLS: tl.constexpr, NUM_COEFFS: tl.constexpr,
-                        PARTIAL_COLS: tl.constexpr):
-    pid = tl.program_id(0)
-    t = tl.load(tile_tab + 2 * pid)
-    start = tl.load(tile_tab + 2 * pid + 1)
-    row = tensor_tab + t * TABLE_COLS
-    p_ptr = tl.load(row + 0).to(tl.pointer_type(P_DTYPE))
-    g_ptr = tl.load(row + 1).to(tl.pointer_type(P_DTYPE))
-    m_ptr = tl.load(row + 2).to(tl.pointer_type(tl.float32))
-    v_ptr = tl.load(row + 3).to(tl.pointer_type(tl.float32))
-    numel = tl.load(row + 4)
-    offs = start + tl.arange(0, BLOCK)  # int64: start is int64
-    p_ptrs = p_ptr + offs
-    g_ptrs = g_ptr + offs
-    m_ptrs = m_ptr + offs
-    v_ptrs = v_ptr + offs
-    if ALIGNED:
-        # The host checked every base pointer is 16-byte aligned, and tiles start at
-        # multiples of BLOCK: telling the compiler lets it emit 16-byte vector accesses.
-        p_ptrs = tl.multiple_of(p_ptrs, 16)
-        g_ptrs = tl.multiple_of(g_ptrs, 16)
-        m_ptrs = tl.multiple_of(m_ptrs, 16)
-        v_ptrs = tl.multiple_of(v_ptrs, 16)
-    c_ptr = coeffs + t * NUM_COEFFS
-    inv_scale = tl.load(inv_scale_ptr)
-    clip = tl.load(clip_ptr)
-    if start + BLOCK <= numel:
-        s0, s1, s2, s3, s4, s5 = _tile_step(p_ptrs, g_ptrs, m_ptrs, v_ptrs, offs, numel, c_ptr,
-                                            inv_scale, clip, P_DTYPE, BLOCK, False)
-    else:
-        s0, s1, s2, s3, s4, s5 = _tile_step(p_ptrs, g_ptrs, m_ptrs, v_ptrs, offs, numel, c_ptr,
-                                            inv_scale, clip, P_DTYPE, BLOCK, True)
-    out = partials + pid * PARTIAL_COLS
-    tl.store(out + 0, s0)
-    tl.store(out + 1, s1)
-    tl.store(out + 2, s2)
-    tl.store(out + 3, s3)
-    tl.store(out + 4, s4)
-    tl.store(out + 5, s5)
+@lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-@triton.jit
-def _reduce_kernel(partials, group_tiles, out, NUM_FIELDS: tl.constexpr,
-                   PARTIAL_COLS: tl.constexpr, ROWS: tl.constexpr):
-    """Group ``pid`` owns tile rows [group_tiles[pid], group_tiles[pid + 1])."""
-    gid = tl.program_id(0)
-    lo = tl.load(group_tiles + gid)
-    hi = tl.load(group_tiles + gid + 1)
-    rows = tl.arange(0, ROWS)
-    cols = tl.arange(0, PARTIAL_COLS)
-    acc = tl.zeros([PARTIAL_COLS], dtype=tl.float64)
-    for first in range(lo, hi, ROWS):  # fixed order: deterministic
-        r = first + rows
-        x = tl.load(partials + r[:, None] * PARTIAL_COLS + cols[None, :],
-                    mask=(r < hi)[:, None], other=0.0)
-        acc += tl.sum(x, axis=0)
-    tl.store(out + gid * NUM_FIELDS + cols, acc, mask=cols < NUM_FIELDS)
+def chunk_tiles(total_tiles: int, max_tensor_tiles: int, cfg: LaunchConfig, num_sms: int) -> int:
+    """Tiles per chunk for a bucket: enough programs for a full GPU (``blocks_per_sm`` per
+    SM), at most ``max_waves`` waves of them, each at least ``min_chunk_tiles`` tiles when
+    there are enough, and at most ``max_rows_per_tensor`` chunks per tensor."""
+    if cfg.fixed_chunk_tiles:
+        return cfg.fixed_chunk_tiles
+    slots = num_sms * cfg.blocks_per_sm
+    tiles = -(-total_tiles // (slots * cfg.max_waves))
+    tiles = max(tiles, min(cfg.min_chunk_tiles, -(-total_tiles // slots)))
+    tiles = max(tiles, -(-max_tensor_tiles // cfg.max_rows_per_tensor), 1)
+    return min(tiles, _MAX_CHUNK // cfg.block)
 
 
-def _host_to_device(host: Tensor, device: torch.device) -> Tensor:
+# --------------------------------------------------------------------------- caches
+class _Entry:
+    __slots__ = ("value", "pinned")
+
+    def __init__(self, value):
+        self.value = value
+        self.pinned = False
+
+
+_struct_cache: dict = {}  # layout key -> _Struct
+_call_cache: dict = {}  # layout key + pointers -> (_Struct, _Pointers)
+_consts_cache: dict = {}
+# Counts of table builds, for tests and debugging.
+cache_stats = {"struct_builds": 0, "pointer_builds": 0}
+
+
+def _cached(cache: dict, key, build, pin: bool):
+    """``cache[key]``, built on a miss. A hit costs one hash and one comparison of the key
+    (no reordering); on overflow the oldest unpinned entries go (an entry used while a CUDA
+    graph was being captured is pinned: the graph holds its buffers' addresses)."""
+    entry = cache.get(key)
+    if entry is None:
+        entry = _Entry(build())
+        cache[key] = entry
+        if len(cache) > _CACHE_SIZE:
+            for old_key in [k for k, e in cache.items() if not e.pinned][:-1]:
+                if len(cache) <= _CACHE_SIZE:
+                    break
+                del cache[old_key]
+    if pin:
+        entry.pinned = True
+    return entry.value
+
+
+def clear_caches() -> None:
+    """Drop every cached table and scratch buffer (not while a captured graph uses them)."""
+    _struct_cache.clear()
+    _call_cache.clear()
+    _consts_cache.clear()
+
+
+def _upload(host: Tensor, device: torch.device) -> Tensor:
     """Copy a small host table to ``device`` without a blocking (sync-flagged) copy."""
     if device.type != "cuda":
         return host
     return host.pin_memory().to(device, non_blocking=True)
 
 
-class _Layout:
-    """Tile table, ordered group by group, and each group's tile range (static per bucket)."""
+@dataclass
+class _Struct:
+    """What depends on the bucket's layout only (numels, groups, kinds): chunks, scratch."""
 
-    def __init__(self, numels: list[int], group_ids: list[int], num_groups: int, block: int,
-                 device: torch.device):
-        bad = [g for g in group_ids if not 0 <= g < num_groups]
-        if bad:
-            raise ValueError(f"group ids {sorted(set(bad))} outside [0, {num_groups})")
-        counts = torch.tensor([-(-n // block) for n in numels], dtype=torch.int64)
-        gids = torch.tensor(group_ids, dtype=torch.int64)
-        order = torch.argsort(gids, stable=True)  # tensors of group 0 first, then group 1 ...
-        counts_sorted = counts[order]
-        tensor_of_tile = torch.repeat_interleave(order, counts_sorted)
-        num_tiles = int(counts.sum())
-        # Tile k of a tensor starts at k * block: k = global tile index - tensor's first tile.
-        first_tile = torch.cumsum(counts_sorted, 0) - counts_sorted
-        k = torch.arange(num_tiles, dtype=torch.int64) - torch.repeat_interleave(
-            first_tile, counts_sorted)
-        tiles = torch.stack([tensor_of_tile, k * block], dim=1).contiguous()
-        per_group = torch.zeros(num_groups, dtype=torch.int64).index_add_(0, gids, counts)
-        group_tiles = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(per_group, 0)])
-        self.num_tiles = num_tiles
-        self.tiles = _host_to_device(tiles, device)
-        self.group_tiles = _host_to_device(group_tiles, device)
+    num_chunks: int
+    chunk_tensor: Tensor  # host int64 [num_chunks]
+    chunk_start: Tensor  # host int64 [num_chunks], elements from the tensor's start
+    chunk_len: Tensor  # host int64 [num_chunks]
+    row_lo: Tensor  # host int64 [T]
+    chunks_per_tensor: Tensor  # host int64 [T]
+    group_size: Tensor  # host int64 [T]: tensors of the tensor's group in this bucket
+    group_offsets: Tensor  # device int64 [G + 1]
+    members: Tensor  # device int64 [max(T, 1)]: tensor indices, group by group
+    partials: Tensor  # device float64 [max(num_chunks, 1), PARTIAL_COLS]
+    scratch: Tensor  # device float64 [max(T, 1), SCRATCH_COLS]
+    counters: Tensor  # device int32 [max(G, 1)], zero between launches
+    host: Tensor  # the uploaded host table (kept alive until the copy is done)
 
 
-# Keyed on data_ptr()s, numels, dtype, device and block size: a table is rebuilt exactly
-# when some storage moved (e.g. load_state_dict replaced the state tensors). Entries stay
-# alive while cached, which a captured CUDA graph relies on.
-_layout_cache: OrderedDict = OrderedDict()
-_pointer_cache: OrderedDict = OrderedDict()
-# Counts of table builds, for tests and debugging.
-cache_stats = {"layout_builds": 0, "pointer_builds": 0}
+def _build_struct(numels: tuple, group_ids: tuple, kinds: tuple, num_groups: int,
+                  device: torch.device, cfg: LaunchConfig) -> _Struct:
+    cache_stats["struct_builds"] += 1
+    T = len(numels)
+    for i, (gid, kind) in enumerate(zip(group_ids, kinds)):
+        if not isinstance(gid, numbers.Integral) or not 0 <= gid < num_groups:
+            raise ValueError(f"tensor {i}: group id {gid!r} outside [0, {num_groups})")
+        if not isinstance(kind, numbers.Integral) or kind not in _KINDS:
+            raise ValueError(f"tensor {i}: kind {kind!r} is not one of KIND_OTHER, KIND_MATRIX, "
+                             f"KIND_ZERO_INIT {_KINDS}")
+    block = cfg.block
+    n = torch.tensor(numels, dtype=torch.int64)
+    tiles = (n + block - 1) // block
+    ct = chunk_tiles(int(tiles.sum()), int(tiles.max()) if T else 0, cfg, _num_sms(device))
+    chunk_elems = ct * block
+    per_tensor = (n + chunk_elems - 1) // chunk_elems
+    row_lo = torch.cumsum(per_tensor, 0) - per_tensor
+    num_chunks = int(per_tensor.sum())
+    chunk_tensor = torch.repeat_interleave(torch.arange(T, dtype=torch.int64), per_tensor)
+    k = torch.arange(num_chunks, dtype=torch.int64) - torch.repeat_interleave(row_lo, per_tensor)
+    chunk_start = k * chunk_elems
+    chunk_len = torch.clamp(n[chunk_tensor] - chunk_start, max=chunk_elems)
+
+    gids = torch.tensor(group_ids, dtype=torch.int64)
+    counts = torch.bincount(gids, minlength=num_groups) if T else torch.zeros(
+        num_groups, dtype=torch.int64)
+    offsets = torch.zeros(num_groups + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(counts, 0)
+    members = torch.argsort(gids, stable=True) if T else torch.zeros(0, dtype=torch.int64)
+    # One upload; the members start 16-byte aligned (the JIT specialises on alignment).
+    G1 = num_groups + 1 + (num_groups + 1) % 2
+    host = torch.zeros(G1 + max(T, 1), dtype=torch.int64)
+    host[:num_groups + 1] = offsets
+    host[G1:G1 + T] = members
+    dev = _upload(host, device)
+    return _Struct(
+        num_chunks=num_chunks, chunk_tensor=chunk_tensor, chunk_start=chunk_start,
+        chunk_len=chunk_len, row_lo=row_lo, chunks_per_tensor=per_tensor,
+        group_size=counts[gids] if T else torch.zeros(0, dtype=torch.int64),
+        group_offsets=dev[:num_groups + 1], members=dev[G1:],
+        partials=torch.empty(max(num_chunks, 1), PARTIAL_COLS, dtype=torch.float64,
+                             device=device),
+        scratch=torch.empty(max(T, 1), SCRATCH_COLS, dtype=torch.float64, device=device),
+        counters=torch.zeros(max(num_groups, 1), dtype=torch.int32, device=device),
+        host=host)
 
 
-def _cached(cache: OrderedDict, key, build):
-    entry = cache.get(key)
-    if entry is None:
-        entry = build()
-        cache[key] = entry
-        if len(cache) > _CACHE_SIZE:
-            cache.popitem(last=False)
-    else:
-        cache.move_to_end(key)
-    return entry
+def _dense(x: Tensor) -> bool:
+    """Non-overlapping and dense: the elements fill one storage span exactly once."""
+    if x.numel() == 0:
+        return True
+    dims = sorted((st, sz) for st, sz in zip(x.stride(), x.shape) if sz != 1)
+    expected = 1
+    for st, sz in dims:
+        if st != expected:
+            return False
+        expected *= sz
+    return True
 
 
-def clear_caches() -> None:
-    _layout_cache.clear()
-    _pointer_cache.clear()
-
-
-def _check_call(params, grads, exp_avgs, exp_avg_sqs, coeffs, group_ids):
-    """Cheap checks done on every call; returns (device, param dtype)."""
-    n = len(params)
-    if not (len(grads) == len(exp_avgs) == len(exp_avg_sqs) == len(group_ids) == n):
-        raise ValueError("params, grads, exp_avgs, exp_avg_sqs and group_ids differ in length")
-    if coeffs.dtype != torch.float32 or tuple(coeffs.shape) != (n, C.NUM_COEFFS):
-        raise ValueError(f"coeffs must be float32 of shape [{n}, {C.NUM_COEFFS}], got "
-                         f"{coeffs.dtype} {tuple(coeffs.shape)}")
-    device = coeffs.device
-    if device.type == "cuda" and _interpreting():
-        raise ValueError("TRITON_INTERPRET is set: the interpreted kernel needs CPU tensors")
-    if device.type == "cpu" and not _interpreting():
-        raise ValueError("CPU tensors need TRITON_INTERPRET=1 (set before importing triton)")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"the Triton backend does not support device {device}")
-    dtype = params[0].dtype if n else torch.float32
-    if dtype not in _P_DTYPES:
-        raise ValueError(f"unsupported param dtype {dtype}; expected fp32, bf16 or fp16")
-    return device, dtype
-
-
-def _check_tensors(params, grads, exp_avgs, exp_avg_sqs, device, dtype):
-    """Per-tensor checks, done when the pointer table is (re)built: a cached table means
-    these very storages were checked before."""
-    for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
-        for name, x in (("param", p), ("grad", g), ("exp_avg", m), ("exp_avg_sq", v)):
+def _check_tensors(params, grads, exp_avgs, exp_avg_sqs, steps, device, dtype) -> None:
+    """Per-tensor checks, done when a pointer table is (re)built."""
+    seen_steps: dict[int, int] = {}
+    for i, (p, g, m, v, s) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, steps)):
+        for name, x in (("param", p), ("grad", g), ("exp_avg", m), ("exp_avg_sq", v),
+                        ("step", s)):
+            if not isinstance(x, Tensor):
+                raise ValueError(f"tensor {i}: {name} is not a tensor")
             if x.device != device:
-                raise ValueError(f"tensor {i}: {name} is on {x.device}, coeffs on {device}")
-            if x.numel() != p.numel():
-                raise ValueError(f"tensor {i}: {name} has {x.numel()} elements, param "
-                                 f"{p.numel()}")
+                raise ValueError(f"tensor {i}: {name} is on {x.device}, the control table on "
+                                 f"{device}")
         if p.dtype != dtype or g.dtype != dtype:
             raise ValueError(f"tensor {i}: param/grad dtypes {p.dtype}/{g.dtype}; the bucket's "
                              f"param dtype is {dtype}")
         if m.dtype != torch.float32 or v.dtype != torch.float32:
-            raise ValueError(f"tensor {i}: exp_avg/exp_avg_sq must be float32")
-        for name, x in (("param", p), ("exp_avg", m), ("exp_avg_sq", v)):
-            if not x.is_contiguous():
-                raise ValueError(f"tensor {i}: {name} is not contiguous; the Triton backend "
-                                 f"updates it in place through a flat pointer")
+            raise ValueError(f"tensor {i}: exp_avg/exp_avg_sq are {m.dtype}/{v.dtype}, not "
+                             f"float32")
+        for name, x in (("grad", g), ("exp_avg", m), ("exp_avg_sq", v)):
+            if x.shape != p.shape or x.stride() != p.stride():
+                raise ValueError(f"tensor {i}: {name} has shape {tuple(x.shape)} and strides "
+                                 f"{x.stride()}, the param {tuple(p.shape)} and {p.stride()}")
+        if not _dense(p):
+            raise ValueError(f"tensor {i}: the param (strides {p.stride()}, shape "
+                             f"{tuple(p.shape)}) is not non-overlapping and dense")
+        if s.dtype != torch.float32 or s.numel() != 1:
+            raise ValueError(f"tensor {i}: the step must be a 0-d float32 tensor, got "
+                             f"{s.dtype} of shape {tuple(s.shape)}")
+        j = seen_steps.setdefault(s.data_ptr(), i)
+        if j != i:
+            raise ValueError(f"tensor {i}: shares its step tensor with tensor {j}")
+
+
+@dataclass
+class _Pointers:
+    chunks: Tensor  # device int64 [max(num_chunks, 1), CHUNK_COLS]
+    tensors: Tensor  # device int64 [max(T, 1), TENSOR_COLS]
+    aligned: bool
+    host: Tensor
+
+
+def _build_pointers(struct: _Struct, ptrs: tuple, numels: tuple, group_ids: tuple,
+                    kinds: tuple, esize: int, device: torch.device) -> _Pointers:
+    cache_stats["pointer_builds"] += 1
+    T = len(numels)
+    nc = struct.num_chunks
+    addr = torch.tensor(ptrs, dtype=torch.int64).reshape(5, T)  # p, g, m, v, step
+    ct, start = struct.chunk_tensor, struct.chunk_start
+    chunks = torch.zeros(max(nc, 1), CHUNK_COLS, dtype=torch.int64)
+    if nc:
+        chunks[:nc, 0] = addr[0, ct] + start * esize
+        chunks[:nc, 1] = addr[1, ct] + start * esize
+        chunks[:nc, 2] = addr[2, ct] + start * 4
+        chunks[:nc, 3] = addr[3, ct] + start * 4
+        chunks[:nc, 4] = struct.chunk_len
+        chunks[:nc, 5] = addr[4, ct]
+        chunks[:nc, 6] = torch.tensor(group_ids, dtype=torch.int64)[ct]
+        chunks[:nc, 7] = ct
+    aligned = bool((chunks[:nc, :4] % 16 == 0).all())
+    tensors = torch.zeros(max(T, 1), TENSOR_COLS, dtype=torch.int64)
+    if T:
+        tensors[:T, 0] = struct.row_lo
+        tensors[:T, 1] = struct.row_lo + struct.chunks_per_tensor
+        tensors[:T, 2] = torch.tensor(group_ids, dtype=torch.int64)
+        tensors[:T, 3] = torch.tensor(kinds, dtype=torch.int64)
+        tensors[:T, 4] = addr[4]
+        tensors[:T, 5] = torch.tensor(numels, dtype=torch.int64)
+        tensors[:T, 6] = struct.group_size
+    host = torch.cat([chunks, tensors])
+    dev = _upload(host, device)
+    rows = chunks.shape[0]
+    return _Pointers(chunks=dev[:rows], tensors=dev[rows:], aligned=aligned, host=host)
+
+
+def _consts(device: torch.device) -> tuple[Tensor, Tensor]:
+    """Device fp32 0 and 1: found_inf and grad_scale when none is given (same effect), and
+    placeholders for an absent loss or grad norm (the flags say they are absent)."""
+    consts = _consts_cache.get(device)
+    if consts is None:  # two allocations: 16-byte aligned, like the scalars callers pass
+        consts = _consts_cache[device] = (
+            torch.zeros((), dtype=torch.float32, device=device),
+            torch.ones((), dtype=torch.float32, device=device))
+    return consts
+
+
+def _scalar(x, name: str, device: torch.device) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise ValueError(f"{name} must be a tensor, got {type(x).__name__}")
+    if x.numel() != 1:
+        raise ValueError(f"{name} must hold one element, got shape {tuple(x.shape)}")
+    if x.device != device:  # slow path: a copy per call (the reference accepts it too)
+        x = x.detach().to(device, non_blocking=True)
+    if x.dtype not in _SCALAR_DTYPES:
+        x = x.to(torch.float32)
+    return x
+
+
+def _check_device(device: torch.device) -> None:
+    if device.type == "cuda":
+        if interpreting():
+            raise ValueError("TRITON_INTERPRET is set: the interpreted kernels need CPU tensors")
+    elif device.type == "cpu":
+        if not interpreting():
+            raise ValueError("CPU tensors need TRITON_INTERPRET=1 (set before importing triton)")
+    else:
+        raise ValueError(f"the Triton backend does not support device {device}")
 
 
 def fused_adamw_triton(
@@ -299,68 +346,99 @@ def fused_adamw_triton(
     grads: list[Tensor],
     exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor],
-    coeffs: Tensor,
+    steps: list[Tensor],
     group_ids: list[int],
-    num_groups: int,
-    inv_grad_scale: Tensor,
-    clip_coef: Tensor,
-) -> Tensor:
+    kinds: list[int],
+    control: Tensor,
+    tensor_out: Tensor,
+    record_out: Tensor,
+    *,
+    loss: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    grad_scale: Tensor | None = None,
+    grad_norm: Tensor | None = None,
+    accumulate: bool = False,
+) -> None:
     """Same signature and semantics as :func:`lbw_kernels.reference.fused_adamw_reference`."""
-    device, dtype = _check_call(params, grads, exp_avgs, exp_avg_sqs, coeffs, group_ids)
-    # A non-contiguous grad is read through a contiguous copy (a fresh pointer each call).
-    if not all(map(Tensor.is_contiguous, grads)):
-        grads = [g if g.is_contiguous() else g.contiguous() for g in grads]
+    T = len(params)
+    if not (len(grads) == len(exp_avgs) == len(exp_avg_sqs) == len(steps) == len(group_ids)
+            == len(kinds) == T):
+        raise ValueError("params, grads, exp_avgs, exp_avg_sqs, steps, group_ids and kinds "
+                         "differ in length")
+    if not isinstance(control, Tensor) or control.dtype != torch.float64 or control.dim() != 2 \
+            or control.shape[1] != C.NUM_CONTROL or control.shape[0] < 1:
+        raise ValueError(f"control must be a float64 tensor of shape [G + 1, {C.NUM_CONTROL}]")
+    if not control.is_contiguous():
+        raise ValueError("control must be contiguous")
+    device = control.device
+    _check_device(device)
+    G = control.shape[0] - 1
+    if tensor_out.dtype != torch.float64 or tuple(tensor_out.shape) != (T, C.NUM_TENSOR_FIELDS) \
+            or tensor_out.device != device or not tensor_out.is_contiguous():
+        raise ValueError(f"tensor_out must be a contiguous float64 tensor of shape "
+                         f"[{T}, {C.NUM_TENSOR_FIELDS}] on {device}, got {tensor_out.dtype} "
+                         f"{tuple(tensor_out.shape)} on {tensor_out.device}")
+    size = C.record_layout(G).size
+    if record_out.dtype != torch.float64 or tuple(record_out.shape) != (size,) \
+            or record_out.device != device or not record_out.is_contiguous():
+        raise ValueError(f"record_out must be a contiguous float64 tensor of shape [{size}] on "
+                         f"{device}, got {record_out.dtype} {tuple(record_out.shape)} on "
+                         f"{record_out.device}")
+    dtype = params[0].dtype if T else torch.float32
+    if dtype not in _P_DTYPES:
+        raise ValueError(f"unsupported param dtype {dtype}; expected fp32, bf16 or fp16")
+    zero, one = _consts(device)
+    flags = 0
+    if loss is not None:
+        loss = _scalar(loss, "loss", device)
+        flags |= HAS_LOSS.value
+    if grad_norm is not None:
+        grad_norm = _scalar(grad_norm, "grad_norm", device)
+        flags |= HAS_GRAD_NORM.value
+    found_inf = zero if found_inf is None else _scalar(found_inf, "found_inf", device)
+    grad_scale = one if grad_scale is None else _scalar(grad_scale, "grad_scale", device)
+    if isinstance(group_ids, Tensor):
+        group_ids = group_ids.tolist()
+    if isinstance(kinds, Tensor):
+        kinds = kinds.tolist()
+
+    cfg = _config(device)
+    pin = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
     numels = tuple(map(Tensor.numel, params))
-    # All p pointers, then all g, m, v: map() keeps this cheap for models with many tensors.
+    group_ids, kinds = tuple(group_ids), tuple(kinds)
     ptr = Tensor.data_ptr
-    ptrs = (*map(ptr, params), *map(ptr, grads), *map(ptr, exp_avgs), *map(ptr, exp_avg_sqs))
+    ptrs = (*map(ptr, params), *map(ptr, grads), *map(ptr, exp_avgs), *map(ptr, exp_avg_sqs),
+            *map(ptr, steps))
+    skey = (device, dtype, G, numels, group_ids, kinds, cfg)
 
-    contiguous = Tensor.is_contiguous
-    if not all(all(map(contiguous, xs)) for xs in (params, exp_avgs, exp_avg_sqs)):
-        # A non-contiguous view can share a cached data_ptr; this raises, naming it.
-        _check_tensors(params, grads, exp_avgs, exp_avg_sqs, device, dtype)
+    def build():
+        struct = _cached(_struct_cache, skey,
+                         lambda: _build_struct(numels, group_ids, kinds, G, device, cfg), pin)
+        _check_tensors(params, grads, exp_avgs, exp_avg_sqs, steps, device, dtype)
+        esize = torch.empty((), dtype=dtype).element_size()
+        return struct, _build_pointers(struct, ptrs, numels, group_ids, kinds, esize, device)
 
-    def build_pointers():
-        _check_tensors(params, grads, exp_avgs, exp_avg_sqs, device, dtype)
-        return _build_pointers(ptrs, numels, device)
+    struct, tables = _cached(_call_cache, (skey, ptrs), build, pin)
 
-    tensor_tab, aligned = _cached(_pointer_cache, (device, dtype, ptrs, numels), build_pointers)
-    block = _block_size(device)
-    layout = _cached(
-        _layout_cache, (device, block, num_groups, numels, tuple(group_ids)),
-        lambda: _build_layout(numels, group_ids, num_groups, block, device))
-
-    out = torch.empty(num_groups, C.NUM_REDUCED_FIELDS, dtype=torch.float64, device=device)
-    if layout.num_tiles == 0:  # nothing to update; every group sums to zero
-        return out.zero_()
-    partials = torch.empty(layout.num_tiles, _PARTIAL_COLS, dtype=torch.float64, device=device)
-    opts = {}
+    opts, update_opts = {}, {}
+    guard = contextlib.nullcontext()
     if device.type == "cuda":
-        # No FMA contraction: m + b*(g - m) etc. must round like torch's separate ops.
-        opts = {"num_warps": _GPU_WARPS, "enable_fp_fusion": False}
-    _adamw_tiles_kernel[(layout.num_tiles,)](
-        tensor_tab, layout.tiles, coeffs.contiguous(), inv_grad_scale.to(torch.float32),
-        clip_coef.to(torch.float32), partials,
-        P_DTYPE=_P_DTYPES[dtype], ALIGNED=aligned, BLOCK=block, TABLE_COLS=_TABLE_COLS,
-        NUM_COEFFS=C.NUM_COEFFS, PARTIAL_COLS=_PARTIAL_COLS, **opts)
-    _reduce_kernel[(num_groups,)](
-        partials, layout.group_tiles, out, NUM_FIELDS=C.NUM_REDUCED_FIELDS,
-        PARTIAL_COLS=_PARTIAL_COLS, ROWS=_REDUCE_ROWS, **opts)
-    return out
-
-
-def _build_layout(numels, group_ids, num_groups, block, device) -> _Layout:
-    cache_stats["layout_builds"] += 1
-    return _Layout(numels, group_ids, num_groups, block, device)
-
-
-def _build_pointers(ptrs, numels, device) -> tuple[Tensor, bool]:
-    cache_stats["pointer_builds"] += 1
-    n = len(numels)
-    host = torch.empty(n, _TABLE_COLS, dtype=torch.int64)
-    host[:, :4] = torch.tensor(ptrs, dtype=torch.int64).reshape(4, n).t()
-    host[:, 4] = torch.tensor(numels, dtype=torch.int64)
-    # numel-0 tensors have no tiles, so their (possibly null) pointers never matter.
-    used = host[:, 4] > 0
-    aligned = bool((host[used, :4] % 16 == 0).all())
-    return _host_to_device(host, device), aligned
+        # No FMA contraction: m + b * (g - m) etc. must round like torch's separate ops.
+        opts = {"enable_fp_fusion": False}
+        update_opts = dict(opts, **update_options(cfg))
+        guard = torch.cuda.device(device)
+    with guard:
+        if struct.num_chunks:
+            update_kernel[(struct.num_chunks,)](
+                tables.chunks, control, struct.partials,
+                zero if loss is None else loss, found_inf, grad_scale,
+                zero if grad_norm is None else grad_norm, G, flags,
+                P_DTYPE=_P_DTYPES[dtype], ALIGNED=tables.aligned, BLOCK=cfg.block,
+                num_warps=cfg.num_warps, **update_opts)
+        finish_kernel[(T + 1,)](
+            tables.tensors, struct.group_offsets, struct.members, struct.partials,
+            struct.scratch, struct.counters, control, tensor_out, record_out,
+            zero if loss is None else loss, found_inf, zero if grad_norm is None else grad_norm,
+            T, G, flags, int(bool(accumulate)),
+            ROWS=cfg.rows, MEMBERS=cfg.members, GROUPS=cfg.groups,
+            num_warps=cfg.finish_warps, **opts)
