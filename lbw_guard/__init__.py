@@ -4,18 +4,19 @@
 >>> opt = lbw_guard.FusedGuardedAdamW(model.parameters(), lr=3e-4, guard=None)  # AdamW alone
 """
 
-from lbw_kernels.contract import TELEMETRY_FIELDS
+from lbw_kernels.contract import GROUP_FIELDS, TENSOR_FIELDS
 
-from .control import StepControl, StepRecord
+from .control import GuardCommand, StepRecord
 from .optimizer import FusedGuardedAdamW
 from .telemetry import Telemetry
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
-    "TELEMETRY_FIELDS",
+    "GROUP_FIELDS",
+    "TENSOR_FIELDS",
     "FusedGuardedAdamW",
-    "StepControl",
+    "GuardCommand",
     "StepRecord",
     "Telemetry",
     "__version__",
@@ -24,7 +25,7 @@ __all__ = [
 
 def __getattr__(name):
     # The control plane is imported on first use so that `import lbw_guard` stays light.
-    if name in ("Guard", "GuardConfig", "make_guard"):
+    if name in ("Guard", "GuardConfig", "GuardGaveUp", "make_guard"):
         from . import guard
 
         return getattr(guard, name)

@@ -1,33 +1,47 @@
 """The interface between the optimizer plane and the control plane.
 
-Before each step the optimizer asks its guard for a :class:`StepControl` (device tensors,
-built without a host synchronisation); after the step it hands the guard a
-:class:`StepRecord` whose telemetry is still on the device. The guard copies the record to
-host memory asynchronously and acts on it a fixed number of steps later, so the training
-loop never waits on the GPU.
+Before each step the optimizer asks its guard for a :class:`GuardCommand` (host values, built
+from the guard's lagged view of the run); the optimizer folds them into the per-group control
+table that the fused kernel reads on the device. After the step it hands the guard a
+:class:`StepRecord` whose telemetry is still on the device; the guard copies it to host memory
+asynchronously and acts on it a fixed number of steps later, so the loop never waits on the GPU.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 from torch import Tensor
 
 
 @dataclass
-class StepControl:
-    """What the guard asks of the next step. Every tensor lives on the parameters' device."""
+class GuardCommand:
+    """What the guard asks of the next step (host values)."""
 
-    scale: Tensor
-    """[G] float64: multiplies each group's scheduler lr; the guard keeps it in [floor, 1]."""
-    gate: Tensor
-    """[G] float64: 1.0 updates the group, 0.0 leaves its params, moments and steps as they are."""
-    grad_norm_limit: Tensor
-    """0-d float64: skip the whole step on device when the global grad norm exceeds it (inf: off)."""
-    loss_limit: Tensor
-    """0-d float64: skip the whole step on device when the loss exceeds it (inf: off)."""
-    precheck: bool
-    """Run the gradient pre-pass (global norm and non-finite check) before the fused update."""
+    scale: list[float]
+    """Per group: multiplies the scheduler's lr; the governor keeps it in [min_scale, 1]."""
+    gate: list[float]
+    """Per group: 1.0 updates the group, 0.0 leaves its params, moments and steps as they are."""
+    spike_k: float = math.inf
+    """k of the per-element bound |g| <= k * sqrt(v_hat) (inf: no bound)."""
+    clamp: bool = False
+    """Clamp elements over the bound to it (else they are only counted)."""
+    loss_limit: float = math.inf
+    """Skip the whole step on the device when the loss exceeds it."""
+    check_loss: bool = False
+    """A given loss that is not finite (or over the limit) skips the step on the device."""
+    grad_norm_limit: float = math.inf
+    """Skip the step on the device when the pre-pass grad norm exceeds it."""
+    precheck: bool = False
+    """Run the gradient-norm pre-pass for a same-step grad-norm skip (one more read of the grads)."""
+    mask_nonfinite: bool = False
+    """Never write a non-finite gradient element (else AdamW's propagation)."""
+
+    @classmethod
+    def plain(cls, num_groups: int) -> "GuardCommand":
+        """The command of an optimizer without a guard: exactly AdamW."""
+        return cls(scale=[1.0] * num_groups, gate=[1.0] * num_groups)
 
 
 @dataclass
@@ -35,12 +49,15 @@ class StepRecord:
     """What one optimizer step produced, as the guard receives it."""
 
     step: int
-    """1-based count of ``optimizer.step()`` calls."""
-    telemetry: Tensor
-    """[G, 7] float64 device tensor in ``TELEMETRY_FIELDS`` order (summed over all ranks)."""
-    applied_gate: Tensor
-    """[G] float64 device tensor: the gate the step really used (guard gate x device checks)."""
-    loss: Tensor | None
-    """0-d device tensor given as ``step(loss=...)`` (detached), or None."""
+    """1-based count of ``optimizer.step()`` calls that updated something."""
+    record: Tensor
+    """Flat float64 device tensor laid out by ``lbw_kernels.contract.record_layout`` (summed over
+    ranks where parameters are sharded). The guard copies it before the next step overwrites it."""
     lrs: list[float]
-    """Each group's scheduler learning rate at this step (host floats, before the guard's scale)."""
+    """Each group's commanded lr at this step (host floats; NaN for an lr tensor on a device)."""
+    has_loss: bool = False
+    """Whether a loss reached this step (``step(loss=...)``, a closure or ``latest_loss``)."""
+    grad_norm: Tensor | None = None
+    """The global gradient norm before any clipping done outside the optimizer, if the caller
+    recorded it (``record_grad_norm``); the telemetry's own grad norm is after that clipping."""
+    extra: dict = field(default_factory=dict)

@@ -3,9 +3,10 @@
 Under DDP every rank holds the same gradients and parameters after the all-reduce, so the
 fused telemetry is already identical on every rank; only the loss (each rank's own
 micro-batch) must be averaged. Under FSDP2 (``fully_shard``) each rank holds a shard of
-every parameter, so the telemetry partial sums and the gradient pre-pass must be summed over
-the shard group. With both, every rank sees the same values and the guard takes the same
-decision on the same step.
+every parameter, so the per-tensor telemetry and the gradient pre-pass are summed over the
+shard group. A partitioned optimizer (``ZeroRedundancyOptimizer``) gives each rank different
+parameters: its ``telemetry_group`` sums the group telemetry over the ranks. With each of
+these, every rank sees the same values and the guard takes the same decision on the same step.
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ def local_tensor(t: Tensor) -> Tensor:
     return t
 
 
+def is_sharded(t: Tensor) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
 def shard_group(params: list[Tensor]):
     """The process group over which the given parameters are sharded, or None if none is."""
     if DTensor is None:
@@ -46,15 +51,38 @@ def shard_group(params: list[Tensor]):
 
 def sum_over_group(t: Tensor, group) -> Tensor:
     """All-reduce a small tensor (sum) in place; a no-op without a group."""
-    if group is not None:
+    if group is not None and is_distributed():
         dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
     return t
 
 
-def mean_over_ranks(t: Tensor) -> Tensor:
-    """Average a scalar over all ranks (SUM then divide: gloo has no AVG)."""
+def mean_over_ranks(t: Tensor, group=None) -> Tensor:
+    """Average a scalar over the ranks of ``group`` (all ranks by default); SUM then divide,
+    since gloo has no AVG."""
     if not is_distributed():
         return t
     t = t.detach().to(torch.float64).clone()
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t / dist.get_world_size()
+    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    return t / dist.get_world_size(group)
+
+
+def check_replicated(params: list[Tensor], telemetry_group) -> None:
+    """Refuse, with the fix, an optimizer whose ranks hold different parameters without a
+    ``telemetry_group``: each rank's guard would then judge only its own part and the ranks
+    would decide differently. Runs once, at the first step (one small all-gather)."""
+    if not is_distributed() or telemetry_group is not None or any(is_sharded(p) for p in params):
+        return
+    device = params[0].device
+    if dist.get_backend() == "nccl" and device.type != "cuda":
+        return
+    shapes = hash(tuple(tuple(p.shape) for p in params)) % (2**31)
+    mine = torch.tensor([len(params), sum(p.numel() for p in params), shapes], dtype=torch.float64, device=device)
+    every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, mine)
+    if any(not torch.equal(mine, other) for other in every):
+        raise ValueError(
+            "FusedGuardedAdamW: the ranks hold different parameters (a partitioned optimizer such as "
+            "ZeroRedundancyOptimizer), so each rank's guard would see only its own part and the ranks "
+            "would decide differently. Pass telemetry_group=<the process group the parameters are "
+            "partitioned over> (e.g. torch.distributed.group.WORLD), or guard=None."
+        )

@@ -2,40 +2,45 @@
 
 One step, as data flows (DESIGN §2):
 
-1. the guard (if any) hands over this step's control tensors: per-group LR scale and gate,
-   grad-norm and loss limits, all on the device;
-2. optionally a gradient pre-pass (one read of the grads) gives the global grad norm, for
-   ``max_grad_norm`` clipping and for the device-side skip of non-finite or spiking steps;
-3. the backend's fused kernel updates p, m, v in one pass and reduces per-group telemetry;
-4. the guard receives the telemetry record, still on the device, and acts on it later.
+1. everything the step uses is validated (gradients, hyperparameters, the loss) before
+   anything changes;
+2. the guard (if any) hands over its command for this step (per-group lr scale and gate, the
+   per-element spike bound, the loss limit); the optimizer folds it with each group's lr,
+   betas, eps and weight decay into a small control table on the device;
+3. optionally a gradient-norm pre-pass (``max_grad_norm``, or a same-step grad-norm skip);
+4. the backend's fused kernel updates p, m, v in one pass, computing step counters, bias
+   corrections and coefficients on the device, and reduces the telemetry record;
+5. the guard receives the record, still on the device, and acts on it a step later.
 
-No step of this reads a device value on the host; the guard reads each record one step
-later, so the host runs at most about one step ahead of the GPU, never stalling on the step
-it just launched.
+No step of this reads a device value on the host, and host work per step is a few Python
+operations per parameter group plus one gather of the gradients.
 """
 
 from __future__ import annotations
 
+import array
 import logging
+import math
 import warnings
-from collections import OrderedDict
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor
 
 from lbw_kernels import contract as C
-from lbw_kernels.backends import BACKEND_NAMES, BackendUnavailable, auto_order, load_backend
+from lbw_kernels.backends import (BACKEND_NAMES, FALLBACKS, KERNEL_DTYPES, Backend, BackendUnavailable,
+                                  auto_order, load_backend)
 
 from . import distributed, validation
-from .control import StepRecord
-from .guard.config import GuardConfig
+from .control import GuardCommand, StepRecord
+from .step_buffers import StepBuffers
 from .telemetry import Telemetry
 
 logger = logging.getLogger("lbw_guard")
 
-# Dtypes the fused kernels handle; anything else (e.g. float64) runs on the reference.
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Steps without any loss after which a guarded optimizer says its loss checks are off.
+_NO_LOSS_WARN_AFTER = 10
 
 
 def _resolve_guard(guard: Any):
@@ -46,23 +51,56 @@ def _resolve_guard(guard: Any):
     return make_guard(guard)
 
 
+@dataclass
+class _Bucket:
+    """Tensors of one device and dtype that one backend call updates."""
+
+    device: torch.device
+    dtype: torch.dtype
+    dense: bool
+    params: list[Tensor] = field(default_factory=list)
+    grads: list[Tensor] = field(default_factory=list)
+    exp_avgs: list[Tensor] = field(default_factory=list)
+    exp_avg_sqs: list[Tensor] = field(default_factory=list)
+    steps: list[Tensor] = field(default_factory=list)
+    group_ids: list[int] = field(default_factory=list)
+    kinds: list[int] = field(default_factory=list)
+    owners: list[Tensor] = field(default_factory=list)  # the parameters (DTensors stay DTensors)
+    backend: Backend | None = None
+
+    @property
+    def key(self) -> tuple:
+        return (self.dtype, self.dense, tuple(self.group_ids))
+
+
 class FusedGuardedAdamW(torch.optim.Optimizer):
     """AdamW with decoupled weight decay, fused telemetry and an optional training guard.
 
     Args:
-        params: parameters or param groups, as for any ``torch.optim.Optimizer``.
+        params: parameters, named parameters (``model.named_parameters()``) or param groups,
+            as for any ``torch.optim.Optimizer``.
         lr, betas, eps, weight_decay: as ``torch.optim.AdamW``; per group if given there.
-        guard: ``"default"``, ``"monitor"`` (another preset name), a ``GuardConfig``, a
-            ``Guard``, or ``None`` to run the optimizer alone (then it equals AdamW).
-        backend: ``"auto"``, ``"torch"`` (reference), ``"triton"``, ``"cpu"`` or ``"cuda"``.
-            A backend that cannot run here warns and falls back to the next one.
+            ``lr`` may be a tensor (also on the GPU, for capturable schedules).
+        amsgrad, maximize, foreach, capturable, differentiable, fused, decoupled_weight_decay:
+            ``torch.optim.AdamW``'s keywords, accepted and kept in every param group so code
+            written for AdamW runs unchanged. ``amsgrad=True``, ``maximize=True``,
+            ``differentiable=True`` and ``decoupled_weight_decay=False`` are not supported and
+            raise ``ValueError``; ``foreach``, ``fused`` and ``capturable`` change nothing
+            (the step is always fused and never synchronises).
+        guard: ``"default"``, another preset name (``"monitor"``, ``"conservative"``), a
+            ``GuardConfig``, a ``Guard``, or ``None`` to run the optimizer alone: it then
+            computes exactly what ``torch.optim.AdamW`` computes, NaN propagation included.
+        backend: ``"auto"``, ``"triton"``, ``"cuda"``, ``"cpu"``, ``"foreach"`` (torch
+            multi-tensor ops, the fallback) or ``"torch"`` (the per-tensor reference). A
+            backend that cannot run here warns and falls back to the next one.
         max_grad_norm: global-norm clipping fused into the step (``clip_grad_norm_``
             semantics) or ``None``. A step whose gradient norm is not finite is skipped.
-        capturable: kept for state-dict compatibility with ``torch.optim.AdamW``; step
-            counters and hyperparameters always live on the parameters' device.
+        telemetry_group: the process group of a partitioned optimizer (``ZeroRedundancyOptimizer``):
+            each rank's optimizer holds different parameters, so the telemetry, the grad norm and
+            the loss are combined over this group and every rank takes the same decision.
 
-    Moments are kept in fp32 whatever the parameter dtype. ``opt.telemetry`` holds the
-    last step's :class:`~lbw_guard.telemetry.Telemetry`.
+    Moments are fp32 for fp32, bf16 and fp16 parameters and fp64 for fp64 ones.
+    ``opt.telemetry`` holds the last step's :class:`~lbw_guard.telemetry.Telemetry`.
     """
 
     # torch.amp.GradScaler then hands us grad_scale/found_inf device tensors instead of
@@ -76,32 +114,50 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
+        amsgrad: bool = False,
         *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        decoupled_weight_decay: bool = True,
         guard: Any = "default",
         backend: str = "auto",
         max_grad_norm: float | None = None,
-        capturable: bool = False,
+        telemetry_group: Any = None,
     ) -> None:
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, capturable=capturable)
-        validation.check_hyperparameters(defaults, "FusedGuardedAdamW")
-        if backend != "auto" and backend not in BACKEND_NAMES:
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                        maximize=maximize, foreach=foreach, capturable=capturable,
+                        differentiable=differentiable, fused=fused,
+                        decoupled_weight_decay=decoupled_weight_decay)
+        validation.check_hyperparameters(defaults, "FusedGuardedAdamW", read_device_lr=False)
+        if not isinstance(backend, str) or (backend != "auto" and backend not in BACKEND_NAMES):
             raise ValueError(f"unknown backend {backend!r}; choose 'auto' or one of {BACKEND_NAMES}")
         self.requested_backend = backend
         self.max_grad_norm = validation.check_max_grad_norm(max_grad_norm)
-        self._backends: dict[tuple[torch.device, torch.dtype], tuple[str, Callable]] = {}
-        self._device_cache: OrderedDict[Any, Tensor] = OrderedDict()
-        self._hyper_key: tuple | None = None
-        self._hyper: Tensor | None = None
-        self._guard = None
-        self.telemetry: Telemetry | None = None
-        self.applied_gate: Tensor | None = None
-        self.num_steps = 0
-        self._shard_group = None
-        self._pending_loss: Tensor | None = None
+        self.telemetry_group = telemetry_group
+        self._init_runtime()
         super().__init__(params, defaults)
         self._guard = _resolve_guard(guard)
         if self._guard is not None:
             self._guard.bind(self)
+
+    def _init_runtime(self) -> None:
+        """Caches and per-step values that are rebuilt, never saved (see ``__getstate__``)."""
+        self._backends: dict[tuple, Backend] = {}
+        self._buffers: dict[torch.device, StepBuffers] = {}
+        self._param_info: dict[Tensor, tuple[int, float]] = {}  # param -> (kind, rms when it joined)
+        self._guard = None
+        self.telemetry: Telemetry | None = None
+        self.num_steps = 0
+        self._pending_loss: Any = None
+        self._pending_grad_norm: Any = None
+        self._steps_without_loss = 0
+        self._warned_no_loss = False
+        self._checked_replicas = False
+        self._last_command: GuardCommand | None = None
+        self._graph_has_loss = False
 
     # ------------------------------------------------------------------ set-up
     @property
@@ -114,62 +170,100 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
         """The backend the first parameter's bucket runs on."""
         for group in self.param_groups:
             for p in group["params"]:
-                return self._backend_for(p.device, p.dtype)[0]
+                return self._backend_for(p.device, p.dtype, True).name
         return "torch"
 
     def add_param_group(self, param_group: dict) -> None:
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
         where = f"param group {len(self.param_groups)}"
-        params = param_group["params"]
-        if not isinstance(params, set):  # torch itself refuses sets (their order is random)
-            params = [params] if isinstance(params, Tensor) else list(params)
-            param_group["params"] = params
-            validation.check_params(params, where)
         merged = {**self.defaults, **param_group}
-        validation.check_hyperparameters(merged, where)
-        super().add_param_group(param_group)
-        for p in params:
-            self._backend_for(p.device, p.dtype)
-        self._hyper_key = None
+        validation.check_hyperparameters(merged, where, read_device_lr=False)
+        count = len(self.param_groups)
+        super().add_param_group(param_group)  # names, sets, non-leaf tensors, overlaps
+        group = self.param_groups[-1]
+        try:
+            validation.check_params(group["params"], where)
+            for p in group["params"]:
+                self._backend_for(p.device, p.dtype, True)
+        except Exception:
+            del self.param_groups[count:]
+            raise
+        group["betas"] = tuple(group["betas"])
+        self._probe_params(group["params"])
+        self._buffers.clear()  # the control table and record are sized by the group count
         if self._guard is not None:
             self._guard.bind(self)
 
-    def _backend_for(self, device: torch.device, dtype: torch.dtype) -> tuple[str, Callable]:
-        key = (device, dtype)
+    @torch.no_grad()
+    def _probe_params(self, params: list[Tensor]) -> None:
+        """Each parameter's kind and rms, measured once when it joins the optimizer (one
+        device sync per param group): the kernels need the kind (matrix, zero-initialised
+        matrix, vector) and the guard's update envelope the matrices' rms."""
+        if not params:
+            return
+        sq = torch.stack([distributed.local_tensor(p.detach()).double().square().sum().to(params[0].device)
+                          for p in params])
+        distributed.sum_over_group(sq, distributed.shard_group(params))
+        for p, s in zip(params, sq.cpu().tolist()):
+            rms = math.sqrt(s / p.numel()) if p.numel() else 0.0
+            self._param_info[p] = (C.tensor_kind(p, zero=not s > 0), rms)
+
+    def inverse_matrix_rms(self) -> list[float]:
+        """Per group: RMS over its matrices (not zero-initialised) of 1 / rms(theta) at the
+        time they joined; NaN for a group without such matrices."""
+        out = []
+        for group in self.param_groups:
+            inv = [1.0 / rms ** 2 for p in group["params"]
+                   for kind, rms in [self._param_info.get(p, (C.KIND_OTHER, 0.0))]
+                   if kind == C.KIND_MATRIX and rms > 0]
+            out.append(math.sqrt(sum(inv) / len(inv)) if inv else math.nan)
+        return out
+
+    def _backend_for(self, device: torch.device, dtype: torch.dtype, dense: bool) -> Backend:
+        key = (device, dtype, dense)
         if key not in self._backends:
-            self._backends[key] = self._pick_backend(device, dtype)
+            self._backends[key] = self._pick_backend(device, dtype, dense)
         return self._backends[key]
 
-    def _pick_backend(self, device: torch.device, dtype: torch.dtype) -> tuple[str, Callable]:
-        order = auto_order(device.type)  # always ends with the reference, "torch"
+    def _pick_backend(self, device: torch.device, dtype: torch.dtype, dense: bool) -> Backend:
+        order = auto_order(device.type)
         if self.requested_backend != "auto":
             order = (self.requested_backend,) + tuple(n for n in order if n != self.requested_backend)
         reasons = []
         for name in order:
-            if name != "torch" and dtype not in KERNEL_DTYPES:
+            if name not in FALLBACKS and dtype not in KERNEL_DTYPES:
                 reasons.append(f"{name}: no kernel for {dtype}")
                 continue
+            if name not in FALLBACKS and not dense:
+                reasons.append(f"{name}: the parameters are not dense (non-overlapping)")
+                continue
             try:
-                fn = load_backend(name, device)
+                backend = load_backend(name, device)
             except BackendUnavailable as exc:
                 reasons.append(str(exc))
                 continue
-            if reasons and self.requested_backend != "auto":
+            if reasons and (self.requested_backend != "auto" or name in FALLBACKS) and dtype in KERNEL_DTYPES and dense:
                 warnings.warn(
-                    f"FusedGuardedAdamW: backend={self.requested_backend!r} is unavailable "
-                    f"({'; '.join(reasons)}); falling back to backend={name!r}",
+                    f"FusedGuardedAdamW: {device} {dtype} parameters run on backend={name!r} "
+                    f"because {'; '.join(reasons)}",
                     stacklevel=4,
                 )
             logger.info("FusedGuardedAdamW: %s %s parameters use backend=%r", device, dtype, name)
-            return name, fn
+            return backend
         raise RuntimeError("no backend available: " + "; ".join(reasons))  # torch never fails
 
     # ------------------------------------------------------------------ state
     @staticmethod
-    def _init_state(p: Tensor) -> dict:
+    def _state_dtype(p: Tensor) -> torch.dtype:
+        return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+    def _init_state(self, p: Tensor) -> dict:
+        dtype = self._state_dtype(p)
         return {
             "step": torch.zeros((), dtype=torch.float32, device=p.device),
-            "exp_avg": torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format),
-            "exp_avg_sq": torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format),
+            "exp_avg": torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format),
+            "exp_avg_sq": torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format),
         }
 
     def state_dict(self) -> dict:
@@ -177,271 +271,411 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
         sd["num_steps"] = self.num_steps  # the guard numbers its records, events and snapshots by it
         if self._guard is not None:
             sd["guard"] = self._guard.state_dict()
+        # torch.distributed.checkpoint's get_optimizer_state_dict keeps only "state" and
+        # "param_groups": the two entries above also ride, packed, in the first param group.
+        # Constructor options that ZeroRedundancyOptimizer copies into every param group
+        # (telemetry_group: a process group cannot be pickled) are no state and are dropped.
+        from .checkpoint import finish_state_dict
+
+        finish_state_dict(sd, self.num_steps, sd.get("guard"))
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load our own or a ``torch.optim.AdamW`` state dict (same per-parameter keys)."""
-        state_dict = dict(state_dict)
-        guard_state = state_dict.pop("guard", None)
-        num_steps = state_dict.pop("num_steps", None)
-        for i, group in enumerate(state_dict["param_groups"]):
-            validation.check_hyperparameters({**self.defaults, **group}, f"loaded param group {i}")
-        saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
-        super().load_state_dict(state_dict)
-        # torch casts loaded states to the parameter dtype; ours stay fp32 on the device,
-        # so take them from the saved values again rather than from the cast copies.
-        params = [p for g in self.param_groups for p in g["params"]]
-        for pid, p in zip(saved_ids, params):
-            saved = state_dict["state"].get(pid)
-            if saved is None:
-                continue
-            state = {
-                "step": torch.as_tensor(saved["step"]).detach().to(p.device, torch.float32, copy=True).reshape(()),
-                "exp_avg": saved["exp_avg"].detach().to(p.device, torch.float32, copy=True),
-                "exp_avg_sq": saved["exp_avg_sq"].detach().to(p.device, torch.float32, copy=True),
-            }
+        """Load our own or a ``torch.optim.AdamW`` state dict (same per-parameter keys).
+
+        The whole state dict is validated first; nothing changes unless all of it is valid.
+        """
+        from .checkpoint import prepare_load
+
+        plan = prepare_load(self, state_dict)
+        # torch's load_state_dict ends in self.__setstate__({"state", "param_groups"}), our
+        # unpickling path, which rebuilds the runtime (guard, options, caches): keep ours.
+        runtime = {k: v for k, v in self.__dict__.items() if k not in ("state", "param_groups")}
+        super().load_state_dict(plan.torch_state)
+        self.__dict__.update(runtime)
+        # torch casts loaded states to the parameter dtype and layout policy of torch.optim;
+        # ours keep fp32 (fp64) moments in the parameter's memory format on its device.
+        for p, state in plan.states.items():
             self.state[p] = state
-        self._hyper_key = None
-        if num_steps is None:  # a torch.optim.AdamW state dict: continue from its step counts
-            steps = [float(st["step"]) for st in self.state.values() if "step" in st]
-            num_steps = int(max(steps, default=0))
-        self.num_steps = int(num_steps)
+        self.num_steps = plan.num_steps
+        for buffers in self._buffers.values():
+            buffers.invalidate()
         if self._guard is not None:
             self._guard.bind(self)
-            if guard_state is not None:
-                self._guard.load_state_dict(guard_state)
+            if plan.guard_state is not None:
+                self._guard.load_state_dict(plan.guard_state)
 
-    # ------------------------------------------------------------------ device scalars
-    def _cached(self, key: tuple, build: Callable[[], Tensor]) -> Tensor:
-        """Small device tensors built once from host values (group ids, element counts,
-        constants): a host-to-device copy only when a new grad-presence pattern shows up.
-        Least recently used entries go, so the cache stays small."""
-        if key in self._device_cache:
-            self._device_cache.move_to_end(key)
+    def __getstate__(self) -> dict:
+        """torch keeps only ``defaults``, ``state`` and ``param_groups``; ours also carries the
+        options and the guard's state, so a deep copy or an unpickled optimizer steps exactly
+        like the original."""
+        return {
+            **super().__getstate__(),
+            "_lbw": {
+                "requested_backend": self.requested_backend,
+                "max_grad_norm": self.max_grad_norm,
+                "num_steps": self.num_steps,
+                "guard_config": self._guard.config if self._guard is not None else None,
+                "guard_state": self._guard.state_dict() if self._guard is not None else None,
+                "pending_loss": self._pending_loss,
+                "pending_grad_norm": self._pending_grad_norm,
+                "param_info": [self._param_info.get(p) for g in self.param_groups for p in g["params"]],
+            },
+        }
+
+    def __setstate__(self, state: dict) -> None:
+        options = state.pop("_lbw", None)
+        self.requested_backend = "auto"
+        self.max_grad_norm = None
+        self.telemetry_group = None
+        self._init_runtime()
+        super().__setstate__(state)
+        params = [p for g in self.param_groups for p in g["params"]]
+        if options is None or len(options.get("param_info", [])) != len(params):
+            for group in self.param_groups:
+                self._probe_params(group["params"])
         else:
-            self._device_cache[key] = build()
-            if len(self._device_cache) > _DEVICE_CACHE_SIZE:
-                self._device_cache.popitem(last=False)
-        return self._device_cache[key]
+            self._param_info = {p: tuple(info) for p, info in zip(params, options["param_info"])}
+        if options is None:
+            return
+        self.requested_backend = options["requested_backend"]
+        self.max_grad_norm = options["max_grad_norm"]
+        self.num_steps = options["num_steps"]
+        self._pending_loss = options["pending_loss"]
+        self._pending_grad_norm = options["pending_grad_norm"]
+        if options["guard_config"] is not None:
+            self._guard = _resolve_guard(options["guard_config"])
+            self._guard.bind(self)
+            self._guard.load_state_dict(options["guard_state"])
 
-    def _hyperparameters(self, device: torch.device) -> Tensor:
-        """[5, G] float64 on device: lr, beta1, beta2, eps, weight_decay per group.
-
-        Rebuilt only when a value changes (a scheduler changes lr every step); the host
-        values travel through pinned memory so the copy never blocks the host.
-        """
-        groups = self.param_groups
-        on_device = [isinstance(g["lr"], Tensor) and g["lr"].device.type != "cpu" for g in groups]
-        host = self._hyperparameters_from_host([0.0 if d else float(g["lr"]) for g, d in zip(groups, on_device)], device)
-        if not any(on_device):
-            return host
-        # An lr tensor on the accelerator is used where it is, never read back.
-        lrs = torch.stack([
-            g["lr"].to(device, torch.float64).reshape(()) if d else host[0, i] for i, (g, d) in enumerate(zip(groups, on_device))
-        ])
-        return torch.cat([lrs[None], host[1:]])
-
-    def _hyperparameters_from_host(self, lrs: list[float], device: torch.device) -> Tensor:
-        groups = self.param_groups
-        rows = (
-            lrs,
-            [float(g["betas"][0]) for g in groups],
-            [float(g["betas"][1]) for g in groups],
-            [float(g["eps"]) for g in groups],
-            [float(g["weight_decay"]) for g in groups],
-        )
-        key = (device, tuple(map(tuple, rows)))
-        if key != self._hyper_key:
-            host = torch.tensor(rows, dtype=torch.float64)
-            if device.type == "cuda":
-                host = host.pin_memory()
-            self._hyper = host.to(device, non_blocking=True)
-            self._hyper_key = key
-        return self._hyper
-
-    # ------------------------------------------------------------------ step
+    # ------------------------------------------------------------------ inputs from the loop
     def record_loss(self, loss: Tensor | float) -> None:
         """Give the next ``step()`` its loss telemetry when the caller of ``step()`` cannot
         (a wrapper such as Accelerate's or the HF Trainer calls ``step()`` without it).
         Under gradient accumulation, call it with the accumulated loss once per step."""
         self._pending_loss = loss.detach() if isinstance(loss, Tensor) else loss
 
-    def _collect(self) -> dict[tuple[torch.device, torch.dtype], dict[str, list]]:
-        """Buckets of (device, dtype) with their tensor lists; validates before any change."""
-        index = 0
-        found = []
-        for gid, group in enumerate(self.param_groups):
-            for p in group["params"]:
-                if p.grad is not None:
-                    validation.check_grad(p, index)
-                    found.append((gid, p))
-                index += 1
-        buckets: dict[tuple[torch.device, torch.dtype], dict[str, list]] = {}
-        for gid, p in found:
-            state = self.state[p]
-            if len(state) == 0:
-                state.update(self._init_state(p))
-            b = buckets.setdefault(
-                (p.device, p.dtype),
-                {"params": [], "grads": [], "exp_avgs": [], "exp_avg_sqs": [], "steps": [], "group_ids": []},
-            )
-            # Kernels work on rank-local storage (FSDP2 parameters are DTensors).
-            b["params"].append(distributed.local_tensor(p))
-            b["grads"].append(distributed.local_tensor(p.grad))
-            b["exp_avgs"].append(distributed.local_tensor(state["exp_avg"]))
-            b["exp_avg_sqs"].append(distributed.local_tensor(state["exp_avg_sq"]))
-            b["steps"].append(state["step"])
-            b["group_ids"].append(gid)
-        self._shard_group = distributed.shard_group([p for _, p in found])
-        return buckets
+    @property
+    def latest_loss(self):
+        """The loss the next step will use (set it instead of calling ``record_loss``, as
+        OLMo-core's trainer does with its skip-step optimizers)."""
+        return self._pending_loss
 
-    def _group_ids_tensor(self, group_ids: list[int], device: torch.device) -> Tensor:
-        return self._cached(("gid", device, tuple(group_ids)), lambda: torch.tensor(group_ids).to(device))
+    @latest_loss.setter
+    def latest_loss(self, loss) -> None:
+        self.record_loss(loss)
 
-    def _numel_column(self, buckets: dict, num_groups: int, device: torch.device) -> Tensor:
-        counts = [0] * num_groups
-        for bucket in buckets.values():
-            for p, gid in zip(bucket["params"], bucket["group_ids"]):
-                counts[gid] += p.numel()
-        return self._cached(
-            ("numel", device, tuple(counts)), lambda: torch.tensor(counts, dtype=torch.float64).to(device)
-        )
+    def record_grad_norm(self, norm: Tensor | float) -> None:
+        """Give the next step the global gradient norm measured *before* a clip done outside
+        the optimizer (``clip_grad_norm_`` returns it; the HF Trainer logs it). The guard then
+        judges spikes on it: after such a clip the gradients it sees are never above the
+        clip norm."""
+        self._pending_grad_norm = norm.detach() if isinstance(norm, Tensor) else norm
 
-    def _global_grad_norm(self, buckets: dict, device: torch.device) -> Tensor:
-        """One read of every gradient: the global L2 norm as a float64 device scalar."""
-        sums = []
-        for (_, dtype), bucket in buckets.items():
-            # bf16 norms accumulate in fp32 and share fp32's range, and the native kernel is
-            # ~5x faster on the CPU than an fp32 output; fp16 norms could overflow at 65504.
-            out_dtype = None if dtype == torch.bfloat16 else torch.float32
-            norms = torch._foreach_norm(bucket["grads"], 2, dtype=out_dtype)
-            sums.append(torch.stack(norms).to(device, torch.float64).square().sum())
-        total_sq = distributed.sum_over_group(torch.stack(sums).sum(), self._shard_group)
-        return total_sq.sqrt()
+    @property
+    def latest_grad_norm(self):
+        return self._pending_grad_norm
 
+    @latest_grad_norm.setter
+    def latest_grad_norm(self, norm) -> None:
+        self.record_grad_norm(norm)
+
+    @property
+    def step_was_skipped(self) -> Tensor | bool:
+        """Whether the last step changed nothing (every group gated off on the device: a
+        skipped spike, a non-finite loss, GradScaler's found_inf): a 0-d bool device tensor,
+        read without a host sync until you call ``bool()`` on it. False before any step."""
+        if self.telemetry is None:
+            return False
+        return (self.telemetry.applied_gate == 0).all()
+
+    # ------------------------------------------------------------------ step
     @torch.no_grad()
     def step(self, closure: Callable | None = None, *, loss: Tensor | float | None = None):
-        """One AdamW step. ``loss`` (or the closure's result) becomes guard telemetry.
+        """One AdamW step. ``loss`` (or the closure's result, or ``latest_loss``) becomes
+        guard telemetry.
 
         Under ``torch.amp.GradScaler`` the scaler sets ``grad_scale`` and ``found_inf``
         device tensors on the optimizer; gradients are unscaled inside the kernel and a
         step with ``found_inf`` is skipped on the device, as torch's fused AdamW does.
         """
+        # torch.distributed.checkpoint's initialising step (state_dict._init_optim_state: no state
+        # yet, every lr 0, zero grads) only creates the states; it is no training step (no
+        # num_steps, no guard record). See lbw_guard.checkpoint.dcp_initialising_step.
+        if closure is None and loss is None and not self.state:
+            from .checkpoint import dcp_initialising_step
+
+            if dcp_initialising_step(self):
+                return None
         closure_loss = None
         if closure is not None:
             with torch.enable_grad():
                 closure_loss = closure()
         if loss is None:
             loss = closure_loss if closure_loss is not None else self._pending_loss
-        self._pending_loss = None
-
-        buckets = self._collect()
+        buckets = self._collect()  # validates every gradient before anything changes
         if not buckets:
             return closure_loss
+        device = buckets[0].device
+        loss_t = validation.loss_tensor(loss, device) if loss is not None else None
+        self._check_step_hyperparameters()
+        self._pending_loss = None
+        grad_norm_before_clip = self._pending_grad_norm
+        self._pending_grad_norm = None
+        self._init_missing_states(buckets)
+
+        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if capturing:
+            # Only the device work is captured; the host side runs around each replay
+            # (before_replay / after_replay), reading and writing the same static buffers.
+            if loss_t is not None and self._guard is not None:
+                loss_t = distributed.mean_over_ranks(loss_t, self.telemetry_group)
+            self._graph_has_loss = loss_t is not None
+            self._run(buckets, self._last_command or GuardCommand.plain(len(self.param_groups)), loss_t, True)
+            return closure_loss
         self.num_steps += 1
-        num_groups = len(self.param_groups)
-        device = next(iter(buckets))[0]
-
-        control = self._guard.before_step(self.num_steps) if self._guard is not None else None
-        one = self._cached(("one", device), lambda: torch.ones((), device=device))
-        grad_scale = getattr(self, "grad_scale", None)
-        found_inf = getattr(self, "found_inf", None)
-        inv_grad_scale = one if grad_scale is None else grad_scale.to(device, torch.float32).reciprocal()
-
-        ok = None  # device-side "this step may proceed"
-        clip_coef = one
-        if self.max_grad_norm is not None or (control is not None and control.precheck):
-            grad_norm = self._global_grad_norm(buckets, device) * inv_grad_scale.double()
-            ok = torch.isfinite(grad_norm)
-            if control is not None and control.precheck:
-                ok = ok & (grad_norm <= control.grad_norm_limit)
-            if self.max_grad_norm is not None:
-                coef = (self.max_grad_norm / (grad_norm.float() + 1e-6)).clamp(max=1.0)
-                clip_coef = torch.where(ok, coef, one)
-        loss_t = None
-        if loss is not None:
-            # Each rank saw its own micro-batch: decide on the mean so all ranks agree.
-            loss_t = self._loss_tensor(loss, device)
-            if self._guard is not None:
-                loss_t = distributed.mean_over_ranks(loss_t)
-            if control is not None:
-                loss_ok = torch.isfinite(loss_t) & (loss_t.double() <= control.loss_limit)
-                ok = loss_ok if ok is None else ok & loss_ok
-        if found_inf is not None:
-            no_inf = found_inf.to(device).reshape(()) == 0
-            ok = no_inf if ok is None else ok & no_inf
-
-        if control is not None:
-            gate = control.gate
-        else:
-            gate = self._cached(("ones", num_groups, device), lambda: torch.ones(num_groups, dtype=torch.float64, device=device))
-        # A fresh tensor: the guard rewrites its control buffer in place on later steps.
-        applied_gate = gate.clone() if ok is None else gate * ok.to(torch.float64)
-        hyper = self._hyperparameters(device)
-        lr_eff = hyper[0] * (control.scale if control is not None else 1.0)
-
-        partials = []
-        for (bdev, dtype), b in buckets.items():
-            name, fn = self._backend_for(bdev, dtype)
-            gids = self._group_ids_tensor(b["group_ids"], bdev)
-            bgate = applied_gate.to(bdev)
-            C.advance_steps(b["steps"], b["group_ids"], bgate)
-            h = hyper.to(bdev)
-            coeffs = C.coefficient_table(
-                b["steps"], gids, lr_eff.to(bdev), h[1], h[2], h[3], h[4], bgate, self._outlier_factor()
-            )
-            partials.append(
-                fn(
-                    b["params"], b["grads"], b["exp_avgs"], b["exp_avg_sqs"], coeffs, b["group_ids"],
-                    num_groups, inv_grad_scale.to(bdev), clip_coef.to(bdev),
-                ).to(device)
-            )
-        reduced = partials[0] if len(partials) == 1 else torch.stack(partials).sum(0)
-        values = torch.cat([reduced, self._numel_column(buckets, num_groups, device)[:, None]], dim=1)
-        distributed.sum_over_group(values, self._shard_group)  # shard partials -> global values
-        self.telemetry = Telemetry(values)
-        self.applied_gate = applied_gate
-
         if self._guard is not None:
-            self._guard.after_step(
-                StepRecord(
-                    step=self.num_steps,
-                    telemetry=values,
-                    applied_gate=applied_gate,
-                    loss=loss_t,
-                    lrs=self._host_lrs(),
-                )
-            )
+            command = self._guard.before_step(self.num_steps)
+            if loss_t is not None:
+                # Each rank saw its own micro-batch: check the mean so all ranks agree.
+                loss_t = distributed.mean_over_ranks(loss_t, self.telemetry_group)
+        else:
+            command = GuardCommand.plain(len(self.param_groups))
+        self._last_command = command
+        record = self._run(buckets, command, loss_t, False)
+        if self._guard is not None:
+            self._note_loss(loss_t is not None)
+            self._guard.after_step(StepRecord(step=self.num_steps, record=record, lrs=self._host_lrs(),
+                                              has_loss=loss_t is not None, grad_norm=grad_norm_before_clip))
         return closure_loss
 
-    @staticmethod
-    def _loss_tensor(loss: Tensor | float, device: torch.device) -> Tensor:
-        """The loss as a 0-d tensor on ``device``; a host value travels through pinned memory
-        so the copy never blocks."""
-        if isinstance(loss, Tensor) and loss.device == device:
-            return loss.detach().reshape(())
-        host = torch.as_tensor(loss).detach().reshape(())
-        if device.type == "cuda" and host.device.type == "cpu":
-            host = host.pin_memory()
-        return host.to(device, non_blocking=True)
+    # ------------------------------------------------------------------ CUDA graphs
+    def before_replay(self) -> None:
+        """Host side of a captured step, before ``graph.replay()``: the guard's command for the
+        coming step and the scheduler's lrs go into the static control table the graph reads."""
+        command = GuardCommand.plain(len(self.param_groups))
+        if self._guard is not None:
+            command = self._guard.before_step(self.num_steps + 1)
+        self._last_command = command
+        values = self._control_values(command)
+        for buf in self._buffers.values():
+            buf.upload(values)
+
+    def after_replay(self) -> None:
+        """Host side of a captured step, after ``graph.replay()``: hands the record the graph
+        wrote to the guard (which acts on it a step later, without a host sync)."""
+        if not self._buffers:
+            raise RuntimeError("after_replay() needs a step captured with this optimizer first")
+        self.num_steps += 1
+        record = next(iter(self._buffers.values())).record
+        self.telemetry = Telemetry(record, len(self.param_groups), self.telemetry.per_tensor if self.telemetry else ())
+        if self._guard is not None:
+            self._guard.after_step(StepRecord(step=self.num_steps, record=record, lrs=self._host_lrs(),
+                                              has_loss=self._graph_has_loss))
+
+    def _collect(self) -> list[_Bucket]:
+        """Buckets of (device, dtype, dense) with their tensors; validates before any change."""
+        index = 0
+        found = []
+        for gid, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                g = p.grad
+                if g is not None:
+                    validation.check_grad(p, g, index)
+                    found.append((gid, p, g))
+                index += 1
+        if found and not self._checked_replicas and self._guard is not None:
+            distributed.check_replicated([p for _, p, _ in found], self.telemetry_group)
+            self._checked_replicas = True
+        buckets: dict[tuple, _Bucket] = {}
+        for gid, p, g in found:
+            lp, lg = distributed.local_tensor(p), distributed.local_tensor(g)
+            dense = is_dense(lp)
+            state = self.state.get(p)
+            if dense and state:  # moments loaded with other strides than the param
+                dense = state["exp_avg"].stride() == lp.stride() == state["exp_avg_sq"].stride()
+            key = (p.device, p.dtype, dense)
+            b = buckets.get(key)
+            if b is None:
+                b = buckets[key] = _Bucket(p.device, p.dtype, dense, backend=self._backend_for(*key))
+            if dense and lg.stride() != lp.stride():
+                lg = torch.empty_like(lp).copy_(lg)  # the kernels walk p, g, m, v in one order
+            b.owners.append(p)
+            b.params.append(lp)
+            b.grads.append(lg)
+            b.group_ids.append(gid)
+            b.kinds.append(self._param_info[p][0])
+        return list(buckets.values())
+
+    def _init_missing_states(self, buckets: list[_Bucket]) -> None:
+        """Create moments for parameters stepped for the first time (after validation)."""
+        for b in buckets:
+            for p in b.owners:
+                state = self.state[p]
+                if len(state) == 0:
+                    state.update(self._init_state(p))
+                b.exp_avgs.append(distributed.local_tensor(state["exp_avg"]))
+                b.exp_avg_sqs.append(distributed.local_tensor(state["exp_avg_sq"]))
+                b.steps.append(state["step"])
+
+    def _check_step_hyperparameters(self) -> None:
+        """lr, betas, eps, weight decay as the scheduler or the user left them: a NaN, inf or
+        negative value is refused here, naming the group, rather than turning params NaN."""
+        for i, group in enumerate(self.param_groups):
+            validation.check_hyperparameters(group, f"param group {i}", read_device_lr=False)
+
+    def _run(self, buckets: list[_Bucket], command: GuardCommand, loss_t: Tensor | None, capturing: bool) -> Tensor:
+        values = self._control_values(command)
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        grad_norm = None
+        if self.max_grad_norm is not None or command.precheck:
+            grad_norm = self._grad_norm(buckets, grad_scale)
+        shard_group = distributed.shard_group([p for b in buckets for p in b.params])
+        uploaded: set[torch.device] = set()
+        tensor_sums = []
+        steps_before = []
+        for b in buckets:
+            buf = self._buffers_for(b.device)
+            if b.device not in uploaded and not capturing:
+                buf.upload(values)
+            if b.device not in uploaded:
+                self._copy_tensor_lrs(buf)
+            out = buf.tensor_sums(b.key, len(b.params))
+            if shard_group is not None:
+                steps_before.append(torch.stack([s.reshape(()).double() for s in b.steps]))
+            on = b.device
+            b.backend.step(
+                b.params, b.grads, b.exp_avgs, b.exp_avg_sqs, b.steps, b.group_ids, b.kinds, buf.control,
+                out, buf.record,
+                loss=_on(loss_t, on), found_inf=_on(found_inf, on), grad_scale=_on(grad_scale, on),
+                grad_norm=_on(grad_norm, on), accumulate=on in uploaded,
+            )
+            uploaded.add(on)
+            tensor_sums.append(out)
+        record = self._merge_records(buckets)
+        if shard_group is not None:
+            self._resum_sharded(record, buckets, tensor_sums, steps_before, shard_group)
+        elif self.telemetry_group is not None:
+            layout = C.record_layout(len(self.param_groups))
+            distributed.sum_over_group(record[layout.group_fields], self.telemetry_group)
+        self.telemetry = Telemetry(record, len(self.param_groups), tuple(tensor_sums))
+        return record
+
+    def _buffers_for(self, device: torch.device) -> StepBuffers:
+        buf = self._buffers.get(device)
+        if buf is None or buf.num_groups != len(self.param_groups):
+            buf = self._buffers[device] = StepBuffers(device, len(self.param_groups))
+        return buf
+
+    def _control_values(self, command: GuardCommand) -> array.array:
+        """The control table as host doubles, row-major ``[G + 1, NUM_CONTROL]``."""
+        values = array.array("d")
+        for g, group in enumerate(self.param_groups):
+            lr = group["lr"]
+            lr = 0.0 if isinstance(lr, Tensor) and lr.device.type != "cpu" else float(lr)
+            b1, b2 = group["betas"]
+            row = [0.0] * C.NUM_CONTROL
+            row[C.LR], row[C.SCALE], row[C.GATE] = lr, command.scale[g], command.gate[g]
+            row[C.BETA1], row[C.BETA2] = float(b1), float(b2)
+            row[C.EPS], row[C.WEIGHT_DECAY] = float(group["eps"]), float(group["weight_decay"])
+            row[C.SPIKE_K], row[C.CLAMP] = command.spike_k, float(command.clamp)
+            values.extend(row)
+        row = [0.0] * C.NUM_CONTROL
+        row[C.LOSS_LIMIT] = command.loss_limit
+        row[C.CHECK_LOSS] = float(command.check_loss)
+        row[C.GRAD_NORM_LIMIT] = command.grad_norm_limit
+        row[C.MAX_GRAD_NORM] = self.max_grad_norm or 0.0
+        row[C.MASK_NONFINITE] = float(command.mask_nonfinite)
+        values.extend(row)
+        return values
+
+    def _copy_tensor_lrs(self, buf: StepBuffers) -> None:
+        """An lr tensor on the accelerator is used where it is, never read back."""
+        for g, group in enumerate(self.param_groups):
+            lr = group["lr"]
+            if isinstance(lr, Tensor) and lr.device.type != "cpu":
+                buf.control[g, C.LR].copy_(lr.reshape(()), non_blocking=True)
+
+    def _grad_norm(self, buckets: list[_Bucket], grad_scale: Tensor | None) -> Tensor:
+        """One read of every gradient: the global L2 norm (unscaled) as a float64 device scalar."""
+        device = buckets[0].device
+        total = sum(b.backend.grad_norm_sq(b.grads).to(device) for b in buckets)
+        total = distributed.sum_over_group(total, distributed.shard_group([p for b in buckets for p in b.params])
+                                           or self.telemetry_group)
+        norm = total.sqrt()
+        if grad_scale is not None:
+            norm = norm / grad_scale.to(device, torch.float64).reshape(())
+        return norm
+
+    def _merge_records(self, buckets: list[_Bucket]) -> Tensor:
+        """The record of the step: the first device's, with other devices' groups added."""
+        devices = list(dict.fromkeys(b.device for b in buckets))
+        record = self._buffers[devices[0]].record
+        if len(devices) > 1:
+            layout = C.record_layout(len(self.param_groups))
+            for d in devices[1:]:
+                other = self._buffers[d].record.to(devices[0])
+                record[layout.group_fields] += other[layout.group_fields]
+        return record
+
+    def _resum_sharded(self, record, buckets, tensor_sums, steps_before, group) -> None:
+        """FSDP2: each rank reduced its shard of every tensor; per-tensor signals need whole
+        tensors, so the per-tensor sums are summed over the shard group and the group fields
+        recomputed from them (the same function every backend implements)."""
+        sums = torch.cat(tensor_sums)
+        distributed.sum_over_group(sums, group)
+        device = record.device
+        gids = torch.tensor([g for b in buckets for g in b.group_ids], device=device)
+        kinds = torch.tensor([k for b in buckets for k in b.kinds], device=device)
+        layout = C.record_layout(len(self.param_groups))
+        control = self._buffers[device].control
+        fields = C.group_fields(sums.to(device), gids, kinds, torch.cat(steps_before).to(device), control,
+                                record[layout.applied_gate])
+        record[layout.group_fields].copy_(fields.reshape(-1))
+        start = 0
+        for out in tensor_sums:
+            out.copy_(sums[start:start + out.shape[0]])
+            start += out.shape[0]
+
+    def _note_loss(self, has_loss: bool) -> None:
+        self._steps_without_loss = 0 if has_loss else self._steps_without_loss + 1
+        if self._steps_without_loss >= _NO_LOSS_WARN_AFTER and not self._warned_no_loss:
+            self._warned_no_loss = True
+            warnings.warn(
+                f"FusedGuardedAdamW: the guard has had no loss for {_NO_LOSS_WARN_AFTER} steps, so its "
+                "loss checks and loss-based signals are off. Pass step(loss=loss), or set "
+                "opt.latest_loss = loss before step() (Hugging Face Trainer: attach "
+                "lbw_guard.integrations.hf.GuardCallback; Accelerate: lbw_guard.integrations.accelerate.StepLoss).",
+                stacklevel=3,
+            )
 
     def _host_lrs(self) -> list[float]:
         """Scheduler lrs as host floats for the guard. A tensor lr on an accelerator is
-        reported as NaN rather than read back (that would synchronise); the guard's
-        predictive bound is then off for that group."""
+        reported as NaN rather than read back (that would synchronise)."""
         out = []
         for g in self.param_groups:
             lr = g["lr"]
             on_host = not isinstance(lr, Tensor) or lr.device.type == "cpu"
-            out.append(float(lr) if on_host else float("nan"))
+            out.append(float(lr) if on_host else math.nan)
         return out
 
-    def _outlier_factor(self) -> float:
-        if self._guard is not None:
-            return float(self._guard.config.outlier_factor)
-        return _DEFAULT_OUTLIER_FACTOR
+
+def is_dense(t: Tensor) -> bool:
+    """Whether ``t`` covers a contiguous block of memory exactly once, in some dimension order
+    (contiguous, channels_last, a transpose...): the kernels then walk it as a flat array."""
+    if t.is_contiguous():
+        return True
+    dims = sorted((st, size) for st, size in zip(t.stride(), t.shape) if size != 1)
+    expected = 1
+    for stride, size in dims:
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
-_DEVICE_CACHE_SIZE = 64
-# Telemetry without a guard counts outliers with the guard's default factor.
-_DEFAULT_OUTLIER_FACTOR = GuardConfig.outlier_factor
+def _on(t: Tensor | None, device: torch.device) -> Tensor | None:
+    if t is None or t.device == device:
+        return t
+    return t.to(device, non_blocking=True)

@@ -1,54 +1,116 @@
-"""Argument checks for FusedGuardedAdamW: every message names the argument and the fix."""
+"""Argument checks for FusedGuardedAdamW: every message names the argument and the fix.
+
+Every check here runs before anything is modified, so a refused call leaves the optimizer,
+its state and the model exactly as they were.
+"""
 
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
+import torch
 from torch import Tensor
 
+# The hyperparameters every param group holds (validated before every step).
+HYPERPARAMETERS = ("lr", "betas", "eps", "weight_decay")
 
-def _as_float(name: str, value: Any) -> float:
+# torch.optim.AdamW keywords kept in every param group, with the values we support.
+UNSUPPORTED_FLAGS = {
+    "amsgrad": "amsgrad=True is not supported by FusedGuardedAdamW (use torch.optim.AdamW for AMSGrad)",
+    "maximize": "maximize=True is not supported by FusedGuardedAdamW (negate the loss instead)",
+    "differentiable": "differentiable=True is not supported: the fused step is not differentiable",
+}
+
+
+def as_float(name: str, value: Any) -> float:
+    """A host float from a number or a one-element tensor (a device tensor is read once here,
+    at construction or ``add_param_group``, never inside ``step()``)."""
     if isinstance(value, Tensor):
         if value.numel() != 1:
             raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
         if value.requires_grad:
             raise ValueError(f"{name} must not require grad; pass {name}.detach()")
-        # A host copy of a device scalar only happens here, at construction or
-        # add_param_group, never inside step().
+        if not (value.is_floating_point() or value.dtype in (torch.int32, torch.int64)):
+            raise TypeError(f"{name} must be a real number, got a {value.dtype} tensor")
+        if value.device.type == "meta" or value.layout != torch.strided:
+            raise ValueError(f"{name} must be a dense tensor with a value, got one on {value.device} "
+                             f"with layout {value.layout}")
         return float(value.detach().cpu())
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    if not _is_real(value):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__} {value!r}")
     return float(value)
 
 
-def check_hyperparameters(group: dict, where: str) -> None:
-    """Validate lr, betas, eps and weight_decay of one param group (or the defaults)."""
-    lr = _as_float(f"{where} lr", group["lr"])
-    if not math.isfinite(lr) or lr < 0.0:
-        raise ValueError(f"{where} lr must be finite and >= 0, got {lr}")
+def _is_real(value: Any) -> bool:
+    """A real number that is not a bool (Python and NumPy ints and floats, fractions)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and type(value).__name__ != "bool_"
+
+
+def check_lr_tensor(name: str, lr: Tensor) -> None:
+    """A tensor lr stays a tensor (capturable schedules); only its shape and type are checked."""
+    if lr.numel() != 1:
+        raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(lr.shape)}")
+    if not lr.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor, got {lr.dtype}")
+    if lr.requires_grad:
+        raise ValueError(f"{name} must not require grad; pass {name}.detach()")
+    if lr.device.type == "meta" or lr.layout != torch.strided:
+        raise ValueError(f"{name} must be a dense tensor with a value, got one on {lr.device} "
+                         f"with layout {lr.layout}")
+
+
+def check_hyperparameters(group: dict, where: str, read_device_lr: bool = True) -> None:
+    """Validate lr, betas, eps, weight_decay and the torch flags of one param group."""
+    missing = [key for key in HYPERPARAMETERS if key not in group]
+    if missing:
+        raise ValueError(f"{where} has no {', '.join(map(repr, missing))} entry; every param group needs "
+                         f"{', '.join(HYPERPARAMETERS)}")
+    lr = group["lr"]
+    if isinstance(lr, Tensor) and (lr.device.type != "cpu" and not read_device_lr):
+        check_lr_tensor(f"{where} lr", lr)
+    else:
+        value = as_float(f"{where} lr", lr)
+        if not math.isfinite(value) or value < 0.0:
+            raise ValueError(f"{where} lr must be finite and >= 0, got {value}")
     betas = group["betas"]
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"{where} betas must be a pair (beta1, beta2), got {betas!r}")
+    if isinstance(betas[0], Tensor) != isinstance(betas[1], Tensor):
+        raise ValueError(f"{where} betas must be either both floats or both Tensors, got {betas!r}")
     for i, beta in enumerate(betas):
-        b = _as_float(f"{where} betas[{i}]", beta)
+        b = as_float(f"{where} betas[{i}]", beta)
         if not 0.0 <= b < 1.0:
             raise ValueError(f"{where} betas[{i}] must be in [0, 1), got {b}")
-    eps = _as_float(f"{where} eps", group["eps"])
+    eps = as_float(f"{where} eps", group["eps"])
     if not math.isfinite(eps) or eps < 0.0:
         raise ValueError(f"{where} eps must be finite and >= 0, got {eps}")
-    wd = _as_float(f"{where} weight_decay", group["weight_decay"])
+    wd = as_float(f"{where} weight_decay", group["weight_decay"])
     if not math.isfinite(wd) or wd < 0.0:
         raise ValueError(f"{where} weight_decay must be finite and >= 0, got {wd}")
-    for flag in ("amsgrad", "maximize"):
-        if group.get(flag, False):
-            raise ValueError(f"{where} {flag}=True is not supported by FusedGuardedAdamW")
+    for flag, message in UNSUPPORTED_FLAGS.items():
+        if _flag(where, flag, group.get(flag, False)):
+            raise ValueError(f"{where}: {message}")
+    if not _flag(where, "decoupled_weight_decay", group.get("decoupled_weight_decay", True)):
+        raise ValueError(f"{where}: decoupled_weight_decay=False (Adam's L2 penalty) is not supported; "
+                         "FusedGuardedAdamW is AdamW (decoupled weight decay)")
+
+
+def _flag(where: str, name: str, value: Any) -> bool:
+    """A torch flag's truth value (a bool, None, 0/1 or a one-element tensor)."""
+    if value is None:
+        return False
+    try:
+        return bool(value)
+    except Exception:  # noqa: BLE001 - e.g. a tensor of several elements, an object without __bool__
+        raise TypeError(f"{where} {name} must be a bool, got {type(value).__name__} {value!r}") from None
 
 
 def check_max_grad_norm(value: Any) -> float | None:
     if value is None:
         return None
-    norm = _as_float("max_grad_norm", value)
+    norm = as_float("max_grad_norm", value)
     if not math.isfinite(norm) or norm <= 0.0:
         raise ValueError(f"max_grad_norm must be a finite number > 0 (or None to disable), got {norm}")
     return norm
@@ -68,8 +130,14 @@ def check_params(params: list, where: str) -> None:
             )
         if not p.is_floating_point():
             raise TypeError(f"{where} params[{i}] has dtype {p.dtype}; only floating parameters can be optimized")
+        if p.is_sparse or p.layout != torch.strided:
+            raise TypeError(f"{where} params[{i}] has layout {p.layout}; only dense (strided) parameters are supported")
+        if p.device.type == "meta":
+            raise ValueError(f"{where} params[{i}] is on the meta device; materialise the model "
+                             "(e.g. model.to_empty(device=...)) before building the optimizer")
         if id(p) in seen:
-            raise ValueError(f"{where} lists params[{i}] more than once; pass each parameter once")
+            raise ValueError(f"{where} lists params[{i}] more than once; pass each parameter once "
+                             "(torch.optim only warns, but a fused step would update it twice)")
         seen.add(id(p))
         if device is None:
             device = p.device
@@ -80,10 +148,9 @@ def check_params(params: list, where: str) -> None:
             )
 
 
-def check_grad(p: Tensor, index: int) -> None:
+def check_grad(p: Tensor, g: Tensor, index: int) -> None:
     """Called for every gradient before anything is modified, so a refused step changes nothing."""
-    g = p.grad
-    if g.is_sparse:
+    if g.is_sparse or g.layout != torch.strided:
         raise ValueError(
             f"parameter {index} has a sparse gradient; FusedGuardedAdamW needs dense gradients "
             "(use torch.optim.SparseAdam for sparse embeddings)"
@@ -94,3 +161,30 @@ def check_grad(p: Tensor, index: int) -> None:
         raise ValueError(f"parameter {index}: gradient dtype {g.dtype} != parameter dtype {p.dtype}")
     if g.device != p.device:
         raise ValueError(f"parameter {index}: gradient on {g.device} but parameter on {p.device}")
+
+
+def loss_tensor(loss: Any, device: torch.device) -> Tensor:
+    """The loss as a 0-d tensor on ``device`` (a host value travels through pinned memory so the
+    copy never blocks). Non-finite values are fine: judging them is the guard's job."""
+    if isinstance(loss, Tensor):
+        if loss.numel() != 1:
+            raise ValueError(
+                f"loss must be a scalar (one element), got a tensor of shape {tuple(loss.shape)}; "
+                "pass loss.mean() or the value you optimise"
+            )
+        if loss.device.type == "meta":
+            raise ValueError("loss is on the meta device and has no value; pass the real loss")
+        if loss.layout != torch.strided:
+            raise ValueError(f"loss must be a dense tensor, got layout {loss.layout}")
+        if not (loss.is_floating_point() or loss.dtype in (torch.int32, torch.int64)):
+            raise TypeError(f"loss must be a real number, got a {loss.dtype} tensor")
+        if loss.device == device and loss.dim() == 0:
+            return loss.detach()
+        value = loss.detach().reshape(())
+    elif not _is_real(loss):
+        raise TypeError(f"loss must be a float or a one-element tensor, got {type(loss).__name__}")
+    else:
+        value = torch.tensor(float(loss), dtype=torch.float64)
+    if device.type == "cuda" and value.device.type == "cpu":
+        value = value.pin_memory()
+    return value.to(device, non_blocking=True)

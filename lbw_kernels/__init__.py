@@ -1,12 +1,11 @@
-"""Fused AdamW kernels for lbw-guard: the shared contract, the PyTorch reference and the
-compiled backends (Triton, CUDA C++, CPU C++)."""
+"""Fused AdamW kernels for lbw-guard: the shared contract, the PyTorch reference, the
+torch-foreach fallback and the compiled backends (Triton, CUDA C++, CPU C++)."""
 
-from .contract import NUM_REDUCED_FIELDS, NUM_TELEMETRY_FIELDS, TELEMETRY_FIELDS
+from .contract import GROUP_FIELDS, TENSOR_FIELDS
 from .reference import fused_adamw_reference
 
 __all__ = [
-    "NUM_REDUCED_FIELDS",
-    "NUM_TELEMETRY_FIELDS",
-    "TELEMETRY_FIELDS",
+    "GROUP_FIELDS",
+    "TENSOR_FIELDS",
     "fused_adamw_reference",
 ]

@@ -1,7 +1,8 @@
-"""The fused guarded AdamW step in plain PyTorch: the oracle for every other backend.
+"""The fused guarded AdamW step in plain PyTorch, one tensor at a time: the oracle.
 
-It follows :mod:`lbw_kernels.contract` literally, one tensor at a time, so it is slow but
-easy to check by eye. It runs on any device and any floating dtype.
+It follows :mod:`lbw_kernels.contract` literally, so it is slow but easy to check by eye. It
+runs on any device and any floating dtype (float64 parameters included), and it is what
+every other backend is tested against.
 """
 
 from __future__ import annotations
@@ -17,47 +18,110 @@ def fused_adamw_reference(
     grads: list[Tensor],
     exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor],
-    coeffs: Tensor,
+    steps: list[Tensor],
     group_ids: list[int],
-    num_groups: int,
-    inv_grad_scale: Tensor,
-    clip_coef: Tensor,
-) -> Tensor:
-    """Update one bucket in place; return telemetry partials of shape [num_groups, 6].
+    kinds: list[int],
+    control: Tensor,
+    tensor_out: Tensor,
+    record_out: Tensor,
+    *,
+    loss: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    grad_scale: Tensor | None = None,
+    grad_norm: Tensor | None = None,
+    accumulate: bool = False,
+) -> None:
+    """Update one bucket in place and write its telemetry.
 
-    ``coeffs`` is :func:`lbw_kernels.contract.coefficient_table`'s output, one row per
-    tensor. ``inv_grad_scale`` and ``clip_coef`` are fp32 0-d device tensors.
+    ``tensor_out`` ([T, NUM_TENSOR_FIELDS] float64) receives the per-tensor sums;
+    ``record_out`` (the flat record of ``control.shape[0] - 1`` groups) the group fields,
+    applied gates, invalid flags and step-wide values. With ``accumulate`` the group fields
+    are added to what ``record_out`` holds (a later bucket of the same step).
     """
-    device = coeffs.device
-    out = torch.zeros(num_groups, C.NUM_REDUCED_FIELDS, dtype=torch.float64, device=device)
+    device = control.device
+    f32 = torch.float32
+    step_ok = C.step_checks(control, loss, found_inf, grad_norm)
+    gate, invalid = C.group_gates(control, step_ok)
+    row = control[-1]
+    inv_scale = torch.ones((), dtype=f32, device=device)
+    if grad_scale is not None:
+        inv_scale = torch.ones((), dtype=f32, device=device) / grad_scale.to(device, f32).reshape(())
+    mask_nonfinite = bool(row[C.MASK_NONFINITE] != 0)
+    steps_before = torch.stack([s.detach().reshape(()).to(torch.float64) for s in steps]) if steps else \
+        torch.zeros(0, dtype=torch.float64, device=device)
+    sums = torch.zeros(len(params), C.NUM_TENSOR_FIELDS, dtype=torch.float64, device=device)
+
     for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
-        c = coeffs[i]
-        p32 = p.detach().float()
-        g_raw = g.float() * inv_grad_scale
-        finite = torch.isfinite(g_raw)
-        g_raw = torch.where(finite, g_raw, torch.zeros_like(g_raw))
-        g_used = g_raw * clip_coef
-        outlier = finite & (g_raw.abs() > c[C.OUTLIER_SCALE] * v.sqrt())
-
-        m_new = m + c[C.ONE_MINUS_BETA1] * (g_used - m)
-        v_new = v * c[C.BETA2] + c[C.ONE_MINUS_BETA2] * g_used * g_used
-        denom = v_new.sqrt() / c[C.BC2_SQRT] + c[C.EPS]
-        p_new = p32 * c[C.DECAY] - c[C.STEP_SIZE] * (m_new / denom)
-
-        written = finite & (c[C.GATE] != 0)
-        u = torch.where(written, p_new - p32, torch.zeros_like(p32))
-
-        # Telemetry first: for fp32 params p32 aliases p, which the writes below change.
         gid = group_ids[i]
-        out[gid, 0] += (g_raw.double() ** 2).sum()
-        out[gid, 1] += (u.double() ** 2).sum()
-        out[gid, 2] += (p32.double() ** 2).sum()
-        out[gid, 3] += (g_raw.double() * u.double()).sum()
-        out[gid, 4] += outlier.sum()
-        out[gid, 5] += (~finite).sum()
+        c = C.coefficients(control[gid], steps[i], gate[gid], row[C.MAX_GRAD_NORM], grad_norm)
+        clamp = bool(control[gid, C.CLAMP] != 0)
+        compute = torch.float64 if p.dtype == torch.float64 else f32
+        c = {k: x.to(compute) for k, x in c.items()}
+        p_old = p.detach().to(compute)
+        m_old, v_old = m.to(compute), v.to(compute)
+        g_raw = g.to(compute) * inv_scale.to(compute)
+        finite = torch.isfinite(g_raw)
+        g_used = g_raw * c["clip"]
+        sqrt_v = v_old.sqrt()
+        bound = c["spike_scale"] * sqrt_v
+        spike = finite & (v_old > 0) & (g_used.abs() > bound)
+        if clamp:
+            g_used = torch.where(spike, torch.copysign(bound, g_used), g_used)
 
-        with torch.no_grad():
-            p.copy_(torch.where(written, p_new, p32).to(p.dtype))
-            m.copy_(torch.where(written, m_new, m))
-            v.copy_(torch.where(written, v_new, v))
-    return out
+        m_new = m_old + c["one_minus_beta1"] * (g_used - m_old)
+        v_new = v_old * c["beta2"] + c["one_minus_beta2"] * g_used * g_used
+        denom = v_new.sqrt() / c["bc2_sqrt"] + c["eps"]
+        p_new = p_old * c["decay"] - c["step_size"] * (m_new / denom)
+        d_prev = (m_old * c["prev_m"]) / (sqrt_v * c["prev_v"] + c["eps"])
+
+        is_gated = gate[gid] != 0
+        written = is_gated & (finite | (not mask_nonfinite))
+        zero = torch.zeros_like(p_old)
+        g_tel = torch.where(finite, g_raw, zero).double()
+        u = torch.where(written & finite, p_new - p_old, zero).double()
+        d = torch.where(finite, d_prev, zero).double()
+        sums[i, C.T_GRAD_SQ] = (g_tel * g_tel).sum()
+        sums[i, C.T_UPDATE_SQ] = (u * u).sum()
+        sums[i, C.T_PARAM_SQ] = p_old.double().square().sum()
+        sums[i, C.T_GRAD_DOT_UPDATE] = (g_tel * u).sum()
+        sums[i, C.T_GRAD_DOT_PREV] = (g_tel * d).sum()
+        sums[i, C.T_PREV_SQ] = d_prev.double().square().sum()
+        sums[i, C.T_MOMENT1_SQ] = m_old.double().square().sum()
+        sums[i, C.T_MOMENT2_SUM] = v_old.double().sum()
+        sums[i, C.T_SPIKES] = spike.sum()
+        sums[i, C.T_NONFINITE] = (~finite).sum()
+        sums[i, C.T_NUMEL] = p.numel()
+
+        with torch.no_grad():  # unwritten elements keep their exact bits (NaN payloads included)
+            p.copy_(torch.where(written, p_new.to(p.dtype), p))
+            m.copy_(torch.where(written, m_new.to(m.dtype), m))
+            v.copy_(torch.where(written, v_new.to(v.dtype), v))
+
+    gids = torch.tensor(group_ids, dtype=torch.long, device=device)
+    kind_t = torch.tensor(kinds, dtype=torch.long, device=device)
+    write_record(record_out, sums, gids, kind_t, steps_before, control, gate, invalid, step_ok,
+                 loss, grad_norm, accumulate)
+    tensor_out.copy_(sums)
+    for s, gid in zip(steps, group_ids):
+        s.add_(gate[gid].to(s.dtype))
+
+
+def write_record(record_out: Tensor, sums: Tensor, gids: Tensor, kinds: Tensor, steps_before: Tensor,
+                 control: Tensor, gate: Tensor, invalid: Tensor, step_ok: Tensor,
+                 loss: Tensor | None, grad_norm: Tensor | None, accumulate: bool) -> None:
+    """Fill a flat record from per-tensor sums (shared by the reference and the foreach path)."""
+    G = control.shape[0] - 1
+    layout = C.record_layout(G)
+    fields = C.group_fields(sums, gids, kinds, steps_before, control, gate)
+    group_view = record_out[layout.group_fields].view(G, C.NUM_GROUP_FIELDS)
+    if accumulate:
+        group_view.add_(fields)
+    else:
+        group_view.copy_(fields)
+    record_out[layout.applied_gate] = gate
+    record_out[layout.invalid] = invalid
+    nan = torch.full((), float("nan"), dtype=torch.float64, device=record_out.device)
+    glob = record_out[layout.globals]
+    glob[C.R_LOSS] = loss.detach().to(record_out.device, torch.float64).reshape(()) if loss is not None else nan
+    glob[C.R_GRAD_NORM] = grad_norm.to(record_out.device, torch.float64).reshape(()) if grad_norm is not None else nan
+    glob[C.R_STEP_OK] = step_ok.to(torch.float64)

@@ -1,14 +1,17 @@
-"""The control plane: adaptive statistics, regimes and bounded actions over fused telemetry.
+"""The control plane: detectors, a step-size governor and recovery over fused telemetry.
 
 >>> opt = FusedGuardedAdamW(model.parameters(), lr=3e-4, guard="default")
->>> opt.guard.events          # every decision, as Event records
+>>> opt.guard.summary()       # fractions of steps capped, skipped, frozen; mean lr scale
+>>> opt.guard.events          # the most recent decisions, as Event records
 >>> opt = FusedGuardedAdamW(model.parameters(), guard=GuardConfig(min_scale=0.2, trace_path="t.jsonl"))
 """
 
 from .config import PRESETS, GuardConfig, preset
-from .controller import REGIMES, Controller, HostRecord
+from .controller import REGIMES, Controller
 from .events import INTERVENTIONS, Event, JsonlWriter, read_jsonl
 from .guard import Guard, make_guard
+from .recovery import GuardGaveUp
+from .signals import HostRecord
 
 __all__ = [
     "INTERVENTIONS",
@@ -18,6 +21,7 @@ __all__ = [
     "Event",
     "Guard",
     "GuardConfig",
+    "GuardGaveUp",
     "HostRecord",
     "JsonlWriter",
     "make_guard",

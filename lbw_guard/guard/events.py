@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
 # Actions that change the run (counted as interventions); the rest are observations.
-INTERVENTIONS = frozenset({"skip", "decrease_scale", "cap_scale", "rollback", "freeze", "rebaseline"})
+INTERVENTIONS = frozenset({"skip", "decrease_scale", "cap_scale", "rollback", "freeze", "give_up"})
 
 
 @dataclass

@@ -1,101 +1,112 @@
 """Guard: glues the host-side Controller to a FusedGuardedAdamW without host syncs.
 
-Per step the optimizer calls :meth:`Guard.before_step` (control tensors for this step) and
-:meth:`Guard.after_step` (this step's telemetry, still on the device). The guard
+Per step the optimizer calls :meth:`Guard.before_step` (the command for this step) and
+:meth:`Guard.after_step` (this step's record, still on the device). The guard
 
-- keeps one small device tensor holding every control value and refreshes it from the host
-  only when a value changed (pinned staging buffer, ``non_blocking`` copy on CUDA);
-- copies each record to host memory asynchronously and hands the controller the record of
-  ``lag`` steps ago, whose copy has completed (waiting on its event never stalls in
-  practice; the same lag on CPU keeps CPU and GPU runs identical and deterministic);
-- executes the controller's rollback requests and takes the snapshots it asks for.
+- copies each record to host memory asynchronously (pinned buffers and a CUDA event; on the
+  CPU a plain copy) and hands the controller the record of ``lag`` steps ago, whose copy has
+  completed, so the loop never waits on the GPU; the same lag on the CPU keeps CPU and GPU
+  runs identical and deterministic;
+- executes the controller's rollbacks, takes snapshots at an interval set from their measured
+  cost, raises :class:`GuardGaveUp` (or calls ``on_give_up``) when the controller gives up;
+- writes the trace (``trace_path``) that ``lbw-guard replay`` reproduces exactly.
 """
 
 from __future__ import annotations
 
-import math
+import time
 from collections import deque
-from dataclasses import asdict
+from typing import Callable
 
 import torch
 from torch import Tensor
 
-from lbw_guard import distributed
-from lbw_guard.control import StepControl, StepRecord
+from lbw_guard.control import GuardCommand, StepRecord
+from lbw_guard.step_buffers import read_doubles, write_doubles
 
 from .config import GuardConfig, preset
-from .controller import Controller, HostRecord
-from .events import Event, JsonlWriter
-from .signals import NUM_FIELDS
+from .controller import STABLE, Controller
+from .events import Event, JsonlWriter, run_start_line
+from .recovery import GuardGaveUp
+from .signals import HostRecord
 from .snapshots import SnapshotRing
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
-def _async_to_host(t: Tensor) -> tuple[Tensor, object]:
-    """Start copying a small device tensor to pinned host memory; returns the host tensor and
-    the CUDA event that completes with the copy (None, and the tensor itself, on the CPU)."""
-    if t.device.type != "cuda":
-        return t, None
-    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    host.copy_(t, non_blocking=True)
-    event = torch.cuda.Event()
-    event.record()
-    return host, event
+class _HostCopies:
+    """Host copies of device records: a few reusable (pinned) buffers, each with the event of
+    the copy into it, so reading one never waits in practice."""
+
+    def __init__(self, slots: int):
+        self.slots = slots
+        self.buffers: list[Tensor] = []
+        self.events: list = []
+        self.next = 0
+
+    def push(self, record: Tensor) -> int:
+        size = record.numel()
+        if not self.buffers or self.buffers[0].numel() != size:
+            pin = record.device.type == "cuda"
+            self.buffers = [torch.empty(size, dtype=torch.float64, pin_memory=pin) for _ in range(self.slots)]
+            self.events = [None] * self.slots
+        i = self.next % self.slots
+        self.next += 1
+        if self.events[i] is not None:
+            self.events[i].synchronize()
+        if record.device.type == "cuda":
+            self.buffers[i].copy_(record, non_blocking=True)
+            self.events[i] = torch.cuda.Event()
+            self.events[i].record()
+        else:
+            write_doubles(self.buffers[i], read_doubles(record))
+            self.events[i] = None
+        return i
+
+    def read(self, i: int) -> list[float]:
+        if self.events[i] is not None:
+            self.events[i].synchronize()  # recorded `lag` steps ago: long complete
+            self.events[i] = None
+        return list(read_doubles(self.buffers[i]))
 
 
 class _Pending:
-    """One record on its way to the host: a packed host tensor (+ CUDA event) or ready floats."""
+    """One record on its way to the host."""
 
-    def __init__(self, step: int, num_groups: int, packed: Tensor | None, event, has_loss: bool,
-                 lrs: list[float], ready: HostRecord | None = None):
-        self.step = step
-        self.num_groups = num_groups
-        self.packed = packed
-        self.event = event
-        self.has_loss = has_loss
-        self.lrs = lrs
-        self.ready = ready
-
-    def host_record(self, scale: list[float], gate: list[float]) -> HostRecord:
-        if self.ready is None:
-            if self.event is not None:
-                self.event.synchronize()  # recorded a step ago: already complete
-            values = self.packed.tolist()
-            G = self.num_groups
-            F = NUM_FIELDS
-            rows = [values[g * F:(g + 1) * F] for g in range(G)]
-            applied = values[F * G:(F + 1) * G]
-            loss = values[(F + 1) * G] if self.has_loss else None
-            self.ready = HostRecord(self.step, rows, applied, loss, list(self.lrs), list(scale), list(gate))
-            self.packed = self.event = None
-        return self.ready
+    def __init__(self, rec: HostRecord, slot: int, grad_norm):
+        self.rec = rec
+        self.slot = slot
+        self.grad_norm = grad_norm  # host float, or a (pinned host tensor, event) pair, or None
 
 
 class Guard:
-    """The training guard. Build it from a :class:`GuardConfig` (or use ``make_guard``)."""
+    """The training guard. Build it from a :class:`GuardConfig` (or use ``make_guard``).
 
-    def __init__(self, config: GuardConfig | None = None):
+    ``on_give_up``: called with the :class:`GuardGaveUp` when trouble persists with no rollback
+    left; if it returns, the guard restarts its statistics and goes on. Without it, the
+    exception propagates out of ``optimizer.step()``.
+    """
+
+    def __init__(self, config: GuardConfig | None = None, *, on_give_up: Callable | None = None):
         if config is not None and not isinstance(config, GuardConfig):
             raise TypeError(f"Guard expects a GuardConfig, got {type(config).__name__}")
+        if on_give_up is not None and not callable(on_give_up):
+            raise TypeError("on_give_up must be callable (it receives the GuardGaveUp exception)")
         self.config = config if config is not None else GuardConfig()
+        self.on_give_up = on_give_up
         self.controller: Controller | None = None
         self.optimizer = None
-        self.events: list[Event] = []
-        self.records: list[dict] = []
+        self.records: deque[dict] = deque(maxlen=max(self.config.keep_trace, 1))
         self._pending: deque[_Pending] = deque()
         self._issued: dict[int, tuple[list[float], list[float]]] = {}
-        self._ring = SnapshotRing(self.config.snapshot_ring)
+        self._copies = _HostCopies(self.config.lag + 2)
+        self._ring = SnapshotRing(self.config.snapshot_ring + 1, self.config.snapshot_device)
         self._writer: JsonlWriter | None = None
-        self._device: torch.device | None = None
-        self._num_groups = 0
         self._param_key: tuple | None = None
-        self._control: Tensor | None = None
-        self._last_values: list[float] | None = None
-        self._staging: list[tuple[Tensor, object]] = []
-        self._staging_next = 0
-        self._rms_probe = None
-        self._nan: Tensor | None = None
+        self._last_snapshot: int | None = None
+        self._step_clock: float | None = None
+        self._step_seconds: float | None = None
+        self._logged_events = 0
 
     # ------------------------------------------------------------------ binding
     def bind(self, optimizer) -> None:
@@ -103,145 +114,155 @@ class Guard:
         if self.optimizer is not None and self.optimizer is not optimizer:
             raise RuntimeError("this Guard is already bound to another optimizer; build one Guard per optimizer")
         self.optimizer = optimizer
-        groups = optimizer.param_groups
-        G = len(groups)
-        params = [p for g in groups for p in g["params"]]
-        device = params[0].device if params else torch.device("cpu")
+        G = len(optimizer.param_groups)
         if self.controller is None:
             self.controller = Controller(self.config, G)
         elif G != self.controller.num_groups:
             self.controller.resize(G)
+        params = [p for g in optimizer.param_groups for p in g["params"]]
         key = tuple((id(p), tuple(p.shape)) for p in params)
         if key != self._param_key:  # snapshots of another parameter set cannot be restored
             if self._param_key is not None:
                 self._ring.clear()
-                self.controller.snapshot_steps = []
+                self.controller.recovery.verified_snapshots = []
+                self.controller.recovery.pending_snapshots = []
             self._param_key = key
-        if G != self._num_groups or device != self._device:
-            self._num_groups, self._device = G, device
-            self._control = torch.ones(2 * G + 2, dtype=torch.float64, device=device)
-            self._staging = []
-            self._last_values = None
-        self._probe_param_rms(groups, device)
-
-    def _probe_param_rms(self, groups, device) -> None:
-        """rms(theta) per group for the predictive bound of the very first steps.
-
-        Reduced on the device and copied back asynchronously; read at the next
-        ``before_step`` (after the copy's event), so binding never blocks either.
-        """
-        with torch.no_grad():
-            sums, counts = [], []
-            for group in groups:
-                ps = [p.detach() for p in group["params"] if p.numel() > 0]
-                counts.append(float(sum(p.numel() for p in ps)))  # global sizes (DTensor too)
-                # Sharded (FSDP2) parameters: square-sum the local shard, summed over ranks below.
-                locs = [distributed.local_tensor(p) for p in ps]
-                if locs:
-                    sums.append(torch.stack([t.float().square().sum().to(device, torch.float64) for t in locs]).sum())
-                else:
-                    sums.append(torch.zeros((), dtype=torch.float64, device=device))
-            packed = torch.stack(sums)
-            params = [p for group in groups for p in group["params"]]
-            distributed.sum_over_group(packed, distributed.shard_group(params))
-            packed, event = _async_to_host(packed)
-        self._rms_probe = (packed, event, counts)
-
-    def _read_rms_probe(self) -> None:
-        packed, event, counts = self._rms_probe
-        self._rms_probe = None
-        if event is not None:
-            event.synchronize()
-        sums = packed.tolist()
-        rms = [math.sqrt(s / n) if n > 0 and math.isfinite(s) else math.nan for s, n in zip(sums, counts)]
-        self.controller.set_param_rms(rms, counts)
+        self.controller.governor.seed_ratio(optimizer.inverse_matrix_rms())
 
     # ------------------------------------------------------------------ per step
-    def before_step(self, step: int) -> StepControl:
+    def before_step(self, step: int) -> GuardCommand:
         if self.controller is None:
             raise RuntimeError("Guard.before_step called before bind(optimizer)")
-        if self._rms_probe is not None:
-            self._read_rms_probe()
-        lrs = self.optimizer._host_lrs()
-        values = self.controller.control_values(step, lrs)
-        self._emit(self.controller.outbox)
-        self.controller.outbox = []
-        self._issued[step] = (values.scale, values.gate)
-        flat = values.as_list()
-        if flat != self._last_values:
-            self._upload(flat)
-            self._last_values = flat
-        G = self._num_groups
-        c = self._control
-        return StepControl(scale=c[:G], gate=c[G:2 * G], grad_norm_limit=c[2 * G], loss_limit=c[2 * G + 1],
-                           precheck=self.config.acts)
-
-    def _upload(self, flat: list[float]) -> None:
-        host = torch.tensor(flat, dtype=torch.float64)
-        if self._device.type != "cuda":
-            self._control.copy_(host)
-            return
-        # Two pinned staging buffers: the one written now was last read by a copy enqueued
-        # at least one step ago, whose event has long completed.
-        if len(self._staging) < 2:
-            self._staging.append((torch.empty(len(flat), dtype=torch.float64, pin_memory=True), None))
-        i = self._staging_next % len(self._staging)
-        self._staging_next += 1
-        buf, event = self._staging[i]
-        if event is not None:
-            event.synchronize()
-        buf.copy_(host)
-        self._control.copy_(buf, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        self._staging[i] = (buf, event)
+        if self.config.acts:
+            self._ring.before_step()  # the last snapshot copy must have read p, m, v
+        command = self.controller.command(step, self.optimizer._host_lrs())
+        self._issued[step] = (list(command.scale), list(command.gate))
+        self._flush_events()
+        return command
 
     def after_step(self, record: StepRecord) -> None:
-        self._pending.append(self._to_host(record))
         now = record.step
+        self._time_step()
+        scale, gate = self._issued.pop(now, ([1.0] * self.controller.num_groups, [1.0] * self.controller.num_groups))
+        G = self.controller.num_groups
+        rec = HostRecord(step=now, record=[], num_groups=G, lrs=[float(x) for x in record.lrs], scale=scale,
+                         gate=gate, has_loss=record.has_loss)
+        self._pending.append(_Pending(rec, self._copies.push(record.record), self._grad_norm_copy(record.grad_norm)))
         while len(self._pending) > self.config.lag:
             pending = self._pending.popleft()
-            rec = pending.host_record(*self._issued_for(pending, pop=True))
+            rec = self._host_record(pending, now)
             decision = self.controller.observe(rec, now)
-            self._trace_record(rec, decision.signals)
-            self._emit(decision.events)
-            if decision.rollback_to is not None:
-                self._ring.restore(decision.rollback_to, self.optimizer)
-                self._ring.retain(self.controller.snapshot_steps)
-                # The records still queued describe the abandoned trajectory.
-                self._pending.clear()
-                self._issued = {s: v for s, v in self._issued.items() if s > now}
+            self._trace_record(rec, decision["signals"])
+            self._flush_events()
+            if decision["rollback_to"] is not None:
+                self._rollback(decision["rollback_to"], now)
                 break
-        if self.controller.take_snapshot(now) and self.config.acts:
-            self._ring.take(now, self.optimizer)
+            if decision["give_up"] is not None:
+                self._give_up(decision["give_up"])
+        self._maybe_snapshot(now)
 
-    def _issued_for(self, pending: _Pending, pop: bool = False) -> tuple[list[float], list[float]]:
-        """The scale and gate issued for a pending record's step (ones if none was)."""
-        lookup = self._issued.pop if pop else self._issued.get
-        return lookup(pending.step, ([1.0] * pending.num_groups, [1.0] * pending.num_groups))
+    def _host_record(self, pending: _Pending, now: int | None) -> HostRecord:
+        """The pending record with its values on the host (reads the copy once)."""
+        rec = pending.rec
+        if pending.slot is not None:
+            rec.record = self._copies.read(pending.slot)
+            pending.slot = None
+            gn = pending.grad_norm
+            if isinstance(gn, tuple):
+                if gn[1] is not None:
+                    gn[1].synchronize()
+                gn = float(gn[0])
+            rec.grad_norm = gn
+        if now is not None:
+            rec.now = now
+        return rec
 
-    def _to_host(self, record: StepRecord) -> _Pending:
-        G = record.telemetry.shape[0]
-        device = record.telemetry.device
-        loss = record.loss.detach().reshape(1).to(device, torch.float64) if record.loss is not None else self._nan_on(device)
-        packed = torch.cat([record.telemetry.detach().reshape(-1).to(torch.float64),
-                            record.applied_gate.detach().reshape(-1).to(device, torch.float64), loss])
-        packed, event = _async_to_host(packed)
-        lrs = [float(x) for x in record.lrs]
-        return _Pending(record.step, G, packed, event, record.loss is not None, lrs)
+    @staticmethod
+    def _grad_norm_copy(norm):
+        if norm is None:
+            return None
+        if isinstance(norm, Tensor):
+            if norm.device.type == "cuda":
+                host = torch.empty((), dtype=torch.float64, pin_memory=True)
+                host.copy_(norm.detach().reshape(()), non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+                return host, event
+            return float(norm.detach().reshape(()))
+        return float(norm)
 
-    def _nan_on(self, device) -> Tensor:
-        if self._nan is None or self._nan.device != device:
-            self._nan = torch.full((1,), math.nan, dtype=torch.float64, device=device)
-        return self._nan
+    def _time_step(self) -> None:
+        clock = time.perf_counter()
+        if self._step_clock is not None:
+            dt = clock - self._step_clock
+            self._step_seconds = dt if self._step_seconds is None else 0.9 * self._step_seconds + 0.1 * dt
+        self._step_clock = clock
+
+    def _rollback(self, target: int, now: int) -> None:
+        try:
+            self._ring.restore(target, self.optimizer)
+        except (KeyError, RuntimeError) as exc:
+            self.controller._event(now, "rollback_failed", detail={"to_step": target, "error": str(exc)})
+            return
+        self._ring.retain(self.controller.recovery.verified_snapshots)
+        for p in self._pending:  # replay needs their lrs to issue the same commands
+            self._trace_line({"type": "dropped", "step": p.rec.step, "lrs": p.rec.lrs})
+        self._pending.clear()  # the queued records describe the abandoned trajectory
+        self._issued = {s: v for s, v in self._issued.items() if s > now}
+
+    def _give_up(self, evidence: dict) -> None:
+        exc = GuardGaveUp(
+            f"the guard gave up at step {evidence['step']}: {evidence['why']} "
+            f"({evidence['consecutive_trouble']} records in trouble, {evidence['rollbacks_in_window']} rollbacks "
+            f"in the window, verified snapshots {evidence['verified_snapshots']}); last reasons "
+            f"{evidence['reasons']}. Lower the learning rate, check the data and the loss scale, or pass "
+            "Guard(on_give_up=...) to decide yourself.",
+            evidence,
+        )
+        self.controller._event(evidence["step"], "give_up", detail={"why": evidence["why"]})
+        self._flush_events()
+        if self.on_give_up is None:
+            raise exc
+        self.on_give_up(exc)
+        self.controller.accept_give_up()
+
+    def _maybe_snapshot(self, now: int) -> None:
+        c = self.config
+        if not (c.snapshots and c.acts) or self.controller.regime != STABLE:
+            return
+        if self.controller.recovery.consecutive_trouble or self.controller.recovery.pending_snapshots:
+            return
+        interval = c.snapshot_interval or self._ring.interval(self._step_seconds, c.snapshot_budget,
+                                                              c.max_rollback_distance)
+        if self._last_snapshot is not None and now - self._last_snapshot < interval:
+            return
+        self._ring.take(now, self.optimizer, keep=self.controller.recovery.verified_snapshots)
+        self._last_snapshot = now
+        self.controller.snapshot_taken(now)
+        self._trace_line({"type": "snapshot", "step": now})
+
+    def notify_data_change(self) -> None:
+        """Tell the guard the data changed on purpose: a loss at a new level is not a spike."""
+        step = self.optimizer.num_steps if self.optimizer is not None else 0
+        self.controller.notify_data_change(step)
+        self._trace_line({"type": "data_change", "step": step})
+        self._flush_events()
+
+    def _trace_line(self, line: dict) -> None:
+        writer = self._trace_writer()
+        if writer is not None:
+            writer.write(line)
 
     # ------------------------------------------------------------------ events and traces
-    def _emit(self, events: list[Event]) -> None:
-        for event in events:
-            self.events.append(event)
-            writer = self._trace_writer()
-            if writer is not None:
+    def _flush_events(self) -> None:
+        writer = self._trace_writer()
+        log = self.controller.events
+        total = sum(log.counts.values())
+        new = total - self._logged_events
+        if writer is not None and new > 0:
+            for event in list(log.ring)[-min(new, len(log.ring)):]:
                 writer.write(event.to_dict())
+        self._logged_events = total
 
     def _trace_record(self, rec: HostRecord, signals: dict) -> None:
         if self.config.trace_path is None and not self.config.keep_trace:
@@ -258,14 +279,15 @@ class Guard:
             return None
         if self._writer is None:
             self._writer = JsonlWriter(self.config.trace_path, mode="a")
+            self._writer.write(run_start_line(self.config.to_dict()))
         return self._writer
 
     def write_jsonl(self, path) -> None:
-        """Write the kept records (``keep_trace=True``) and every event to ``path``."""
+        """Write the kept records (``keep_trace``) and the kept events to ``path``."""
         with JsonlWriter(path, mode="w") as writer:
-            writer.write({"type": "config", **self.config.to_dict()})
+            writer.write(run_start_line(self.config.to_dict()))
             writer.write_all(self.records)
-            writer.write_all(e.to_dict() for e in self.events)
+            writer.write_all(e.to_dict() for e in self.controller.events)
 
     def close(self) -> None:
         if self._writer is not None:
@@ -283,50 +305,92 @@ class Guard:
         return list(self.controller.last_scale) if self.controller is not None else []
 
     @property
+    def events(self) -> list[Event]:
+        """The most recent events (a ring of ``event_capacity``)."""
+        return list(self.controller.events) if self.controller is not None else []
+
+    @property
     def interventions(self) -> list[Event]:
         return [e for e in self.events if e.intervention and e.applied]
 
+    def summary(self) -> dict:
+        """Honest accounting of the run so far: fractions of steps capped, skipped and frozen,
+        the mean effective lr scale, rollbacks, counts of every action, and the regime."""
+        if self.controller is None:
+            return {}
+        out = self.controller.accounting.summary()
+        out.update({
+            "regime": self.controller.regime,
+            "scale": self.scale,
+            "interventions": self.controller.events.applied_interventions,
+            "actions": dict(self.controller.events.counts),
+        })
+        return out
+
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
-        pending = []
-        for p in self._pending:
-            scale, gate = self._issued_for(p)
-            pending.append({"record": p.host_record(scale, gate).to_dict(), "num_groups": p.num_groups})
-        return {
+        pending = [self._host_record(p, None).to_dict() for p in self._pending]
+        state = {
             "version": STATE_VERSION,
             "config": self.config.to_dict(),
             "controller": self.controller.state_dict() if self.controller is not None else None,
             "pending": pending,
             "issued": {int(s): [list(v[0]), list(v[1])] for s, v in self._issued.items()},
-            "events": [asdict(e) for e in self.events],
-            "records": list(self.records),
-            "snapshots": self._ring.state_dict(),
+            "last_snapshot": self._last_snapshot,
         }
+        if self.config.snapshots_in_state_dict:
+            state["snapshots"] = self._ring.state_dict()
+        return state
+
+    def check_state_dict(self, state: dict, num_steps: int) -> None:
+        """Raise ValueError/TypeError naming the entry if ``state`` cannot be loaded (a dry run
+        on a fresh controller, so nothing of this guard changes)."""
+        try:
+            if state.get("version") != STATE_VERSION:
+                raise ValueError(f"guard state version {state.get('version')!r} is not {STATE_VERSION} "
+                                 "(saved by another version of lbw-guard)")
+            ctrl = state.get("controller")
+            if ctrl is not None:
+                if not isinstance(ctrl, dict):
+                    raise TypeError("state_dict['guard']['controller'] must be a dict")
+                G = self.controller.num_groups if self.controller is not None else None
+                if G is not None and ctrl.get("num_groups") != G:
+                    raise ValueError(f"guard state has {ctrl.get('num_groups')} parameter groups, "
+                                     f"the optimizer has {G}")
+                Controller(self.config, ctrl.get("num_groups", 1)).load_state_dict(ctrl)
+            for r in state.get("pending", []):
+                rec = HostRecord.from_dict(r)
+                if not isinstance(rec.record, list) or not isinstance(rec.step, int) or rec.step > num_steps:
+                    raise ValueError(f"pending guard record of step {rec.step!r} is malformed or after step {num_steps}")
+            for step, value in state.get("issued", {}).items():
+                int(step)
+                if len(value) != 2:
+                    raise ValueError("state_dict['guard']['issued'] entries must be [scale, gate]")
+            snaps = state.get("snapshots")
+            if snaps is not None and not isinstance(snaps, dict):
+                raise TypeError("state_dict['guard']['snapshots'] must be a dict")
+        except (KeyError, AttributeError, TypeError) as exc:
+            raise (exc if isinstance(exc, TypeError) else ValueError(
+                f"state_dict['guard'] is malformed: {type(exc).__name__}: {exc}")) from None
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"unsupported guard state version {state.get('version')!r}")
+        num_steps = self.optimizer.num_steps if self.optimizer is not None else 1 << 62
+        self.check_state_dict(state, num_steps)
         if state["controller"] is not None:
-            if state["controller"]["num_groups"] != self.controller.num_groups:
-                raise ValueError(
-                    f"guard state has {state['controller']['num_groups']} parameter groups, "
-                    f"the optimizer has {self.controller.num_groups}"
-                )
             self.controller.load_state_dict(state["controller"])
         self._issued = {int(s): (list(v[0]), list(v[1])) for s, v in state["issued"].items()}
-        self._pending = deque(
-            _Pending(p["record"]["step"], p["num_groups"], None, None, p["record"]["loss"] is not None,
-                     p["record"]["lrs"], ready=HostRecord.from_dict(p["record"]))
-            for p in state["pending"]
-        )
-        self.events = [Event.from_dict(e) for e in state["events"]]
-        self.records = list(state["records"])
-        self._ring = SnapshotRing(self.config.snapshot_ring)
-        self._ring.load_state_dict(state["snapshots"], pin=self._device is not None and self._device.type == "cuda")
-        self._last_values = None  # re-upload the control values on the next step
-        loaded = state["controller"]["param_rms"] if state["controller"] is not None else []
-        if any(isinstance(v, (int, float)) and math.isfinite(v) for v in loaded):
-            self._rms_probe = None  # the controller's loaded rms(theta) wins over the bind-time probe
+        self._pending = deque()
+        for r in state["pending"]:
+            self._pending.append(_Pending(HostRecord.from_dict(r), None, None))
+        self._last_snapshot = state.get("last_snapshot")
+        self._ring.clear()
+        if "snapshots" in state and self.optimizer is not None:
+            self._ring.load_state_dict(state["snapshots"], self.optimizer)
+        kept = set(self._ring.steps())
+        rec = self.controller.recovery
+        rec.verified_snapshots = [s for s in rec.verified_snapshots if s in kept]
+        rec.pending_snapshots = [s for s in rec.pending_snapshots if s in kept]
+        self._logged_events = sum(self.controller.events.counts.values())
 
 
 def make_guard(spec) -> Guard | None:
@@ -344,3 +408,6 @@ def make_guard(spec) -> Guard | None:
     raise TypeError(
         f"guard must be None, a preset name, a GuardConfig, a dict or a Guard; got {type(spec).__name__}"
     )
+
+
+__all__ = ["Guard", "GuardGaveUp", "make_guard"]

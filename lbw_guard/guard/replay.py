@@ -18,8 +18,11 @@ import sys
 from collections import Counter
 from dataclasses import dataclass, field, replace
 
+from lbw_kernels import contract as C
+
 from .config import PRESETS, GuardConfig
-from .controller import Controller, HostRecord
+from .controller import Controller
+from .signals import HostRecord
 from .events import RUN_START, JsonlError, JsonlWriter, decode_floats, iter_jsonl
 
 PROG = "lbw-guard replay"
@@ -121,14 +124,26 @@ def _is_telemetry(value) -> bool:
 
 # What each field of a trace record must hold (the fields HostRecord.from_dict reads); keep
 # in step with the record format the guard writes.
+def _is_count(value) -> bool:
+    return _is_step(value) and value >= 1
+
+
 RECORD_SCHEMA = {
     "step": (_is_step, "a non-negative integer"),
-    "telemetry": (_is_telemetry, "a non-empty list of per-group lists of numbers, all of one length"),
-    "applied_gate": (_is_numbers, "a list of numbers"),
-    "loss": (lambda v: v is None or _is_number(v), "a number or null"),
+    "record": (lambda v: _is_numbers(v) and len(v) > 0, "a non-empty list of numbers"),
+    "num_groups": (_is_count, "a positive integer"),
     "lrs": (_is_numbers, "a list of numbers"),
     "scale": (_is_numbers, "a list of numbers"),
     "gate": (_is_numbers, "a list of numbers"),
+    "has_loss": (lambda v: isinstance(v, bool), "true or false"),
+    "grad_norm": (lambda v: v is None or _is_number(v), "a number or null"),
+    "now": (lambda v: v is None or _is_step(v), "a non-negative integer or null"),
+}
+# Other lines a replay reads, besides records: what the guard did between records.
+MARKERS = {
+    "snapshot": {"step": (_is_step, "a non-negative integer")},
+    "data_change": {"step": (_is_step, "a non-negative integer")},
+    "dropped": {"step": (_is_step, "a non-negative integer"), "lrs": (_is_numbers, "a list of numbers")},
 }
 
 
@@ -137,14 +152,23 @@ def _short(value) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def check_record(rec: dict) -> None:
-    """Raise ValueError (what is wrong) unless ``rec`` is a record the controller can replay."""
-    missing = [k for k in RECORD_SCHEMA if k not in rec]
+def check_record(rec: dict, schema: dict | None = None, what: str = "record") -> None:
+    """Raise ValueError (what is wrong) unless ``rec`` is a line the controller can replay."""
+    schema = RECORD_SCHEMA if schema is None else schema
+    missing = [k for k in schema if k not in rec]
     if missing:
-        raise ValueError(f"record without field(s) {', '.join(missing)}")
-    for key, (ok, what) in RECORD_SCHEMA.items():
+        raise ValueError(f"{what} without field(s) {', '.join(missing)}")
+    for key, (ok, text) in schema.items():
         if not ok(rec[key]):
-            raise ValueError(f"record {key!r} must be {what}, got {_short(rec[key])}")
+            raise ValueError(f"{what} {key!r} must be {text}, got {_short(rec[key])}")
+    if schema is RECORD_SCHEMA:
+        size = C.record_layout(rec["num_groups"]).size
+        if len(rec["record"]) != size:
+            raise ValueError(f"record 'record' holds {len(rec['record'])} values; {rec['num_groups']} "
+                             f"group(s) need {size}")
+        for key in ("lrs", "scale", "gate"):
+            if len(rec[key]) != rec["num_groups"]:
+                raise ValueError(f"record {key!r} has {len(rec[key])} values for {rec['num_groups']} group(s)")
 
 
 def read_runs(path: str, on_warning=None) -> list[TraceRun]:
@@ -163,6 +187,15 @@ def read_runs(path: str, on_warning=None) -> list[TraceRun]:
             if runs[-1].records:
                 runs.append(TraceRun())
             continue
+        if kind in MARKERS:
+            try:
+                check_record(obj, MARKERS[kind], kind)
+            except ValueError as exc:
+                raise JsonlError(path, number, str(exc)) from None
+            if runs[-1].records:
+                runs[-1].records.append(obj)
+                runs[-1].lines.append(number)
+            continue
         if kind != "record":
             continue  # events and future line types do not feed the controller
         try:
@@ -170,7 +203,8 @@ def read_runs(path: str, on_warning=None) -> list[TraceRun]:
         except ValueError as exc:
             raise JsonlError(path, number, str(exc)) from None
         current = runs[-1]
-        if current.records and obj["step"] <= current.records[-1]["step"]:
+        last = next((r for r in reversed(current.records) if r.get("type") == "record"), None)
+        if last is not None and obj["step"] <= last["step"]:
             current = TraceRun()  # the step went back: another run appended without a header
             runs.append(current)
         current.records.append(obj)
@@ -196,26 +230,40 @@ def pick_run(runs: list[TraceRun], wanted: int | None, path: str, on_warning) ->
 
 
 def replay(records: list[dict], config: GuardConfig):
-    """Events a controller with ``config`` raises over ``records`` (act mode, nothing applied)."""
-    # Detection and decisions as if acting, but nothing is applied to any run.
-    config = replace(config, mode="act", trace_path=None, keep_trace=False)
+    """Re-run a controller with ``config`` over a trace's lines, in the order the live guard
+    issued commands and processed records; returns (events, flagged, controller).
+
+    With the config the trace was recorded with, the decisions are the live ones exactly.
+    """
+    config = replace(config, mode="act", trace_path=None, keep_trace=0)
     controller = None
-    events, flagged = [], []
+    flagged = []
+    issued = 0
+    lrs_by_step = {r["step"]: r["lrs"] for r in records if r.get("type", "record") in ("record", "dropped")}
     for line in records:
-        rec = HostRecord.from_dict({k: decode_floats(v) for k, v in line.items()})
-        if controller is None:
-            controller = Controller(config, len(rec.telemetry))
-        if len(rec.telemetry) != controller.num_groups:
-            controller.resize(len(rec.telemetry))
-        controller.control_values(rec.step, rec.lrs)
-        decision = controller.observe(rec)
-        for event in controller.outbox + decision.events:
-            event.applied = False
-            events.append(event)
-        controller.outbox = []
-        controller.take_snapshot(rec.step)
-        if decision.signals.get("reasons"):
-            flagged.append((rec.step, decision.signals["reasons"]))
+        kind = line.get("type", "record")
+        if kind == "record":
+            rec = HostRecord.from_dict({k: decode_floats(v) for k, v in line.items()})
+            if controller is None:
+                controller = Controller(config, rec.num_groups)
+            elif rec.num_groups != controller.num_groups:
+                controller.resize(rec.num_groups)
+            now = rec.now if rec.now is not None else rec.step
+            while issued < now:  # the commands the live guard issued before this record
+                issued += 1
+                controller.command(issued, lrs_by_step.get(issued, rec.lrs))
+            decision = controller.observe(rec, now)
+            if decision["give_up"] is not None:
+                controller.accept_give_up()  # the live run went on, so its hook returned
+            if decision["signals"].get("reasons"):
+                flagged.append((rec.step, decision["signals"]["reasons"]))
+        elif controller is not None and kind == "snapshot":
+            controller.snapshot_taken(line["step"])
+        elif controller is not None and kind == "data_change":
+            controller.notify_data_change(line["step"])
+    events = list(controller.events) if controller is not None else []
+    for e in events:
+        e.applied = False
     return events, flagged, controller
 
 
@@ -269,6 +317,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"step {e.step:>7}  {e.regime:<10}  {e.action:<16} {why}{bound}", file=out)
     actions = Counter(e.action for e in events)
     interventions = sum(1 for e in events if e.intervention)
+    lines = [r for r in lines if r.get("type", "record") == "record"]
     steps = len(lines)
     which = f", run {number} of {len(runs)}" if len(runs) > 1 else ""
     print(f"replayed {steps} records (steps {lines[0]['step']}..{lines[-1]['step']}{which}): "

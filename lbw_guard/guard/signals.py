@@ -1,18 +1,100 @@
-"""Signals derived from one telemetry record (host floats, TELEMETRY_FIELDS order)."""
+"""Signals derived from one telemetry record, on the host (plain floats).
+
+A :class:`HostRecord` is what the guard processes: the flat record the kernel wrote (see
+``lbw_kernels.contract.record_layout``), copied to host memory, plus what the host knew when
+it issued the step (scheduler lrs, the scale and gate it commanded, whether a loss was given,
+the caller's pre-clip grad norm). :func:`derive` turns it into per-group and global signals.
+"""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
-from lbw_kernels.contract import TELEMETRY_FIELDS
-
-NUM_FIELDS = len(TELEMETRY_FIELDS)
-GRAD_SQ, UPDATE_SQ, PARAM_SQ, GRAD_DOT_UPDATE, OUTLIERS, NONFINITE, NUMEL = range(NUM_FIELDS)
+from lbw_kernels import contract as C
 
 
-def _div(a: float, b: float) -> float:
-    return a / b if b > 0 else 0.0
+@dataclass
+class HostRecord:
+    """One step's record on the host, as the controller (and replay) reads it."""
+
+    step: int
+    record: list[float]
+    """The flat record (contract.record_layout) as floats."""
+    num_groups: int
+    lrs: list[float]
+    scale: list[float]
+    """The guard scale issued for this step."""
+    gate: list[float]
+    """The guard gate issued for this step."""
+    has_loss: bool = False
+    grad_norm: float | None = None
+    """The caller's pre-clip global grad norm (``record_grad_norm``), if any."""
+    now: int | None = None
+    """The latest optimizer step when the record was processed (rollback distances)."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "HostRecord":
+        return cls(**{k: d[k] for k in _RECORD_KEYS if k in d})
+
+
+_RECORD_KEYS = ("step", "record", "num_groups", "lrs", "scale", "gate", "has_loss", "grad_norm", "now")
+
+
+@dataclass
+class GroupSignals:
+    fields: list[float]
+    """The group's NUM_GROUP_FIELDS raw fields."""
+    applied_gate: float
+    invalid: float
+
+    def __getattr__(self, name: str):
+        index = _GROUP_INDEX.get(name)
+        if index is None:
+            raise AttributeError(name)
+        return self.fields[index]
+
+    @property
+    def grad_norm(self) -> float:
+        return _sqrt(self.fields[C.T_GRAD_SQ])
+
+    @property
+    def omega(self) -> float | None:
+        """Geometric mean over the group's matrices of omega (None without a defined one)."""
+        n = self.fields[C.G_OMEGA_COUNT]
+        return math.exp(self.fields[C.G_OMEGA_LOG_SUM] / n) if n > 0 else None
+
+    @property
+    def log_omega(self) -> float | None:
+        n = self.fields[C.G_OMEGA_COUNT]
+        return self.fields[C.G_OMEGA_LOG_SUM] / n if n > 0 else None
+
+    @property
+    def cos(self) -> float | None:
+        """Mean over matrices of cos(g_t, d_{t-1}): < 0 means the last step overshot."""
+        n = self.fields[C.G_COS_COUNT]
+        return self.fields[C.G_COS_SUM] / n if n > 0 else None
+
+    @property
+    def update_ratio(self) -> float | None:
+        """RMS over matrices of ||u|| / ||theta|| (each matrix on its own)."""
+        n = self.fields[C.G_RATIO_COUNT]
+        return math.sqrt(max(self.fields[C.G_RATIO_SQ_SUM] / n, 0.0)) if n > 0 else None
+
+    @property
+    def spike_fraction(self) -> float:
+        numel = self.fields[C.T_NUMEL]
+        return self.fields[C.T_SPIKES] / numel if numel > 0 else 0.0
+
+    @property
+    def written(self) -> bool:
+        return self.applied_gate > 0
+
+
+_GROUP_INDEX = {name: i for i, name in enumerate(C.GROUP_FIELDS)}
 
 
 def _sqrt(x: float) -> float:
@@ -22,76 +104,72 @@ def _sqrt(x: float) -> float:
 
 
 @dataclass
-class GroupSignals:
-    grad_norm: float
-    update_ratio: float
-    """||u|| / ||theta||: the update relative to the parameters."""
-    outlier_ratio: float
-    nonfinite: float
-    param_rms: float
-    update_rms: float
-    grad_dot_update: float
-    numel: float
-
-
-@dataclass
 class StepSignals:
+    step: int
     groups: list[GroupSignals]
+    loss: float | None
+    """The loss the step checked; None when no loss was given (NaN when a NaN was given)."""
     grad_norm: float
-    update_ratio: float
-    outlier_ratio: float
+    """Global L2 grad norm: the caller's pre-clip norm when recorded, else the telemetry's."""
+    telemetry_grad_norm: float
+    spike_fraction: float
     nonfinite: float
     param_sq: float
+    step_ok: bool
     grad_dot_update: float
-    numel: float
-    loss: float | None = None
-    curvature: float | None = None
-    """loss_t+1 - loss_t - g.u: about 0.5 u^T H u along the update (minibatch noise included)."""
-    trust_ratio: float | None = None
-    """(loss_t+1 - loss_t) / g.u: 1 when the first-order model holds, < 0 when it fails."""
     extra: dict = field(default_factory=dict)
+
+    @property
+    def params_finite(self) -> bool:
+        return math.isfinite(self.param_sq)
+
+    @property
+    def written_groups(self) -> list[int]:
+        return [g for g, gs in enumerate(self.groups) if gs.written]
 
     def summary(self) -> dict:
         """The signals as a flat dict of floats (for events and traces)."""
         out = {
             "grad_norm": self.grad_norm,
-            "update_ratio": self.update_ratio,
-            "outlier_ratio": self.outlier_ratio,
-            "nonfinite": self.nonfinite,
             "loss": self.loss,
-            "curvature": self.curvature,
-            "trust_ratio": self.trust_ratio,
+            "spike_fraction": self.spike_fraction,
+            "nonfinite": self.nonfinite,
+            "omega": [gs.omega for gs in self.groups],
+            "cos": [gs.cos for gs in self.groups],
+            "applied_gate": [gs.applied_gate for gs in self.groups],
         }
         out.update(self.extra)
         return out
 
 
-def derive(rows: list[list[float]], loss: float | None) -> StepSignals:
-    """Per-group and global signals from a [G][7] telemetry table."""
+def derive(rec: HostRecord) -> StepSignals:
+    """Per-group and global signals of one host record."""
+    G = rec.num_groups
+    layout = C.record_layout(G)
+    values = rec.record
+    gates = values[layout.applied_gate]
+    invalid = values[layout.invalid]
+    glob = values[layout.globals]
     groups = []
-    for r in rows:
-        groups.append(
-            GroupSignals(
-                grad_norm=_sqrt(r[GRAD_SQ]),
-                update_ratio=_sqrt(_div(r[UPDATE_SQ], r[PARAM_SQ])) if math.isfinite(r[PARAM_SQ]) else math.inf,
-                outlier_ratio=_div(r[OUTLIERS], r[NUMEL]),
-                nonfinite=r[NONFINITE],
-                param_rms=_sqrt(_div(r[PARAM_SQ], r[NUMEL])),
-                update_rms=_sqrt(_div(r[UPDATE_SQ], r[NUMEL])),
-                grad_dot_update=r[GRAD_DOT_UPDATE],
-                numel=r[NUMEL],
-            )
-        )
-    total = [sum(r[i] for r in rows) for i in range(len(TELEMETRY_FIELDS))]
-    param_sq = total[PARAM_SQ]
+    for g in range(G):
+        start = g * C.NUM_GROUP_FIELDS
+        groups.append(GroupSignals(list(values[start:start + C.NUM_GROUP_FIELDS]), gates[g], invalid[g]))
+    total = [sum(gs.fields[i] for gs in groups) for i in range(C.NUM_TENSOR_FIELDS)]
+    telemetry_norm = _sqrt(total[C.T_GRAD_SQ])
+    grad_norm = telemetry_norm
+    if rec.grad_norm is not None and not (isinstance(rec.grad_norm, float) and math.isnan(rec.grad_norm)):
+        grad_norm = float(rec.grad_norm)
+    loss = float(glob[C.R_LOSS]) if rec.has_loss else None
+    numel = total[C.T_NUMEL]
     return StepSignals(
+        step=rec.step,
         groups=groups,
-        grad_norm=_sqrt(total[GRAD_SQ]),
-        update_ratio=_sqrt(_div(total[UPDATE_SQ], param_sq)) if math.isfinite(param_sq) else math.inf,
-        outlier_ratio=_div(total[OUTLIERS], total[NUMEL]),
-        nonfinite=total[NONFINITE],
-        param_sq=param_sq,
-        grad_dot_update=total[GRAD_DOT_UPDATE],
-        numel=total[NUMEL],
         loss=loss,
+        grad_norm=grad_norm,
+        telemetry_grad_norm=telemetry_norm,
+        spike_fraction=total[C.T_SPIKES] / numel if numel > 0 else 0.0,
+        nonfinite=total[C.T_NONFINITE],
+        param_sq=total[C.T_PARAM_SQ],
+        step_ok=glob[C.R_STEP_OK] > 0,
+        grad_dot_update=total[C.T_GRAD_DOT_UPDATE],
     )

@@ -1,13 +1,21 @@
-"""A bounded ring of snapshots of params and AdamW state, for rollback.
+"""A bounded ring of snapshots of params and AdamW state, for rollback, with a bounded cost.
 
-A snapshot copies every parameter and its ``step``/``exp_avg``/``exp_avg_sq`` to host
-memory: on CUDA asynchronously into pinned buffers (reused from the slot it evicts) with
-an event marking completion; on the CPU as plain clones. Rollback copies back *in place*,
-so no parameter or state tensor changes identity (DDP/FSDP hooks, references held by the
-user and the optimizer's kernel tables stay valid).
+Buffers are allocated once per slot and reused. On a GPU the copy runs on a side stream that
+first waits for the step it copies; the next optimizer step waits for the copy (forward and
+backward overlap it), so the copy never sits on the compute stream. ``snapshot_device="device"``
+keeps the ring on the GPU instead (fast, costs device memory). Rollback copies back *in place*,
+so no parameter or state tensor changes identity (DDP/FSDP hooks, references held by the user
+and the kernels' tables stay valid).
+
+How often to snapshot comes from a cost budget: the guard measures what a copy takes and how
+long a step takes, and spaces the snapshots so that copies stay under ``snapshot_budget`` of
+the run's time (between every 5 steps and half the maximal rollback distance).
 """
 
 from __future__ import annotations
+
+import math
+import time
 
 import torch
 from torch import Tensor
@@ -15,125 +23,173 @@ from torch import Tensor
 from lbw_guard.distributed import local_tensor
 
 STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")
+MIN_INTERVAL = 5
 
 
 def _params(optimizer) -> list[Tensor]:
     return [p for group in optimizer.param_groups for p in group["params"]]
 
 
-class Snapshot:
-    def __init__(self, step: int, entries: list[dict], event=None):
-        self.step = step
-        self.entries = entries  # per parameter: {"param": host tensor, "state": {key: host tensor}}
-        self.event = event  # CUDA event recorded after the copies were enqueued, or None
+def _sources(optimizer) -> list[Tensor]:
+    """Every tensor a snapshot holds, in a fixed order: per parameter, it and its state."""
+    out = []
+    for p in _params(optimizer):
+        out.append(local_tensor(p.detach()))
+        state = optimizer.state.get(p, {})
+        out.extend(local_tensor(state[k]) for k in STATE_KEYS if k in state)
+    return out
+
+
+class Slot:
+    """One snapshot: buffers matching the sources, the step they hold, and the copy's event."""
+
+    def __init__(self):
+        self.step: int | None = None
+        self.buffers: list[Tensor] = []
+        self.event = None  # CUDA event of the copy into (or out of) the buffers
 
     def wait(self) -> None:
         if self.event is not None:
-            self.event.synchronize()  # a snapshot is steps old by the time it is read
+            self.event.synchronize()
             self.event = None
 
-
-def _host_copy(src: Tensor, reuse: Tensor | None) -> Tensor:
-    src = src.detach()
-    if src.device.type == "cpu":
-        return src.clone()
-    if reuse is not None and reuse.shape == src.shape and reuse.dtype == src.dtype:
-        buf = reuse
-    else:
-        buf = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)
-    buf.copy_(src, non_blocking=True)
-    return buf
+    def fits(self, sources: list[Tensor]) -> bool:
+        return len(self.buffers) == len(sources) and all(
+            b.shape == s.shape and b.dtype == s.dtype for b, s in zip(self.buffers, sources))
 
 
 class SnapshotRing:
-    def __init__(self, capacity: int):
+    """``capacity`` snapshots (the verified ones and one being verified)."""
+
+    def __init__(self, capacity: int, where: str = "cpu"):
         self.capacity = capacity
-        self.slots: list[Snapshot] = []
+        self.where = where
+        self.slots = [Slot() for _ in range(capacity)]
+        self._stream = None
+        self.last_copy_seconds: float | None = None
+        self._timing = None  # (start event, end event) of the last GPU copy, read later
+        self.pending_wait = None  # event the next optimizer step must wait for
 
     def steps(self) -> list[int]:
-        return [s.step for s in self.slots]
+        return [s.step for s in self.slots if s.step is not None]
+
+    def nbytes(self, optimizer) -> int:
+        return sum(t.numel() * t.element_size() for t in _sources(optimizer))
 
     def clear(self) -> None:
         for s in self.slots:
             s.wait()
-        self.slots = []
+            s.step = None
 
     def retain(self, steps) -> None:
-        """Drop snapshots whose step is not in ``steps``."""
         keep = set(steps)
         for s in self.slots:
-            if s.step not in keep:
-                s.wait()
-        self.slots = [s for s in self.slots if s.step in keep]
+            if s.step is not None and s.step not in keep:
+                s.step = None
 
-    def take(self, step: int, optimizer) -> None:
-        reuse = None
-        if len(self.slots) >= self.capacity:
-            reuse = self.slots.pop(0)
-            reuse.wait()  # its buffers are about to be overwritten
-        entries = []
-        old = reuse.entries if reuse is not None else []
-        device = None
-        for i, p in enumerate(_params(optimizer)):
-            prev = old[i] if i < len(old) else {"param": None, "state": {}}
-            state = optimizer.state.get(p, {})
-            entry = {
-                "param": _host_copy(local_tensor(p), prev["param"]),
-                "state": {k: _host_copy(local_tensor(state[k]), prev["state"].get(k)) for k in STATE_KEYS if k in state},
-            }
-            entries.append(entry)
-            if p.device.type == "cuda":
-                device = p.device
-        event = None
-        if device is not None:
-            event = torch.cuda.Event()
-            event.record(torch.cuda.current_stream(device))
-        self.slots.append(Snapshot(step, entries, event))
+    # ------------------------------------------------------------------ taking
+    def take(self, step: int, optimizer, keep: list[int]) -> None:
+        """Snapshot the state after ``step`` into a slot not holding one of ``keep``."""
+        slot = next((s for s in self.slots if s.step is None or s.step not in keep), None)
+        if slot is None:
+            return
+        slot.wait()
+        sources = _sources(optimizer)
+        if not slot.fits(sources):
+            slot.buffers = [self._buffer_like(t) for t in sources]
+        device = next((t.device for t in sources if t.device.type == "cuda"), None)
+        started = time.perf_counter()
+        if device is None:
+            with torch.no_grad():
+                torch._foreach_copy_(slot.buffers, sources)
+            self.last_copy_seconds = time.perf_counter() - started
+        else:
+            self._copy_on_side_stream(slot, sources, device)
+        slot.step = step
 
+    def _buffer_like(self, t: Tensor) -> Tensor:
+        if t.device.type == "cuda" and self.where == "cpu":
+            return torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        return torch.empty_like(t, memory_format=torch.preserve_format)
+
+    def _copy_on_side_stream(self, slot: Slot, sources: list[Tensor], device) -> None:
+        self._read_timing()
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(device=device)
+        current = torch.cuda.current_stream(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        self._stream.wait_stream(current)  # copy the state this step left
+        with torch.cuda.stream(self._stream), torch.no_grad():
+            start.record()
+            for b, s in zip(slot.buffers, sources):
+                b.copy_(s, non_blocking=True)
+            end.record()
+        for s in sources:  # the caching allocator must not reuse them before the copy ran
+            s.record_stream(self._stream)
+        slot.event = end
+        self.pending_wait = end
+        self._timing = (start, end)
+
+    def _read_timing(self) -> None:
+        if self._timing is not None and self._timing[1].query():
+            self.last_copy_seconds = self._timing[0].elapsed_time(self._timing[1]) / 1000.0
+            self._timing = None
+
+    def before_step(self) -> None:
+        """Called before the optimizer writes p, m, v: the last copy must have read them."""
+        if self.pending_wait is not None:
+            torch.cuda.current_stream().wait_event(self.pending_wait)
+            self.pending_wait = None
+
+    # ------------------------------------------------------------------ restoring
     def restore(self, step: int, optimizer) -> None:
         """Copy snapshot ``step`` back into the optimizer's tensors, in place."""
-        snap = next((s for s in self.slots if s.step == step), None)
-        if snap is None:
+        slot = next((s for s in self.slots if s.step == step), None)
+        if slot is None:
             raise KeyError(f"no snapshot of step {step} (have {self.steps()})")
-        snap.wait()
-        params = _params(optimizer)
-        if len(params) != len(snap.entries):
-            raise RuntimeError("the parameter set changed since the snapshot was taken")
-        device = None
+        slot.wait()
+        sources = _sources(optimizer)
+        if not slot.fits(sources):
+            raise RuntimeError("the parameters or their state changed shape since the snapshot was taken")
         with torch.no_grad():
-            for p, entry in zip(params, snap.entries):
-                local_tensor(p.data).copy_(entry["param"], non_blocking=True)
-                state = optimizer.state.get(p, {})
-                for k, buf in entry["state"].items():
-                    if k in state:
-                        local_tensor(state[k]).copy_(buf, non_blocking=True)
-                if p.device.type == "cuda":
-                    device = p.device
+            torch._foreach_copy_(sources, slot.buffers)
+        device = next((t.device for t in sources if t.device.type == "cuda"), None)
         if device is not None:  # the host buffers must outlive the copies out of them
-            snap.event = torch.cuda.Event()
-            snap.event.record(torch.cuda.current_stream(device))
+            slot.event = torch.cuda.Event()
+            slot.event.record(torch.cuda.current_stream(device))
+
+    # ------------------------------------------------------------------ budget
+    def interval(self, step_seconds: float | None, budget: float, max_distance: int) -> int:
+        """Steps between snapshots so that copies cost at most ``budget`` of the run's time."""
+        self._read_timing()
+        cap = max(MIN_INTERVAL, max_distance // 2)
+        if not self.last_copy_seconds or not step_seconds or step_seconds <= 0:
+            return min(10, cap)
+        wanted = math.ceil(self.last_copy_seconds / (budget * step_seconds))
+        return int(min(cap, max(MIN_INTERVAL, wanted)))
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
+        out = []
         for s in self.slots:
+            if s.step is None:
+                continue
             s.wait()
-        return {
-            "capacity": self.capacity,
-            "slots": [
-                {"step": s.step, "entries": [{"param": e["param"], "state": dict(e["state"])} for e in s.entries]}
-                for s in self.slots
-            ],
-        }
+            out.append({"step": s.step, "buffers": [b.detach().cpu().clone() for b in s.buffers]})
+        return {"capacity": self.capacity, "slots": out}
 
-    def load_state_dict(self, state: dict, pin: bool = False) -> None:
-        def host(t: Tensor) -> Tensor:
-            t = t.detach().to("cpu", copy=True)
-            return t.pin_memory() if pin else t
-
-        self.slots = [
-            Snapshot(
-                int(s["step"]),
-                [{"param": host(e["param"]), "state": {k: host(v) for k, v in e["state"].items()}} for e in s["entries"]],
-            )
-            for s in state["slots"]
-        ][-self.capacity:]
+    def load_state_dict(self, state: dict, optimizer) -> None:
+        """Restore saved snapshots whose tensors match the optimizer's (others are dropped)."""
+        self.clear()
+        sources = _sources(optimizer)
+        saved = sorted(state.get("slots", []), key=lambda s: s["step"])[-self.capacity:]
+        for slot, entry in zip(self.slots, saved):
+            buffers = entry["buffers"]
+            if len(buffers) != len(sources) or any(
+                    tuple(b.shape) != tuple(s.shape) or b.dtype != s.dtype for b, s in zip(buffers, sources)):
+                continue
+            slot.buffers = [self._buffer_like(s) for s in sources]
+            with torch.no_grad():
+                for dst, src in zip(slot.buffers, buffers):
+                    dst.copy_(src)
+            slot.step = int(entry["step"])

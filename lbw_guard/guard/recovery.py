@@ -1,0 +1,246 @@
+"""Recovery: what to do about a fault. Skip, rebaseline, freeze, roll back, or give up.
+
+The policy answers faults, not level changes, and never harms a healthy run:
+
+- an isolated spike is skipped (on the device: the per-element bound and the loss check) and
+  nothing else happens: no lr cut;
+- a loss that jumps while the gradients stay normal, for ``level_shift_records`` records in a
+  row, is new data: the loss statistics restart at the new level (``notify_data_change`` does
+  it at once);
+- a group whose gradients alone are non-finite or spiking in two records in a row is frozen
+  (gated off) for ``freeze_steps``, within ``max_frozen_fraction`` of the parameters;
+- only *corroborated* divergence rolls back: non-finite parameters, or a loss spike right
+  after a gradient spike was applied (the step did the damage); the target is the newest
+  *verified* snapshot (taken, then confirmed by two clean records), within distance and budget;
+- trouble that persists with no rollback left ends in :class:`GuardGaveUp` (or the user's
+  hook) with the evidence, never in skipping forever.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from .config import GuardConfig
+from .detectors import Assessment
+from .signals import StepSignals
+
+# Consecutive records in trouble after which a rollback is tried even without corroboration.
+_PERSISTENT_TROUBLE = 8
+
+
+class GuardGaveUp(RuntimeError):
+    """The guard cannot keep the run inside its envelope: trouble persisted with no rollback
+    left. ``evidence`` holds what it saw (steps, reasons, the last signals, counters)."""
+
+    def __init__(self, message: str, evidence: dict):
+        super().__init__(message)
+        self.evidence = evidence
+
+
+class Recovery:
+    """Skip, rebaseline, freeze, rollback and escalation for ``num_groups`` groups."""
+
+    def __init__(self, config: GuardConfig, num_groups: int):
+        self.config = config
+        self.consecutive_trouble = 0
+        self.loss_only_streak = 0
+        self.grad_spike_applied_at: int | None = None  # step of the last applied gradient spike
+        self.rollback_steps: deque[int] = deque()
+        self.pending_snapshots: list[int] = []  # taken, not yet confirmed by two clean records
+        self.verified_snapshots: list[int] = []
+        self.last_trouble_step = 0
+        self.recent_reasons: deque[tuple[int, list[str]]] = deque(maxlen=8)
+        self.num_groups = 0
+        self.resize(num_groups)
+
+    def resize(self, num_groups: int) -> None:
+        num_groups = max(int(num_groups), 1)
+
+        def fit(values: list, fill) -> list:
+            return (values + [fill] * num_groups)[:num_groups]
+
+        self.freeze_until = fit(getattr(self, "freeze_until", []), 0)
+        self.hot_streak = fit(getattr(self, "hot_streak", []), 0)
+        self.numel = fit(getattr(self, "numel", []), 0.0)
+        self.num_groups = num_groups
+
+    # ------------------------------------------------------------------ gates
+    def gate(self, g: int, step: int) -> float:
+        return 0.0 if step <= self.freeze_until[g] else 1.0
+
+    def frozen_fraction(self, step: int) -> float:
+        total = sum(n for n in self.numel if n > 0)
+        if total <= 0:
+            return 0.0
+        return sum(n for g, n in enumerate(self.numel) if n > 0 and step <= self.freeze_until[g]) / total
+
+    # ------------------------------------------------------------------ snapshots
+    def snapshot_taken(self, step: int) -> None:
+        self.pending_snapshots.append(step)
+
+    def _confirm_snapshots(self, step: int, trouble: bool) -> list[dict]:
+        """A snapshot of the state after step s is verified by clean records s and s + 1 (the
+        latter's loss and parameter norm are those of that very state)."""
+        out = []
+        for s in list(self.pending_snapshots):
+            if trouble and s in (step, step - 1):
+                self.pending_snapshots.remove(s)
+                out.append({"action": "snapshot_discarded", "step": s})
+            elif step >= s + 1 and not trouble:
+                self.pending_snapshots.remove(s)
+                self.verified_snapshots.append(s)
+                del self.verified_snapshots[: -self.config.snapshot_ring]
+        return out
+
+    # ------------------------------------------------------------------ deciding
+    def observe(self, sig: StepSignals, a: Assessment, now: int, issued_gate: list[float]) -> dict:
+        """Fold one assessed record in; returns the decision as a dict of actions."""
+        c = self.config
+        step = sig.step
+        decision: dict = {"events": [], "rollback_to": None, "give_up": None, "rebaseline_loss": False}
+        for g, gs in enumerate(sig.groups):
+            if gs.numel > 0:
+                self.numel[g] = gs.numel
+        self._release_frozen(now, decision)
+        trouble = a.trouble
+        decision["events"].extend(self._confirm_snapshots(step, trouble))
+        written = any(gs.written for gs in sig.groups)
+        if a.grad_spike and written:
+            self.grad_spike_applied_at = step
+        if not trouble:
+            self.consecutive_trouble = 0
+            self.loss_only_streak = 0
+            self._cool_hot()
+            return decision
+
+        self.consecutive_trouble += 1
+        self.last_trouble_step = step
+        self.recent_reasons.append((step, a.reasons))
+        loss_only = a.loss_spike and not (a.grad_spike or a.nonfinite or a.params_bad)
+        self.loss_only_streak = self.loss_only_streak + 1 if loss_only else 0
+        decision["events"].append({"action": "skip", "why": ",".join(a.reasons), "device_skipped": a.device_skip,
+                                   "applied": a.device_skip or a.nonfinite or a.grad_spike})
+
+        damage = a.loss_spike and self.grad_spike_applied_at is not None and step - self.grad_spike_applied_at <= 1
+        if a.params_bad or damage or self.consecutive_trouble >= _PERSISTENT_TROUBLE:
+            why = "params_nonfinite" if a.params_bad else ("spike_damage" if damage else "persistent_trouble")
+            if self._rollback(step, now, why, decision):
+                return decision
+            if a.params_bad or self.consecutive_trouble >= c.give_up_after:
+                decision["give_up"] = self._evidence(sig, a, why)
+                return decision
+        if self.loss_only_streak >= c.level_shift_records:
+            decision["rebaseline_loss"] = True
+            decision["events"].append({"action": "rebaseline", "why": "loss_level_shift",
+                                       "records": self.loss_only_streak})
+            self.loss_only_streak = 0
+            self.consecutive_trouble = 0
+        self._freeze(a, now, issued_gate, decision)
+        return decision
+
+    def _rollback(self, step: int, now: int, why: str, decision: dict) -> bool:
+        c = self.config
+        while self.rollback_steps and self.rollback_steps[0] <= now - c.rollback_window:
+            self.rollback_steps.popleft()
+        candidates = [s for s in self.verified_snapshots if now - s <= c.max_rollback_distance]
+        bound = None
+        if not c.snapshots:
+            bound = "snapshots_off"
+        elif len(self.rollback_steps) >= c.max_rollbacks:
+            bound = "max_rollbacks"
+        elif not candidates:
+            bound = "no_verified_snapshot" if not self.verified_snapshots else "max_rollback_distance"
+        if bound is not None:
+            decision["events"].append({"action": "rollback_refused", "why": why, "bound": bound, "now": now})
+            return False
+        target = max(candidates)
+        decision["rollback_to"] = target
+        decision["events"].append({"action": "rollback", "why": why, "to_step": target, "now": now,
+                                   "distance": now - target})
+        self.rollback_steps.append(now)
+        # Snapshots after the target describe the abandoned trajectory.
+        self.verified_snapshots = [s for s in self.verified_snapshots if s <= target]
+        self.pending_snapshots = []
+        self.consecutive_trouble = 0
+        self.loss_only_streak = 0
+        self.grad_spike_applied_at = None
+        return True
+
+    def _evidence(self, sig: StepSignals, a: Assessment, why: str) -> dict:
+        return {"step": sig.step, "why": why, "reasons": a.reasons,
+                "consecutive_trouble": self.consecutive_trouble,
+                "rollbacks_in_window": len(self.rollback_steps),
+                "verified_snapshots": list(self.verified_snapshots),
+                "recent": list(self.recent_reasons), "signals": sig.summary()}
+
+    def _cool_hot(self) -> None:
+        for g in range(self.num_groups):
+            self.hot_streak[g] = 0
+
+    def _freeze(self, a: Assessment, now: int, issued_gate: list[float], decision: dict) -> None:
+        c = self.config
+        for g in range(self.num_groups):
+            self.hot_streak[g] = self.hot_streak[g] + 1 if g in a.hot_groups else 0
+        hot = [g for g in a.hot_groups if self.hot_streak[g] >= 2 and issued_gate[g] > 0]
+        if not hot or c.freeze_steps == 0:
+            return
+        total = sum(n for n in self.numel if n > 0)
+        if total <= 0:
+            return
+        frozen = self.frozen_fraction(now + 1) * total
+        chosen, refused = [], []
+        for g in hot:
+            size = max(self.numel[g], 0.0)
+            if frozen + size <= c.max_frozen_fraction * total:
+                frozen += size
+                chosen.append(g)
+            else:
+                refused.append(g)
+        for g in chosen:
+            self.freeze_until[g] = now + c.freeze_steps
+            self.hot_streak[g] = 0
+        if chosen:
+            decision["events"].append({"action": "freeze", "groups": chosen, "until": now + c.freeze_steps})
+        if refused:
+            decision["events"].append({"action": "freeze_refused", "groups": refused, "bound": "max_frozen_fraction"})
+
+    def _release_frozen(self, now: int, decision: dict) -> None:
+        for g in range(self.num_groups):
+            if self.freeze_until[g] and now >= self.freeze_until[g]:
+                decision["events"].append({"action": "unfreeze", "groups": [g]})
+                self.freeze_until[g] = 0
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        return {
+            "num_groups": self.num_groups,
+            "consecutive_trouble": self.consecutive_trouble,
+            "loss_only_streak": self.loss_only_streak,
+            "grad_spike_applied_at": self.grad_spike_applied_at,
+            "rollback_steps": list(self.rollback_steps),
+            "pending_snapshots": list(self.pending_snapshots),
+            "verified_snapshots": list(self.verified_snapshots),
+            "last_trouble_step": self.last_trouble_step,
+            "recent_reasons": [[s, list(r)] for s, r in self.recent_reasons],
+            "freeze_until": list(self.freeze_until),
+            "hot_streak": list(self.hot_streak),
+            "numel": list(self.numel),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.resize(int(state["num_groups"]))
+        self.consecutive_trouble = int(state["consecutive_trouble"])
+        self.loss_only_streak = int(state["loss_only_streak"])
+        spike = state["grad_spike_applied_at"]
+        self.grad_spike_applied_at = int(spike) if spike is not None else None
+        self.rollback_steps = deque(int(s) for s in state["rollback_steps"])
+        self.pending_snapshots = [int(s) for s in state["pending_snapshots"]]
+        self.verified_snapshots = [int(s) for s in state["verified_snapshots"]]
+        self.last_trouble_step = int(state["last_trouble_step"])
+        self.recent_reasons = deque(((int(s), list(r)) for s, r in state["recent_reasons"]), maxlen=8)
+        self.freeze_until = [int(x) for x in state["freeze_until"]]
+        self.hot_streak = [int(x) for x in state["hot_streak"]]
+        self.numel = [float(x) for x in state["numel"]]
+
+
+__all__ = ["GuardGaveUp", "Recovery"]
