@@ -1,9 +1,12 @@
 """A plain PyTorch training loop under the guard (tiny random-init Llama, random tokens).
 
-    python examples/plain_loop.py --steps 20 --trace trace.jsonl
+    python examples/plain_loop.py --steps 20 --trace trace.jsonl [--clip 1.0]
 
-Prints one line per logged step with the guard's metrics; regime changes and interventions
-go to Python logging; --trace writes every record and event as JSONL.
+Prints one line per logged step with the guard's metrics (the last step's telemetry and the
+guard's accounting: fractions of steps capped, skipped, frozen, the mean lr scale); regime
+changes and interventions go to Python logging; --trace writes every record and event as JSONL.
+With --clip the loop clips with torch.nn.utils.clip_grad_norm_ and hands the norm it returns
+(the norm before the clip) to the guard in one line.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--trace", default=None, help="JSONL file for the guard's records and events")
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--log-every", type=int, default=5)
+    parser.add_argument("--clip", type=float, default=0.0, help="clip_grad_norm_ to this norm (0: no clip)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -48,12 +52,15 @@ def main(argv=None) -> dict:
         ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=data)
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
+        if args.clip > 0:  # the guard judges the norm before the clip, not the clipped gradients
+            opt.record_grad_norm(torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip))
         opt.step(loss=loss)  # the loss is telemetry for the guard
         opt.zero_grad(set_to_none=True)
         events.update()
         if step % args.log_every == 0 or step == args.steps:
             metrics = {"step": step, "loss": loss.item(), **guard_metrics(opt)}
             print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+    print("summary:", {k: v for k, v in opt.guard.summary().items() if k != "scale"})
     opt.guard.close()
     return metrics
 

@@ -1,10 +1,12 @@
-"""DDP (or FSDP2 with --fsdp) under the guard, on CPU with gloo or on GPUs with nccl.
+"""DDP (or FSDP2 with --fsdp, or ZeRO with --zero) under the guard, on CPU with gloo or on GPUs with nccl.
 
     torchrun --standalone --nproc_per_node 2 examples/torchrun_ddp.py --steps 10
 
 Each rank trains on its own slice of every global batch. The optimizer averages the loss
-over ranks and (FSDP2) sums the telemetry over the shards, so every rank's guard takes the
-same decisions on the same steps: rank 0 checks that by gathering every rank's event log.
+over ranks, (FSDP2) sums the telemetry over the shards and (ZeroRedundancyOptimizer, whose
+ranks each step a different part of the parameters) sums it over its telemetry_group, so
+every rank's guard takes the same decisions on the same steps: rank 0 checks that by
+gathering every rank's event log.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--global-batch", type=int, default=32)
     parser.add_argument("--fsdp", action="store_true", help="FSDP2 fully_shard instead of DDP")
+    parser.add_argument("--zero", action="store_true", help="DDP with ZeroRedundancyOptimizer")
     parser.add_argument("--spike-at", type=int, default=0, help="blow up the gradients at this step (0: never)")
     parser.add_argument("--backend", default="auto")
     args = parser.parse_args(argv)
@@ -57,9 +60,18 @@ def main(argv=None) -> None:
                         format=f"[rank{rank}] %(levelname)s %(name)s: %(message)s")
 
     model = build(args.fsdp, device)
-    opt = FusedGuardedAdamW(model.parameters(), lr=1e-2, backend=args.backend,
-                            guard=GuardConfig(warmup_steps=5))
-    events = EventLogger(opt)
+    guard = GuardConfig(warmup_steps=5)
+    if args.zero:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        # Each rank's FusedGuardedAdamW holds a part of the parameters: telemetry_group sums
+        # the guard's telemetry over the ranks (without it the first step raises ValueError).
+        opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=FusedGuardedAdamW, lr=1e-2,
+                                      backend=args.backend, guard=guard, telemetry_group=dist.group.WORLD)
+        guarded = opt.optim  # the local FusedGuardedAdamW
+    else:
+        opt = guarded = FusedGuardedAdamW(model.parameters(), lr=1e-2, backend=args.backend, guard=guard)
+    events = EventLogger(guarded)
     per_rank = args.global_batch // world
     g = torch.Generator().manual_seed(1)  # every rank draws the global batch, keeps its slice
     for step in range(1, args.steps + 1):
@@ -75,13 +87,13 @@ def main(argv=None) -> None:
         opt.zero_grad(set_to_none=True)
         events.update()
 
-    log = [json.dumps(e.to_dict(), sort_keys=True) for e in opt.guard.events]
+    log = [json.dumps(e.to_dict(), sort_keys=True) for e in guarded.guard.events]
     logs = [None] * world
     dist.all_gather_object(logs, log)
-    metrics = guard_metrics(opt)
+    metrics = guard_metrics(guarded)
     if rank == 0:
         same = all(other == logs[0] for other in logs)
-        print(json.dumps({"world": world, "steps": opt.num_steps, "events": len(log),
+        print(json.dumps({"world": world, "steps": guarded.num_steps, "events": len(log),
                           "identical_event_logs": same, **metrics}))
         if not same:
             raise SystemExit("ranks disagree on the guard's decisions")

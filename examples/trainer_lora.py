@@ -3,9 +3,13 @@
     python examples/trainer_lora.py --steps 10 --output-dir /tmp/lora-run [--report-to tensorboard]
 
 One parameter group per LoRA-adapted module, so the guard can freeze a spiking adapter
-alone; GuardedTrainer feeds each step's loss to the guard and puts its metrics (scale,
-regime, grad norm, interventions) in the Trainer's logs, hence in TensorBoard / W&B through
---report-to. Checkpoints carry the guard state; --resume continues exactly.
+alone (with --lora-plus RATIO, LoRA+: each module's B matrices in a group of their own at
+RATIO x lr). GuardedTrainer feeds each step's loss to the guard, moves the Trainer's gradient
+clip (max_grad_norm, 1.0 by default) into the optimizer so the guard sees the gradients
+before it, keeps the lr schedule still on steps the guard skipped, and puts the guard's
+accounting (scale, regime, fractions of steps capped / skipped / frozen, interventions) in
+the Trainer's logs, hence in TensorBoard / W&B through --report-to. Checkpoints carry the
+guard state; --resume continues exactly.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ def main(argv=None):
     parser.add_argument("--save-steps", type=int, default=0, help="checkpoint every N steps (0: never)")
     parser.add_argument("--resume", default=None, help="checkpoint directory to resume from")
     parser.add_argument("--backend", default="auto")
+    parser.add_argument("--lora-plus", type=float, default=None, help="LoRA+ ratio for the B matrices (e.g. 16)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -42,8 +47,8 @@ def main(argv=None):
                                         max_position_embeddings=seq))
     model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
                                             lora_dropout=0.0))
-    opt = FusedGuardedAdamW(lora_param_groups(model, by="module", weight_decay=0.0), lr=args.lr,
-                            backend=args.backend)
+    groups = lora_param_groups(model, by="module", lr=args.lr, weight_decay=0.0, lora_plus_ratio=args.lora_plus)
+    opt = FusedGuardedAdamW(groups, lr=args.lr, backend=args.backend)
     print("parameter groups:", group_names(opt))
 
     g = torch.Generator().manual_seed(1)
@@ -53,8 +58,8 @@ def main(argv=None):
         output_dir=args.output_dir, per_device_train_batch_size=4, gradient_accumulation_steps=args.grad_accum,
         max_steps=args.steps, logging_steps=1, report_to=args.report_to, use_cpu=not torch.cuda.is_available(),
         save_strategy="steps" if args.save_steps else "no", save_steps=args.save_steps or 500,
-        max_grad_norm=0.0,  # leave clipping to the guard
-        disable_tqdm=True, seed=0, data_seed=0,
+        max_grad_norm=1.0,  # clipped inside the optimizer, after the guard has seen the gradients
+        lr_scheduler_type="cosine", disable_tqdm=True, seed=0, data_seed=0,
     )
     trainer = GuardedTrainer(model=model, args=training_args, train_dataset=dataset, optimizers=(opt, None))
     trainer.train(resume_from_checkpoint=args.resume)

@@ -288,11 +288,7 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
         from .checkpoint import prepare_load
 
         plan = prepare_load(self, state_dict)
-        # torch's load_state_dict ends in self.__setstate__({"state", "param_groups"}), our
-        # unpickling path, which rebuilds the runtime (guard, options, caches): keep ours.
-        runtime = {k: v for k, v in self.__dict__.items() if k not in ("state", "param_groups")}
         super().load_state_dict(plan.torch_state)
-        self.__dict__.update(runtime)
         # torch casts loaded states to the parameter dtype and layout policy of torch.optim;
         # ours keep fp32 (fp64) moments in the parameter's memory format on its device.
         for p, state in plan.states.items():
@@ -325,7 +321,12 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict) -> None:
         options = state.pop("_lbw", None)
-        self.requested_backend = "auto"
+        if "_guard" in self.__dict__:
+            # torch's load_state_dict ends here with {"state", "param_groups"}: a live optimizer
+            # keeps its options, guard and caches.
+            super().__setstate__(state)
+            return
+        self.requested_backend = "auto"  # unpickling (copy.deepcopy, torch.load): rebuild
         self.max_grad_norm = None
         self.telemetry_group = None
         self._init_runtime()
@@ -531,7 +532,7 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
         grad_norm = None
         if self.max_grad_norm is not None or command.precheck:
             grad_norm = self._grad_norm(buckets, grad_scale)
-        shard_group = distributed.shard_group([p for b in buckets for p in b.params])
+        shard_group = distributed.shard_group([p for b in buckets for p in b.owners])
         uploaded: set[torch.device] = set()
         tensor_sums = []
         steps_before = []
@@ -601,7 +602,7 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
         """One read of every gradient: the global L2 norm (unscaled) as a float64 device scalar."""
         device = buckets[0].device
         total = sum(b.backend.grad_norm_sq(b.grads).to(device) for b in buckets)
-        total = distributed.sum_over_group(total, distributed.shard_group([p for b in buckets for p in b.params])
+        total = distributed.sum_over_group(total, distributed.shard_group([p for b in buckets for p in b.owners])
                                            or self.telemetry_group)
         norm = total.sqrt()
         if grad_scale is not None:

@@ -1,6 +1,10 @@
-"""DDP and FSDP2 on CPU (gloo, 2 processes): every rank takes the same guard decisions on the
-same steps, the result equals a single-process run of the same global batch, and a forced
-rollback restores every rank's shard (parameters and AdamW state)."""
+"""DDP, FSDP2 and ZeroRedundancyOptimizer on CPU (gloo, 2 processes): every rank takes the same
+guard decisions on the same steps, the result equals a single-process run of the same global
+batch, and a forced rollback restores every rank's shard (parameters and AdamW state). ZeRO
+without a telemetry_group is refused with a clear error. A torch.distributed.checkpoint of the
+FSDP2 run restores the guard state and num_steps, and DCP's initialising step is no step.
+
+All of it runs in one spawn of 2 processes (starting them costs more than the checks)."""
 
 from __future__ import annotations
 
@@ -19,7 +23,8 @@ from lbw_guard.guard import GuardConfig
 WORLD = 2
 STEPS = 12
 BATCH = 8  # global batch; each rank takes BATCH // WORLD rows
-SPIKES = (7, 8)  # steps whose gradients are blown up on every rank: two trouble records -> rollback
+SPIKES = (7, 8)  # steps whose gradients are blown up on every rank: skipped, no rollback
+CORRUPT_STEP = 8  # after this step a parameter turns NaN on every rank: a corroborated fault -> rollback
 SNAPSHOT_STEP = 4  # the last snapshot taken while stable before the spikes
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
@@ -27,8 +32,7 @@ pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distribut
 
 def guard_config() -> GuardConfig:
     # Short warm-up so that the run is stable (and snapshotting) within a few steps.
-    return GuardConfig(warmup_steps=3, snapshot_interval=SNAPSHOT_STEP, diverge_spikes=2, diverge_window=4,
-                       keep_trace=True)
+    return GuardConfig(warmup_steps=3, snapshot_interval=SNAPSHOT_STEP, keep_trace=True)
 
 
 def make_model() -> nn.Sequential:
@@ -52,7 +56,8 @@ def events_json(opt) -> list[str]:
 
 
 def train(model, opt, rows: slice, on_step=None) -> None:
-    """STEPS steps on ``rows`` of each global batch, blowing up the gradients at SPIKES."""
+    """STEPS steps on ``rows`` of each global batch, blowing up the gradients at SPIKES and
+    corrupting a parameter (its first local element) after CORRUPT_STEP."""
     for step, (x, y) in enumerate(batches(), start=1):
         loss = (model(x[rows]) - y[rows]).square().mean()
         loss.backward()
@@ -61,6 +66,9 @@ def train(model, opt, rows: slice, on_step=None) -> None:
                 p.grad.mul_(1e6)
         opt.step(loss=loss)
         opt.zero_grad()
+        if step == CORRUPT_STEP:
+            with torch.no_grad():
+                local(next(model.parameters())).view(-1)[0] = float("nan")
         if on_step is not None:
             on_step(step)
 
@@ -91,7 +99,120 @@ def run_rank(model, opt) -> dict:
     full = [p.full_tensor() if hasattr(p, "full_tensor") else p.detach() for p in model.parameters()]
     return {"events": events_json(opt), "params": [t.detach().clone() for t in full],
             "rolled_back_at": saved.get("rolled_back"), "shards_restored": checks,
-            "records": json.dumps(opt.guard.records, sort_keys=True)}
+            "records": json.dumps(list(opt.guard.records), sort_keys=True)}
+
+
+def guard_json(opt) -> str:
+    """The guard state less what refers to its snapshots (per-rank tensors that a DCP checkpoint
+    leaves out: after a load the guard takes new ones)."""
+    state = opt.guard.state_dict()
+    state.pop("last_snapshot", None)
+    state.pop("snapshots", None)
+    state["controller"]["recovery"].pop("verified_snapshots", None)
+    state["controller"]["recovery"].pop("pending_snapshots", None)
+    return json.dumps(state, sort_keys=True)
+
+
+def fsdp_model() -> nn.Sequential:
+    from torch.distributed.fsdp import fully_shard
+
+    model = make_model()
+    for layer in (model[0], model[2], model[4]):
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def dcp_round_trip(model, opt, out: str) -> dict:
+    """Save the trained FSDP2 model and optimizer with DCP (torch's own functions, and the
+    flattened Stateful), load each into a fresh sharded model, then train both 3 more steps."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    from lbw_guard.integrations.dcp import OptimizerState
+
+    result = {"num_steps": opt.num_steps, "guard": guard_json(opt)}
+    dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+             checkpoint_id=os.path.join(out, "dcp_plain"))
+    flat = StateDictOptions(flatten_optimizer_state_dict=True)
+    dcp.save({"optim": OptimizerState(model, opt, flat)}, checkpoint_id=os.path.join(out, "dcp_flat"))
+
+    loaded = []
+    for how in ("plain", "flat"):
+        model2 = fsdp_model()
+        opt2 = FusedGuardedAdamW(param_groups(model2), lr=1e-2, backend="torch", guard=guard_config())
+        if how == "plain":
+            state = {"model": get_model_state_dict(model2), "optim": get_optimizer_state_dict(model2, opt2)}
+            result["after_init_step"] = (opt2.num_steps, opt2.guard.controller.processed,
+                                         all(float(s["step"]) == 0 for s in opt2.state.values()))
+            dcp.load(state, checkpoint_id=os.path.join(out, "dcp_plain"))
+            set_model_state_dict(model2, state["model"])
+            set_optimizer_state_dict(model2, opt2, state["optim"])
+        else:
+            model2.load_state_dict(model.state_dict())
+            dcp.load({"optim": OptimizerState(model2, opt2, flat)}, checkpoint_id=os.path.join(out, "dcp_flat"))
+        moments_equal = all(
+            torch.equal(local(opt.state[p][k]), local(opt2.state[q][k]))
+            for g, g2 in zip(opt.param_groups, opt2.param_groups) for p, q in zip(g["params"], g2["params"])
+            for k in ("exp_avg", "exp_avg_sq", "step"))
+        loaded.append((model2, opt2, how, opt2.num_steps, guard_json(opt2), moments_equal))
+
+    rank = dist.get_rank()
+    rows = slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD)
+    for m, o in [(model, opt)] + [(m2, o2) for m2, o2, *_ in loaded]:
+        for x, y in batches()[:3]:
+            loss = (m(x[rows]) - y[rows]).square().mean()
+            loss.backward()
+            o.step(loss=loss)
+            o.zero_grad()
+    result["continued"] = guard_json(opt)
+    result["loaded"] = []
+    for model2, opt2, how, num_steps, guard, moments_equal in loaded:
+        same_params = all(torch.equal(local(p), local(q)) for p, q in zip(model.parameters(), model2.parameters()))
+        result["loaded"].append({"how": how, "num_steps": num_steps, "guard": guard, "moments_equal": moments_equal,
+                                 "continued": guard_json(opt2), "same_params": same_params})
+    return result
+
+
+def run_zero() -> dict:
+    """ZeroRedundancyOptimizer over DDP: with telemetry_group the ranks (each holding a
+    different part of the parameters) take the same decisions; without it, a clear error."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from lbw_guard.integrations import unwrap_optimizer
+
+    rank = dist.get_rank()
+    rows = slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD)
+    result = {}
+    model = make_model()
+    zero = ZeroRedundancyOptimizer(param_groups(model), optimizer_class=FusedGuardedAdamW, lr=1e-2,
+                                   backend="torch", guard=guard_config(), telemetry_group=dist.group.WORLD)
+    local_opt = unwrap_optimizer(zero)
+    result["local_params"] = sum(p.numel() for g in local_opt.param_groups for p in g["params"])
+    ddp = DDP(model)
+    scales = []
+    train(ddp, zero, rows, on_step=lambda step: scales.append(list(local_opt.guard.scale)))
+    import io
+
+    torch.save(local_opt.state_dict(), io.BytesIO())  # the telemetry_group ZeRO copies into each group is left out
+    result.update(events=events_json(local_opt), scales=scales,
+                  records=json.dumps(list(local_opt.guard.records), sort_keys=True),
+                  params=[p.detach().clone() for p in model.parameters()])
+
+    model = make_model()
+    zero = ZeroRedundancyOptimizer(param_groups(model), optimizer_class=FusedGuardedAdamW, lr=1e-2,
+                                   backend="torch", guard=guard_config())
+    ddp = DDP(model)
+    (ddp(batches()[0][0][rows]).square().mean()).backward()
+    try:
+        zero.step()
+        result["error"] = None
+    except ValueError as exc:
+        result["error"] = str(exc)
+    return result
 
 
 def worker(rank: int, store: str, out: str) -> None:
@@ -105,15 +226,12 @@ def worker(rank: int, store: str, out: str) -> None:
         opt = FusedGuardedAdamW(param_groups(model), lr=1e-2, backend="torch", guard=guard_config())
         torch.save(run_rank(ddp, opt), os.path.join(out, f"ddp{rank}.pt"))
 
-        from torch.distributed.fsdp import fully_shard
-
-        model = make_model()
-        for layer in (model[0], model[2], model[4]):
-            fully_shard(layer)
-        fully_shard(model)
+        model = fsdp_model()
         opt = FusedGuardedAdamW(param_groups(model), lr=1e-2, backend="torch", guard=guard_config())
         assert type(next(model.parameters())).__name__ == "DTensor"
         torch.save(run_rank(model, opt), os.path.join(out, f"fsdp{rank}.pt"))
+        torch.save(dcp_round_trip(model, opt, out), os.path.join(out, f"dcp{rank}.pt"))
+        torch.save(run_zero(), os.path.join(out, f"zero{rank}.pt"))
         dist.barrier()  # leave together: a rank tearing gloo down mid-collective aborts its peer
     finally:
         dist.destroy_process_group()
@@ -128,7 +246,7 @@ def ranks(tmp_path_factory):
     except Exception as exc:  # reported by the tests whose results are missing
         error = exc
     results = [{} for _ in range(WORLD)]
-    for kind in ("ddp", "fsdp"):
+    for kind in ("ddp", "fsdp", "dcp", "zero"):
         for r in range(WORLD):
             path = out / f"{kind}{r}.pt"
             if path.exists():
@@ -178,3 +296,34 @@ def test_forced_rollback_restores_every_shard(ranks, kind):
     for result in results_of(ranks, kind):
         assert result["rolled_back_at"] is not None and result["rolled_back_at"] > max(SPIKES)
         assert result["shards_restored"] and all(result["shards_restored"])
+
+
+def test_zero_with_telemetry_group_decides_like_one_process(ranks, single):
+    a, b = results_of(ranks, "zero")
+    assert a["local_params"] != b["local_params"]  # each rank steps its own part
+    assert a["events"] == b["events"] and a["records"] == b["records"] and a["scales"] == b["scales"]
+    actions = [(json.loads(e)["step"], json.loads(e)["action"]) for e in a["events"]]
+    assert actions == single["actions"]  # the summed telemetry is the whole model's
+    for result in (a, b):
+        for p, ref in zip(result["params"], single["params"]):
+            torch.testing.assert_close(p, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_zero_without_telemetry_group_is_refused_clearly(ranks):
+    for result in results_of(ranks, "zero"):
+        assert result["error"] is not None and "telemetry_group" in result["error"]
+        assert "ZeroRedundancyOptimizer" in result["error"]
+
+
+def test_dcp_checkpoint_of_fsdp2_keeps_guard_and_num_steps(ranks):
+    for result in results_of(ranks, "dcp"):
+        assert result["after_init_step"] == (0, 0, True)  # DCP's initialising step is no step
+        assert [r["how"] for r in result["loaded"]] == ["plain", "flat"]
+        for loaded in result["loaded"]:
+            assert loaded["num_steps"] == result["num_steps"] == STEPS
+            assert loaded["guard"] == result["guard"], loaded["how"]  # not back in warm-up
+            assert loaded["moments_equal"], loaded["how"]
+            # Continued for 3 steps from the checkpoint: the same parameters and guard state.
+            assert loaded["same_params"] and loaded["continued"] == result["continued"], loaded["how"]
+    a, b = results_of(ranks, "dcp")
+    assert a["guard"] == b["guard"]

@@ -1,5 +1,7 @@
 """Accelerate: prepare(optimizer) with bf16 autocast and gradient accumulation gives the guard
-one telemetry record (and one loss, the mean of the micro-batches) per optimizer step."""
+one telemetry record (and one loss, the mean of the micro-batches) per optimizer step; after
+attach_guard the wrapper takes step(loss=...), reports the guard's skips (so the prepared
+scheduler does not step on them) and hands accelerator.clip_grad_norm_'s pre-clip norm over."""
 
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ from accelerate.state import AcceleratorState, GradientState  # noqa: E402
 
 from lbw_guard import FusedGuardedAdamW  # noqa: E402
 from lbw_guard.guard import GuardConfig  # noqa: E402
-from lbw_guard.integrations.accelerate import StepLoss  # noqa: E402
+from lbw_guard.integrations import unwrap_optimizer  # noqa: E402
+from lbw_guard.integrations.accelerate import GuardedAcceleratedOptimizer, StepLoss, attach_guard  # noqa: E402
 
 
 def _reset_accelerate() -> None:
@@ -40,32 +43,59 @@ def model_and_data(seed: int = 0):
     return model, data
 
 
-def run(accum: int, mixed_precision: str):
+def losses_seen(opt) -> dict[int, float]:
+    return {r["step"]: r["signals"]["loss"] for r in opt.guard.records}
+
+
+def run(accum: int, mixed_precision: str, how: str = "step_loss"):
     model, data = model_and_data()
     opt = FusedGuardedAdamW(model.parameters(), lr=1e-2, backend="torch", guard=GuardConfig(keep_trace=True))
     accelerator = Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=accum, cpu=True)
     model, wrapped, data = accelerator.prepare(model, opt, data)
-    step_loss = StepLoss(wrapped, accelerator)
+    assert unwrap_optimizer(wrapped) is opt and opt.guard is not None  # prepare() keeps the guard
+    step_loss = StepLoss(wrapped, accelerator) if how == "step_loss" else attach_guard(accelerator, wrapped)
     micro_losses = []
     for x, y in data:
         with accelerator.accumulate(model):
             loss = nn.functional.mse_loss(model(x).float(), y)
             accelerator.backward(loss)
-            step_loss.add(loss)
             micro_losses.append(loss.item())
-            wrapped.step()
+            if how == "step_loss":
+                step_loss.add(loss)
+                wrapped.step()
+            else:
+                wrapped.step(loss=loss)
             wrapped.zero_grad()
     return opt, micro_losses, model
 
 
-def test_one_record_per_optimizer_step_with_bf16_and_accumulation():
-    opt, micro, _ = run(accum=2, mixed_precision="bf16")
+@pytest.mark.parametrize("how", ["step_loss", "step_kwarg"])
+def test_one_record_and_the_mean_loss_per_optimizer_step_with_bf16_and_accumulation(how):
+    opt, micro, _ = run(accum=2, mixed_precision="bf16", how=how)
     assert opt.num_steps == 4  # 8 micro-batches, 2 per step
-    records = opt.guard.records
-    assert [r["step"] for r in records] == [1, 2, 3]  # lag 1: the last one is still pending
-    for r in records:
-        expected = (micro[2 * r["step"] - 2] + micro[2 * r["step"] - 1]) / 2
-        assert math.isclose(r["loss"], expected, rel_tol=1e-6)
+    seen = losses_seen(opt)
+    assert sorted(seen) == [1, 2, 3]  # lag 1: the last one is still pending
+    for step, loss in seen.items():
+        assert math.isclose(loss, (micro[2 * step - 2] + micro[2 * step - 1]) / 2, rel_tol=1e-6)
+
+
+def test_step_loss_kwarg_needs_attach_guard_or_the_unwrapped_optimizer():
+    model, data = model_and_data()
+    opt = FusedGuardedAdamW(model.parameters(), lr=1e-2, backend="torch", guard=GuardConfig(keep_trace=True))
+    accelerator = Accelerator(cpu=True)
+    model, wrapped = accelerator.prepare(model, opt)
+    x, y = next(iter(data))
+    loss = nn.functional.mse_loss(model(x), y)
+    accelerator.backward(loss)
+    with pytest.raises(TypeError):  # Accelerate's wrapper has no loss keyword
+        wrapped.step(loss=loss)
+    unwrap_optimizer(wrapped).latest_loss = loss  # the documented path without attach_guard
+    wrapped.step()
+    assert opt.latest_loss is None and opt.num_steps == 1
+    wrapped.zero_grad()
+    accelerator.backward(nn.functional.mse_loss(model(x), y))
+    wrapped.step()  # the record of step 1 is processed now
+    assert losses_seen(opt) == {1: pytest.approx(loss.item(), rel=1e-6)}
 
 
 def test_accumulated_steps_equal_a_full_batch_step():
@@ -83,3 +113,28 @@ def test_accumulated_steps_equal_a_full_batch_step():
         ref_opt.zero_grad()
     for p, q in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_skipped_steps_reach_accelerate_and_its_scheduler_and_pre_clip_norms_reach_the_guard():
+    model, data = model_and_data()
+    opt = FusedGuardedAdamW(model.parameters(), lr=1e-2, backend="torch", guard=GuardConfig(keep_trace=True))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+    accelerator = Accelerator(cpu=True)
+    model, wrapped, data, sched = accelerator.prepare(model, opt, data, sched)
+    assert wrapped.step_was_skipped is False
+    attach_guard(accelerator, wrapped)
+    assert isinstance(wrapped, GuardedAcceleratedOptimizer) and accelerator._optimizers[0] is wrapped
+    skipped, norms = [], []
+    for k, (x, y) in enumerate(data, start=1):
+        loss = nn.functional.mse_loss(model(x), y)
+        accelerator.backward(loss)
+        norms.append(float(accelerator.clip_grad_norm_(model.parameters(), 0.01)))  # clips hard
+        wrapped.step(loss=torch.tensor(float("nan")) if k == 3 else loss)  # NaN loss: skipped on the device
+        sched.step()
+        skipped.append(accelerator.optimizer_step_was_skipped)
+        wrapped.zero_grad()
+    assert skipped == [k == 3 for k in range(1, 9)]
+    assert sched.scheduler.last_epoch == 7  # 8 steps, one skipped
+    for r in opt.guard.records:  # the guard judged the norms before the clip, not <= 0.01
+        assert r["signals"]["grad_norm"] == pytest.approx(norms[r["step"] - 1], rel=1e-6)
+    assert min(norms) > 0.01

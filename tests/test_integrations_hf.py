@@ -1,10 +1,15 @@
-"""Hugging Face Trainer integration: loss reaches the guard, metrics reach the logs,
-checkpoint + resume restores the guard exactly. Tiny random-init Llama on the CPU."""
+"""Hugging Face Trainer integration: the loss reaches the guard, the guard sees the gradients
+before the Trainer's clip, the scheduler does not step on a skipped step, the metrics (the
+guard's honest accounting) reach the logs, optimizer_cls_and_kwargs takes its hyperparameters
+from TrainingArguments, and checkpoint + resume restores the guard exactly. Tiny random-init
+Llama on the CPU."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -13,8 +18,10 @@ transformers = pytest.importorskip("transformers")
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 from lbw_guard import FusedGuardedAdamW  # noqa: E402
-from lbw_guard.guard import GuardConfig  # noqa: E402
-from lbw_guard.integrations.hf import GuardCallback, GuardedTrainer, attach_guard  # noqa: E402
+from lbw_guard.guard import GuardConfig, preset  # noqa: E402
+from lbw_guard.integrations import unwrap_optimizer  # noqa: E402
+from lbw_guard.integrations.hf import (GuardCallback, GuardedTrainer, attach_guard,  # noqa: E402
+                                       optimizer_cls_and_kwargs)
 
 VOCAB, SEQ = 128, 16
 
@@ -50,11 +57,15 @@ class Recorder(TrainerCallback):
         self.logs.append(dict(logs))
 
 
-def train_losses(history: list[dict]) -> dict[int, float]:
-    return {h["step"]: h["loss"] for h in history if "loss" in h}
+def train_logs(history: list[dict]) -> dict[int, dict]:
+    return {h["step"]: h for h in history if "loss" in h}
 
 
-def test_plain_trainer_with_callback_feeds_loss_and_reports_metrics(tmp_path):
+def signals(opt) -> dict[int, dict]:
+    return {r["step"]: r["signals"] for r in opt.guard.records}
+
+
+def test_plain_trainer_with_callback_feeds_loss_and_reports_honest_accounting(tmp_path):
     model = tiny_llama()
     opt = FusedGuardedAdamW(model.parameters(), lr=1e-3, backend="torch", guard=GuardConfig(keep_trace=True))
     recorder = Recorder()
@@ -66,37 +77,134 @@ def test_plain_trainer_with_callback_feeds_loss_and_reports_metrics(tmp_path):
 
     assert opt.num_steps == 6
     # The guard saw every step's loss (records lag one step): equal to the Trainer's own.
-    logged = train_losses(trainer.state.log_history)
-    records = opt.guard.records
-    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
-    for r in records:
-        assert r["loss"] is not None and math.isclose(r["loss"], logged[r["step"]], rel_tol=1e-3, abs_tol=1e-4)
-    # A reporting callback placed after the guard's sees its metrics on every log.
-    train_logs = [log for log in recorder.logs if "loss" in log]
-    assert len(train_logs) == 6
-    for log in train_logs:
-        for key in ("guard/scale", "guard/regime", "guard/grad_norm", "guard/interventions"):
-            assert isinstance(log[key], float)
+    logged = train_logs(trainer.state.log_history)
+    seen = signals(opt)
+    assert sorted(seen) == [1, 2, 3, 4, 5]
+    for step, s in seen.items():
+        assert s["loss"] is not None and math.isclose(s["loss"], logged[step]["loss"], rel_tol=1e-3, abs_tol=1e-4)
+    # A reporting callback placed after the guard's sees its metrics on every log...
+    logs = [log for log in recorder.logs if "loss" in log]
+    assert len(logs) == 6
+    for log in logs:
+        for key in ("guard/scale", "guard/regime", "guard/grad_norm", "guard/interventions", "guard/mean_scale",
+                    "guard/capped_fraction", "guard/skipped_fraction", "guard/frozen_fraction", "guard/rollbacks"):
+            assert isinstance(log[key], float), key
         assert 0.1 <= log["guard/scale"] <= 1.0
-    # The last step's grad norm is the telemetry's.
-    assert math.isclose(train_logs[-1]["guard/grad_norm"], float(opt.telemetry.grad_norm()), rel_tol=1e-9)
+    # ...and they are the guard's own accounting and the last step's telemetry.
+    summary = opt.guard.summary()
+    last = logs[-1]
+    for key in ("mean_scale", "capped_fraction", "skipped_fraction", "frozen_fraction", "rollbacks", "interventions"):
+        assert last[f"guard/{key}"] == float(summary[key]), key
+    assert last["guard/steps"] == summary["steps"] == 5
+    assert math.isclose(last["guard/grad_norm"], float(opt.telemetry.grad_norm()), rel_tol=1e-9)
 
 
-def test_guarded_trainer_with_optimizer_cls_and_grad_accumulation(tmp_path):
+def test_guarded_trainer_with_optimizer_cls_and_kwargs_and_grad_accumulation(tmp_path):
     model = tiny_llama()
-    kwargs = {"lr": 1e-3, "backend": "torch", "guard": GuardConfig(keep_trace=True)}
-    trainer = GuardedTrainer(model=model, args=args(tmp_path, gradient_accumulation_steps=2, max_steps=5),
-                             train_dataset=token_dataset(40), optimizer_cls_and_kwargs=(FusedGuardedAdamW, kwargs))
+    a = args(tmp_path, gradient_accumulation_steps=2, max_steps=5, learning_rate=2e-3, adam_beta1=0.8,
+             adam_beta2=0.95, adam_epsilon=1e-7, weight_decay=0.05, max_grad_norm=1.0)
+    cls_kwargs = optimizer_cls_and_kwargs(a, guard=GuardConfig(keep_trace=True), backend="torch")
+    trainer = GuardedTrainer(model=model, args=a, train_dataset=token_dataset(40), optimizer_cls_and_kwargs=cls_kwargs)
     trainer.train()
-    opt = trainer.optimizer.optimizer  # AcceleratedOptimizer -> FusedGuardedAdamW
+    opt = unwrap_optimizer(trainer.optimizer)  # AcceleratedOptimizer -> FusedGuardedAdamW
     assert isinstance(opt, FusedGuardedAdamW)
+    # The hyperparameters come from TrainingArguments (a bare kwargs dict ignored args.learning_rate).
+    assert [g["initial_lr"] for g in opt.param_groups] == [2e-3, 2e-3]
+    assert all(g["betas"] == (0.8, 0.95) and g["eps"] == 1e-7 for g in opt.param_groups)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]  # the Trainer's no-decay group
+    assert opt.max_grad_norm == 1.0 and a.max_grad_norm == 0.0  # the clip runs inside the optimizer
     assert opt.num_steps == 5  # one step (one telemetry record) per 2 micro-batches
-    logged = train_losses(trainer.state.log_history)
-    for r in opt.guard.records:
-        assert math.isclose(r["loss"], logged[r["step"]], rel_tol=1e-3, abs_tol=1e-4)
+    logged = train_logs(trainer.state.log_history)
+    for step, s in signals(opt).items():
+        assert math.isclose(s["loss"], logged[step]["loss"], rel_tol=1e-3, abs_tol=1e-4)
+        assert math.isclose(s["grad_norm"], logged[step]["grad_norm"], rel_tol=1e-5)
     # GuardedTrainer puts the metrics in the log history itself.
-    train_logs = [h for h in trainer.state.log_history if "loss" in h]
-    assert all("guard/regime" in h and "guard/scale" in h for h in train_logs)
+    assert all("guard/regime" in h and "guard/mean_scale" in h for h in logged.values())
+
+
+def test_optimizer_cls_and_kwargs_maps_training_arguments(tmp_path):
+    a = args(tmp_path, learning_rate=3e-4, max_grad_norm=0.5, weight_decay=0.1)
+    cls, kwargs = optimizer_cls_and_kwargs(a, guard="monitor", backend="torch")
+    assert cls is FusedGuardedAdamW
+    assert kwargs == {"lr": 3e-4, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.1, "guard": "monitor",
+                      "max_grad_norm": 0.5, "backend": "torch"}
+    assert a.max_grad_norm == 0.0
+    # Keeping the Trainer's clip: args untouched, no optimizer clip.
+    b = args(tmp_path, max_grad_norm=1.0)
+    _, kwargs = optimizer_cls_and_kwargs(b, max_grad_norm=None, lr=1e-3)
+    assert "max_grad_norm" not in kwargs and kwargs["lr"] == 1e-3 and b.max_grad_norm == 1.0
+    FusedGuardedAdamW([torch.nn.Parameter(torch.zeros(2))], **kwargs)  # every key is a valid argument
+
+
+def _clip_run(tmp_path, attach: bool, guard, max_grad_norm=None, callbacks=()):
+    model = tiny_llama()
+    opt = FusedGuardedAdamW(model.parameters(), lr=1e-3, backend="torch", guard=guard, max_grad_norm=max_grad_norm)
+    a = args(tmp_path, max_steps=4, max_grad_norm=1.0)  # the Trainer's default clip
+    trainer = Trainer(model=model, args=a, train_dataset=token_dataset(16), optimizers=(opt, None),
+                      callbacks=list(callbacks))
+    callback = attach_guard(trainer) if attach else None
+    trainer.train()
+    return model, opt, trainer, callback
+
+
+def test_guard_sees_gradients_before_the_trainers_default_clip(tmp_path):
+    # A monitoring guard records what it sees and changes nothing: AdamW's updates exactly.
+    monitor = dataclasses.replace(preset("monitor"), keep_trace=100)
+    model, opt, trainer, callback = _clip_run(tmp_path / "a", True, monitor)
+    assert callback.clipping == "moved"
+    logged = train_logs(trainer.state.log_history)
+    assert any(h["grad_norm"] > 1.0 for h in logged.values())  # the clip is active
+    for step, s in signals(opt).items():  # the guard judges the norm before the clip, not <= 1
+        assert math.isclose(s["grad_norm"], logged[step]["grad_norm"], rel_tol=1e-5)
+    assert trainer.args.max_grad_norm == 1.0 and opt.max_grad_norm is None  # put back after training
+    # The clip still happens: the same parameters as with the Trainer clipping itself.
+    ref, _, _, _ = _clip_run(tmp_path / "b", False, None)
+    for p, q in zip(ref.parameters(), model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
+
+
+def test_pre_clip_norm_recorded_when_the_optimizer_clips_itself(tmp_path):
+    # The optimizer clips at 0.5 and the Trainer at 1.0: the Trainer's pre-clip norm is recorded.
+    _, opt, trainer, callback = _clip_run(tmp_path / "a", True, GuardConfig(keep_trace=True), max_grad_norm=0.5)
+    assert callback.clipping == "recorded"
+    logged = train_logs(trainer.state.log_history)
+    for step, s in signals(opt).items():
+        assert math.isclose(s["grad_norm"], logged[step]["grad_norm"], rel_tol=1e-5)
+    # A callback without the trainer cannot: it says so.
+    with pytest.warns(UserWarning, match="cannot get the norm before the clip"):
+        _clip_run(tmp_path / "b", False, "default", max_grad_norm=0.5, callbacks=[GuardCallback()])
+
+
+class PoisonLoss(TrainerCallback):
+    """Gives the guard a NaN loss at one step, after the GuardCallback recorded the real one:
+    the default guard skips that step on the device."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        if state.global_step + 1 == self.step:
+            unwrap_optimizer(optimizer).record_loss(float("nan"))
+
+
+def test_scheduler_does_not_step_on_a_skipped_step(tmp_path):
+    model = tiny_llama()
+    opt = FusedGuardedAdamW(model.parameters(), lr=1e-3, backend="torch", guard="default")
+    recorder = Recorder()
+    trainer = Trainer(model=model, args=args(tmp_path, max_steps=12, lr_scheduler_type="linear"),
+                      train_dataset=token_dataset(48), optimizers=(opt, None), callbacks=[PoisonLoss(3), recorder])
+    attach_guard(trainer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # e.g. the optimizer's "no loss for 10 steps"
+        trainer.train()
+    assert opt.num_steps == 12
+    # The skipped step changed nothing, and the schedule did not advance with it.
+    assert trainer.optimizer.step_was_skipped is False  # the last step was applied
+    assert trainer.lr_scheduler.last_epoch == 11
+    history = dict(zip(range(1, 13), [log for log in recorder.logs if "loss" in log]))
+    assert history[3]["guard/step_skipped"] == 1.0
+    assert history[3]["learning_rate"] == history[4]["learning_rate"]  # lr before steps 3 and 4
+    assert history[12]["guard/skipped_fraction"] == pytest.approx(1 / 11)  # 11 records processed
 
 
 def _state(opt) -> dict:
@@ -105,8 +213,9 @@ def _state(opt) -> dict:
 
 
 def test_checkpoint_resume_restores_guard_exactly(tmp_path):
-    # Small warm-up so that the guard is past warm-up and snapshots exist at the checkpoint.
-    config = GuardConfig(warmup_steps=3, snapshot_interval=2, keep_trace=True)
+    # Small warm-up so that the guard is past warm-up and snapshots exist at the checkpoint,
+    # which carries them (snapshots_in_state_dict): the resumed guard is the same in every field.
+    config = GuardConfig(warmup_steps=3, snapshot_interval=2, keep_trace=True, snapshots_in_state_dict=True)
 
     def run(out, resume=None):
         model = tiny_llama()
@@ -121,7 +230,8 @@ def test_checkpoint_resume_restores_guard_exactly(tmp_path):
     a, b = _state(full), _state(resumed)
     for x, y in zip(a["params"], b["params"]):
         torch.testing.assert_close(x, y, rtol=0, atol=0)
-    for key in ("controller", "events", "records", "issued"):  # JSON: NaN compares equal to NaN
+    for key in ("controller", "pending", "issued", "last_snapshot"):  # JSON: NaN compares equal to NaN
         assert json.dumps(a["guard"][key], sort_keys=True) == json.dumps(b["guard"][key], sort_keys=True), key
-    assert [s["step"] for s in a["guard"]["snapshots"]["slots"]] == [s["step"] for s in b["guard"]["snapshots"]["slots"]]
+    slots = [[s["step"] for s in x["guard"]["snapshots"]["slots"]] for x in (a, b)]
+    assert slots[0] == slots[1] and slots[0]
     assert full.num_steps == resumed.num_steps == 8

@@ -59,31 +59,32 @@ def test_groups_by_module_layer_and_all():
 
 def test_lora_trains_under_guard_and_a_spiking_adapter_is_frozen_alone():
     model = lora_model()
-    config = GuardConfig(warmup_steps=3, max_frozen_fraction=0.5, freeze_steps=4)
+    config = GuardConfig(warmup_steps=3, spike_warmup=3, max_frozen_fraction=0.5, freeze_steps=4)
     opt = FusedGuardedAdamW(lora_param_groups(model, by="module"), lr=1e-3, backend="torch", guard=config)
     names = group_names(opt)
     hot = names.index("model.layers.1.self_attn.v_proj")
     base_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    spike_step = 8
+    spikes = (8, 9)  # the guard freezes a group whose gradients alone spike in two records in a row
 
     def step(k: int) -> None:
         ids = batch(k)
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
-        if k == spike_step:  # one adapter's gradient blows up
+        if k in spikes:  # one adapter's gradient blows up
             for p in opt.param_groups[hot]["params"]:
                 p.grad.mul_(1e4)
         opt.step(loss=loss)
         opt.zero_grad()
 
-    for k in range(1, spike_step + 2):  # the spike's record is processed one step later
+    for k in range(1, max(spikes) + 2):  # the last spike's record is processed one step later
         step(k)
     freezes = [e for e in opt.guard.events if e.action == "freeze"]
     assert len(freezes) == 1 and freezes[0].detail["groups"] == [hot]
-    assert opt.guard.controller.freeze_until[hot] > opt.num_steps
+    assert opt.guard.controller.recovery.freeze_until[hot] > opt.num_steps
+    assert opt.guard.summary()["frozen_fraction"] == 0.0  # no step has run frozen yet
 
     before = [[p.detach().clone() for p in g["params"]] for g in opt.param_groups]
-    step(spike_step + 2)
+    step(max(spikes) + 2)
     for gid, group in enumerate(opt.param_groups):
         changed = any(not torch.equal(a, p) for a, p in zip(before[gid], group["params"]))
         assert changed == (gid != hot), names[gid]
@@ -91,3 +92,30 @@ def test_lora_trains_under_guard_and_a_spiking_adapter_is_frozen_alone():
     for n, p in model.named_parameters():
         if not p.requires_grad:
             assert torch.equal(p, base_before[n]), n
+
+
+def test_lora_plus_gives_b_matrices_their_own_groups_at_ratio_times_lr():
+    model = lora_model()
+    groups = lora_param_groups(model, by="module", lr=1e-3, weight_decay=0.0, lora_plus_ratio=16)
+    names = [g["name"] for g in groups]
+    modules = [f"model.layers.{i}.self_attn.{m}" for i in range(2) for m in ("q_proj", "v_proj")]
+    assert names == [n for m in modules for n in (m, m + ".lora_B")]
+    params = dict(model.named_parameters())
+    for g in groups:
+        (p,) = g["params"]
+        name = next(n for n, q in params.items() if q is p)
+        is_b = g["name"].endswith(".lora_B")
+        assert ("lora_B" in name) == is_b and ("lora_A" in name) == (not is_b)
+        assert g["lr"] == (1.6e-2 if is_b else 1e-3) and g["weight_decay"] == 0.0
+    groups_all = lora_param_groups(model, by="all", lr=2e-4, lora_plus_ratio=4)
+    assert [g["name"] for g in groups_all] == ["lora", "lora.lora_B"]
+    with pytest.raises(ValueError, match="needs lr"):
+        lora_param_groups(model, lora_plus_ratio=16)
+    with pytest.raises(ValueError, match="positive"):
+        lora_param_groups(model, lr=1e-3, lora_plus_ratio=0)
+    # The optimizer takes the groups: B moves with 16 x the lr of A.
+    opt = FusedGuardedAdamW(groups, lr=1e-3, backend="torch", guard=GuardConfig(warmup_steps=3))
+    ids = batch(0)
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    assert [g["lr"] for g in opt.param_groups] == [1e-3, 1.6e-2] * 4

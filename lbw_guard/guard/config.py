@@ -119,7 +119,8 @@ class GuardConfig:
     snapshots: bool = True
     """Keep verified snapshots for rollback (False: no rollback, escalation instead)."""
     snapshot_interval: int = 0
-    """Steps between snapshots; 0 chooses it from ``snapshot_budget``."""
+    """Steps between snapshots; 0 chooses it from ``snapshot_budget`` (every 10 steps under
+    torch.distributed, so that every rank snapshots on the same steps)."""
     snapshot_budget: float = 0.02
     """Fraction of the step time the snapshot copies may cost (with snapshot_interval 0)."""
     snapshot_ring: int = 2

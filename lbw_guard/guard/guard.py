@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from lbw_guard.control import GuardCommand, StepRecord
+from lbw_guard.distributed import is_distributed
 from lbw_guard.step_buffers import read_doubles, write_doubles
 
 from .config import GuardConfig, preset
@@ -232,8 +233,12 @@ class Guard:
             return
         if self.controller.recovery.consecutive_trouble or self.controller.recovery.pending_snapshots:
             return
-        interval = c.snapshot_interval or self._ring.interval(self._step_seconds, c.snapshot_budget,
-                                                              c.max_rollback_distance)
+        if c.snapshot_interval:
+            interval = c.snapshot_interval
+        elif is_distributed():  # every rank must snapshot on the same steps: no local timings
+            interval = min(10, max(1, c.max_rollback_distance // 2))
+        else:
+            interval = self._ring.interval(self._step_seconds, c.snapshot_budget, c.max_rollback_distance)
         if self._last_snapshot is not None and now - self._last_snapshot < interval:
             return
         self._ring.take(now, self.optimizer, keep=self.controller.recovery.verified_snapshots)

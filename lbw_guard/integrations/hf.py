@@ -1,35 +1,85 @@
 """Hugging Face Trainer integration.
 
-The Trainer calls ``optimizer.step()`` without a loss, so the loss has to reach the guard
-another way, and the guard's metrics have to reach the Trainer's ``logs`` (and from there
-TensorBoard, W&B, ... through ``report_to``). Two ways to get both:
+The Trainer calls ``optimizer.step()`` without a loss, clips the gradients before it
+(``max_grad_norm=1.0`` by default: the guard would never see a norm above 1), and steps the
+lr scheduler whether or not the guard skipped the step. :class:`GuardCallback` fixes all three
+and puts the guard's metrics into the Trainer's ``logs`` (hence TensorBoard, W&B, ... through
+``report_to``):
 
->>> opt = FusedGuardedAdamW(model.parameters(), lr=3e-4)
+- the loss: a forward hook on the model (``GuardCallback``) or ``training_step``
+  (``GuardedTrainer``) gives each optimizer step's loss to ``optimizer.record_loss``;
+- clipping: the Trainer's clip moves into the optimizer (``FusedGuardedAdamW(max_grad_norm=
+  args.max_grad_norm)``, the Trainer's ``args.max_grad_norm`` set to 0 for the run): the fused
+  clip has ``clip_grad_norm_``'s semantics and the guard's telemetry is before it. Where the
+  optimizer already clips itself, the Trainer's pre-clip norm is recorded instead
+  (``optimizer.record_grad_norm``); where neither is possible a warning says so;
+- skipped steps: the prepared optimizer's ``step_was_skipped`` (which the Trainer reads as
+  ``accelerator.optimizer_step_was_skipped`` before ``lr_scheduler.step()``) includes the
+  guard's skips, so the schedule does not advance on a step that changed nothing. Reading it
+  is one host sync per optimizer step (the Trainer already syncs on every micro-batch's loss
+  with ``logging_nan_inf_filter=True``, its default); ``skipped_steps=False`` turns it off.
+
+Three ways in:
+
+>>> trainer = GuardedTrainer(model=model, args=args, train_dataset=ds,
+...                          optimizer_cls_and_kwargs=optimizer_cls_and_kwargs(args))
 >>> trainer = GuardedTrainer(model=model, args=args, train_dataset=ds, optimizers=(opt, None))
-
-``GuardedTrainer`` takes the loss from ``training_step`` (so a custom ``compute_loss`` works
-too) and adds the metrics in ``log()``, so they are also in ``trainer.state.log_history``.
-With a plain ``Trainer``:
-
 >>> trainer = Trainer(model=model, args=args, train_dataset=ds, optimizers=(opt, None))
->>> attach_guard(trainer)
+>>> attach_guard(trainer)                    # a plain Trainer: add the callback, first
 
-``attach_guard`` puts a :class:`GuardCallback` first among the callbacks (before the
-reporting ones, which read ``logs`` in order); the callback takes the loss from the model's
-output with a forward hook. ``optimizer_cls_and_kwargs=(FusedGuardedAdamW, {...})`` works
-with both, as the optimizer is looked up when training starts.
+:func:`optimizer_cls_and_kwargs` builds the optimizer from ``TrainingArguments`` (lr, betas,
+eps, weight decay, ``max_grad_norm``): with a bare ``(FusedGuardedAdamW, {...})`` the Trainer
+passes only the given kwargs and ``args.learning_rate`` is silently ignored.
 
-Checkpoints need nothing extra: the Trainer saves ``optimizer.state_dict()``, which holds
-the guard's whole state, and loads it back on ``resume_from_checkpoint``.
+Checkpoints need nothing extra: the Trainer saves ``optimizer.state_dict()``, which holds the
+guard's whole state, and loads it back on ``resume_from_checkpoint`` (FSDP2 checkpoints go
+through ``torch.distributed.checkpoint``, which carries it too: see :mod:`.dcp`).
 """
 
 from __future__ import annotations
 
+import logging
+import warnings
+
 import torch
 from transformers import Trainer, TrainerCallback
 
+from lbw_guard import validation
+from lbw_guard.optimizer import FusedGuardedAdamW
+
 from . import unwrap_optimizer
 from .logging import EventLogger, guard_metrics
+
+logger = logging.getLogger("lbw_guard")
+
+
+def _uses_deepspeed(args) -> bool:
+    return bool(getattr(args, "deepspeed", None)) or getattr(args, "deepspeed_plugin", None) is not None
+
+
+def optimizer_cls_and_kwargs(args, guard="default", **overrides) -> tuple[type, dict]:
+    """``(FusedGuardedAdamW, kwargs)`` for ``Trainer(optimizer_cls_and_kwargs=...)``, from
+    ``args`` (``TrainingArguments``): ``lr=args.learning_rate``, ``betas=(args.adam_beta1,
+    args.adam_beta2)``, ``eps=args.adam_epsilon``, ``weight_decay=args.weight_decay`` (the
+    Trainer still gives biases and norms their own group without decay) and the clip.
+
+    Clipping moves into the optimizer: ``max_grad_norm=args.max_grad_norm`` and
+    ``args.max_grad_norm`` is set to 0 (logged), so the guard judges the gradients before the
+    clip. Pass ``max_grad_norm=None`` to leave the clip to the Trainer (the callback then
+    records its pre-clip norm). ``overrides`` (``backend=``, ``lr=``, ...) win over ``args``.
+    """
+    kwargs = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
+                  weight_decay=args.weight_decay, guard=guard)
+    clip = float(getattr(args, "max_grad_norm", 0) or 0)
+    max_grad_norm = overrides.pop("max_grad_norm", clip if clip > 0 else None)
+    if max_grad_norm is not None and not _uses_deepspeed(args):
+        kwargs["max_grad_norm"] = max_grad_norm
+        if clip > 0:
+            logger.info("lbw-guard: clipping at %s moves into FusedGuardedAdamW; args.max_grad_norm set to 0",
+                        max_grad_norm)
+            args.max_grad_norm = 0.0
+    kwargs.update(overrides)
+    return FusedGuardedAdamW, kwargs
 
 
 def _loss_of(output):
@@ -48,18 +98,31 @@ class GuardCallback(TrainerCallback):
     - ``capture_loss``: a forward hook on the model sums the training losses of the
       micro-batches of one optimizer step; their mean goes to ``optimizer.record_loss``
       just before the step. Turn it off when something else records the loss.
+    - ``move_clipping``: at train begin, move the Trainer's ``max_grad_norm`` clip into the
+      optimizer (see the module doc); else (or where the optimizer clips already) record
+      the Trainer's pre-clip norm, which needs the trainer (:func:`attach_guard` gives it).
+    - ``skipped_steps``: make the prepared optimizer's ``step_was_skipped`` report the
+      guard's skips, so the lr scheduler does not step on them (one host sync per step).
     - ``on_log`` adds :func:`guard_metrics` to the logs (keys already there are kept).
     - Guard events are forwarded to Python :mod:`logging` after every step.
     """
 
-    def __init__(self, optimizer=None, *, capture_loss: bool = True, prefix: str = "guard/"):
-        self.optimizer = optimizer
+    def __init__(self, optimizer=None, *, capture_loss: bool = True, prefix: str = "guard/",
+                 move_clipping: bool = True, skipped_steps: bool = True):
+        self.optimizer = unwrap_optimizer(optimizer) if optimizer is not None else None
         self.capture_loss = capture_loss
         self.prefix = prefix
+        self.move_clipping = move_clipping
+        self.skipped_steps = skipped_steps
+        self.trainer = None
         self.events = EventLogger()
+        self.clipping: str | None = None
+        """How the Trainer's clip reached the guard in the last run: ``"moved"``, ``"recorded"``,
+        ``"blind"`` (neither was possible), or None (the Trainer did not clip)."""
         self._hook = None
         self._loss_sum = None
         self._loss_count = 0
+        self._moved = None
 
     # ------------------------------------------------------------------ plumbing
     def _resolve(self, optimizer):
@@ -67,6 +130,9 @@ class GuardCallback(TrainerCallback):
             self.optimizer = unwrap_optimizer(optimizer)
         self.events.optimizer = self.optimizer
         return self.optimizer
+
+    def _guarded(self) -> bool:
+        return isinstance(self.optimizer, FusedGuardedAdamW)
 
     def _on_forward(self, module, args, output):
         if not (module.training and torch.is_grad_enabled()):
@@ -91,12 +157,80 @@ class GuardCallback(TrainerCallback):
             self.optimizer.record_loss(loss)
         self._loss_sum, self._loss_count = None, 0
 
+    # ------------------------------------------------------------------ clipping
+    def _setup_clipping(self, args) -> None:
+        self.clipping = None
+        clip = float(getattr(args, "max_grad_norm", 0) or 0)
+        if clip <= 0 or _uses_deepspeed(args):  # DeepSpeed clips inside its engine
+            return
+        opt = self.optimizer
+        if self.move_clipping and opt.max_grad_norm is None:
+            opt.max_grad_norm = validation.check_max_grad_norm(clip)
+            args.max_grad_norm = 0.0
+            self._moved = (args, clip, opt)
+            self.clipping = "moved"
+            logger.info("lbw-guard: the Trainer's clip at max_grad_norm=%s runs inside FusedGuardedAdamW, so the "
+                        "guard sees the gradients before it", clip)
+            return
+        if self._record_trainer_norms():
+            self.clipping = "recorded"
+            return
+        self.clipping = "blind"
+        warnings.warn(
+            f"lbw-guard: the Trainer clips the gradients to max_grad_norm={clip} before FusedGuardedAdamW.step() "
+            "and the guard cannot get the norm before the clip, so it judges gradients that never exceed "
+            f"{clip}. Use attach_guard(trainer) (it records the Trainer's pre-clip norm), build the optimizer "
+            "with optimizer_cls_and_kwargs(args), or set max_grad_norm=0 and FusedGuardedAdamW(max_grad_norm=...).",
+            stacklevel=2,
+        )
+
+    def _record_trainer_norms(self) -> bool:
+        """Record the Trainer's pre-clip grad norm into the optimizer; False without the trainer."""
+        trainer = self.trainer
+        if trainer is None:
+            return False
+        get_norm = getattr(trainer, "_get_grad_norm", None)
+        if get_norm is not None:  # transformers 5: returns the pre-clip norm on every path
+            if not getattr(get_norm, "_lbw", False):
+                def _get_grad_norm(model, grad_norm=None):
+                    norm = get_norm(model, grad_norm=grad_norm)
+                    if norm is not None and self._guarded() and (trainer.args.max_grad_norm or 0) > 0:
+                        self.optimizer.record_grad_norm(norm)
+                    return norm
+
+                _get_grad_norm._lbw = True
+                trainer._get_grad_norm = _get_grad_norm
+            return True
+        accelerator = getattr(trainer, "accelerator", None)
+        if accelerator is not None:
+            from .accelerate import record_grad_norms
+
+            record_grad_norms(accelerator, self.optimizer)
+            return True
+        return False
+
+    def _restore_clipping(self) -> None:
+        if self._moved is not None:
+            args, clip, opt = self._moved
+            args.max_grad_norm = clip
+            opt.max_grad_norm = None
+            self._moved = None
+
     # ------------------------------------------------------------------ events
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         self._resolve(optimizer)
         self.events.skip_existing()  # on resume: logged by the run that raised them
         if self.capture_loss and model is not None and self._hook is None:
             self._hook = model.register_forward_hook(self._on_forward)
+        if not self._guarded():
+            warnings.warn(f"lbw-guard: GuardCallback found a {type(self.optimizer).__name__}, not a "
+                          "FusedGuardedAdamW; it only reports metrics", stacklevel=2)
+            return
+        self._setup_clipping(args)
+        if self.skipped_steps and optimizer is not None and optimizer is not self.optimizer:
+            from .accelerate import guard_accelerated_optimizer
+
+            guard_accelerated_optimizer(optimizer)
 
     def on_step_begin(self, args, state, control, **kwargs):
         # A new accumulation window starts: nothing from an unfinished one carries over.
@@ -116,6 +250,7 @@ class GuardCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self.events.update()
+        self._restore_clipping()
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
@@ -126,9 +261,11 @@ def attach_guard(trainer: Trainer, callback: GuardCallback | None = None) -> Gua
 
     The reporting callbacks (TensorBoard, W&B, the console printer) read ``logs`` in list
     order, so the guard's metrics must be added before them; ``Trainer(callbacks=[...])``
-    and ``add_callback`` would append it after them.
+    and ``add_callback`` would append it after them. The callback also gets the trainer, to
+    record its pre-clip grad norm where the clip cannot move into the optimizer.
     """
     callback = callback or GuardCallback()
+    callback.trainer = trainer
     handler = trainer.callback_handler
     handler.callbacks = [cb for cb in handler.callbacks if cb is not callback]
     handler.callbacks.insert(0, callback)
@@ -136,15 +273,20 @@ def attach_guard(trainer: Trainer, callback: GuardCallback | None = None) -> Gua
 
 
 class GuardedTrainer(Trainer):
-    """A Trainer whose FusedGuardedAdamW receives each optimizer step's loss and whose logs
+    """A Trainer with :class:`GuardCallback` attached: its FusedGuardedAdamW receives each
+    optimizer step's loss (from ``training_step``, so a custom ``compute_loss`` works too),
+    sees the gradients before the clip, makes the scheduler skip with it, and its logs
     (including ``state.log_history``) carry the guard metrics."""
 
-    def __init__(self, *args, guard_prefix: str = "guard/", **kwargs):
+    def __init__(self, *args, guard_prefix: str = "guard/", guard_callback: GuardCallback | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.guard_callback = attach_guard(self, GuardCallback(capture_loss=False, prefix=guard_prefix))
+        callback = guard_callback or GuardCallback(capture_loss=False, prefix=guard_prefix)
+        self.guard_callback = attach_guard(self, callback)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.guard_callback.capture_loss:
+            return loss  # the callback's forward hook records it
         # training_step returns the micro-batch loss already divided by the accumulation
         # steps (or normalised by the step's token count), so the sum is the step's loss.
         self.guard_callback.add_loss(loss)
@@ -166,4 +308,4 @@ def _add_guard_metrics(logs: dict, opt, prefix: str) -> None:
             logs.setdefault(key, value)
 
 
-__all__ = ["GuardCallback", "GuardedTrainer", "attach_guard"]
+__all__ = ["GuardCallback", "GuardedTrainer", "attach_guard", "optimizer_cls_and_kwargs"]

@@ -10,12 +10,19 @@ is its own group:
 >>> opt = FusedGuardedAdamW(lora_param_groups(model, by="layer"), lr=2e-4)
 >>> group_names(opt)   # ['layers.0', 'layers.1', ..., 'other']
 
+LoRA+ (Hayou et al., 2024: the B matrices learn ``ratio`` times faster than the A ones) is
+one keyword: every group's B matrices get a group of their own at ``lr * lora_plus_ratio``:
+
+>>> opt = FusedGuardedAdamW(lora_param_groups(model, lr=2e-4, lora_plus_ratio=16), lr=2e-4)
+>>> group_names(opt)   # ['...q_proj', '...q_proj.lora_B', '...v_proj', '...v_proj.lora_B', ...]
+
 Works on any ``nn.Module``; it only relies on PEFT's parameter names (``lora_A``,
 ``lora_B``, ``lora_embedding_A/B``, ``lora_magnitude_vector``), not on importing peft.
 """
 
 from __future__ import annotations
 
+import math
 import re
 
 from torch import nn
@@ -23,6 +30,7 @@ from torch import nn
 from .logging import group_names
 
 _LORA = re.compile(r"\.lora_(A|B|embedding_A|embedding_B|magnitude_vector)(\.|$)")
+_LORA_B = re.compile(r"\.lora_(B|embedding_B)(\.|$)")
 _LAYER = re.compile(r"(?:^|\.)(layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
 BY = ("module", "layer", "all")
 
@@ -44,7 +52,8 @@ def _group_key(name: str, by: str) -> str | None:
     return module
 
 
-def lora_param_groups(model: nn.Module, by: str = "module", other: str = "other", **options) -> list[dict]:
+def lora_param_groups(model: nn.Module, by: str = "module", other: str = "other",
+                      lora_plus_ratio: float | None = None, **options) -> list[dict]:
     """Trainable parameters of ``model`` as optimizer param groups.
 
     Args:
@@ -52,6 +61,10 @@ def lora_param_groups(model: nn.Module, by: str = "module", other: str = "other"
             ``"layer"`` (one per transformer block) or ``"all"`` (one for every LoRA weight).
         other: name of the group of trainable non-LoRA parameters (``modules_to_save``,
             a classification head); left out when there are none.
+        lora_plus_ratio: LoRA+: the B matrices (``lora_B``, ``lora_embedding_B``) of each group
+            go to a group of their own, named ``<group>.lora_B``, right after it, with
+            ``lr = options["lr"] * lora_plus_ratio`` (the paper's default ratio is 16).
+            Needs ``lr``. None: A and B share their group.
         options: hyperparameters for every group (``lr``, ``weight_decay``, ...).
 
     Each group carries a ``"name"`` key (kept by the optimizer, shown by :func:`group_names`
@@ -59,6 +72,12 @@ def lora_param_groups(model: nn.Module, by: str = "module", other: str = "other"
     """
     if by not in BY:
         raise ValueError(f"by must be one of {BY}, got {by!r}")
+    if lora_plus_ratio is not None:
+        if "lr" not in options:
+            raise ValueError("lora_plus_ratio needs lr= (the A matrices' lr; the B ones get lr * ratio)")
+        if isinstance(lora_plus_ratio, bool) or not isinstance(lora_plus_ratio, (int, float)) \
+                or not math.isfinite(lora_plus_ratio) or lora_plus_ratio <= 0:
+            raise ValueError(f"lora_plus_ratio must be a positive number, got {lora_plus_ratio!r}")
     groups: dict[str, list] = {}
     rest = []
     for name, p in model.named_parameters():
@@ -67,11 +86,21 @@ def lora_param_groups(model: nn.Module, by: str = "module", other: str = "other"
         key = _group_key(name, by)
         if key is None:
             rest.append(p)
-        else:
-            groups.setdefault(key, []).append(p)
+            continue
+        if lora_plus_ratio is not None and _LORA_B.search(name):
+            groups.setdefault(key, [])  # the A group comes first even if B is listed first
+            key = f"{key}.lora_B"
+        groups.setdefault(key, []).append(p)
     if not groups:
         raise ValueError("no trainable LoRA parameters found (is this a PEFT LoRA model?)")
-    out = [{"params": ps, "name": key, **options} for key, ps in groups.items()]
+    out = []
+    for key, ps in groups.items():
+        if not ps:
+            continue
+        group = {"params": ps, "name": key, **options}
+        if lora_plus_ratio is not None and key.endswith(".lora_B"):
+            group["lr"] = options["lr"] * lora_plus_ratio
+        out.append(group)
     if rest:
         out.append({"params": rest, "name": other, **options})
     return out
