@@ -132,6 +132,9 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
                         differentiable=differentiable, fused=fused,
                         decoupled_weight_decay=decoupled_weight_decay)
         validation.check_hyperparameters(defaults, "FusedGuardedAdamW", read_device_lr=False)
+        if isinstance(params, (Tensor, str, bytes)) or not hasattr(params, "__iter__"):
+            raise TypeError(f"params must be an iterable of tensors, (name, tensor) pairs or param group "
+                            f"dicts (e.g. model.parameters()), got {type(params).__name__}")
         if not isinstance(backend, str) or (backend != "auto" and backend not in BACKEND_NAMES):
             raise ValueError(f"unknown backend {backend!r}; choose 'auto' or one of {BACKEND_NAMES}")
         self.requested_backend = backend
@@ -177,6 +180,8 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
         where = f"param group {len(self.param_groups)}"
+        if "params" not in param_group:
+            raise ValueError(f"{where} has no 'params' entry; pass {{'params': [...], ...}}")
         merged = {**self.defaults, **param_group}
         validation.check_hyperparameters(merged, where, read_device_lr=False)
         count = len(self.param_groups)
@@ -353,7 +358,10 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
     def record_loss(self, loss: Tensor | float) -> None:
         """Give the next ``step()`` its loss telemetry when the caller of ``step()`` cannot
         (a wrapper such as Accelerate's or the HF Trainer calls ``step()`` without it).
-        Under gradient accumulation, call it with the accumulated loss once per step."""
+        Under gradient accumulation, call it with the accumulated loss once per step. A bad
+        value is refused here, where it comes from; ``None`` clears it."""
+        if loss is not None:
+            validation.check_scalar("loss", loss)
         self._pending_loss = loss.detach() if isinstance(loss, Tensor) else loss
 
     @property
@@ -371,6 +379,8 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
         the optimizer (``clip_grad_norm_`` returns it; the HF Trainer logs it). The guard then
         judges spikes on it: after such a clip the gradients it sees are never above the
         clip norm."""
+        if norm is not None:
+            validation.check_scalar("grad_norm", norm)
         self._pending_grad_norm = norm.detach() if isinstance(norm, Tensor) else norm
 
     @property
@@ -476,15 +486,13 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
 
     def _collect(self) -> list[_Bucket]:
         """Buckets of (device, dtype, dense) with their tensors; validates before any change."""
-        index = 0
         found = []
         for gid, group in enumerate(self.param_groups):
-            for p in group["params"]:
+            for i, p in enumerate(group["params"]):
                 g = p.grad
                 if g is not None:
-                    validation.check_grad(p, g, index)
+                    validation.check_grad(p, g, f"param group {gid} params[{i}]")
                     found.append((gid, p, g))
-                index += 1
         if found and not self._checked_replicas and self._guard is not None:
             distributed.check_replicated([p for _, p, _ in found], self.telemetry_group)
             self._checked_replicas = True

@@ -148,41 +148,48 @@ def check_params(params: list, where: str) -> None:
             )
 
 
-def check_grad(p: Tensor, g: Tensor, index: int) -> None:
+def check_grad(p: Tensor, g: Tensor, where) -> None:
     """Called for every gradient before anything is modified, so a refused step changes nothing."""
     if g.is_sparse or g.layout != torch.strided:
         raise ValueError(
-            f"parameter {index} has a sparse gradient; FusedGuardedAdamW needs dense gradients "
+            f"{where} has a sparse gradient; FusedGuardedAdamW needs dense gradients "
             "(use torch.optim.SparseAdam for sparse embeddings)"
         )
     if g.shape != p.shape:
-        raise ValueError(f"parameter {index}: gradient shape {tuple(g.shape)} != parameter shape {tuple(p.shape)}")
+        raise ValueError(f"{where}: gradient shape {tuple(g.shape)} != parameter shape {tuple(p.shape)}")
     if g.dtype != p.dtype:
-        raise ValueError(f"parameter {index}: gradient dtype {g.dtype} != parameter dtype {p.dtype}")
+        raise ValueError(f"{where}: gradient dtype {g.dtype} != parameter dtype {p.dtype}")
     if g.device != p.device:
-        raise ValueError(f"parameter {index}: gradient on {g.device} but parameter on {p.device}")
+        raise ValueError(f"{where}: gradient on {g.device} but parameter on {p.device}")
+
+
+def check_scalar(name: str, value: Any) -> None:
+    """A loss or grad norm: a real number or a one-element real dense tensor with a value.
+    Non-finite values are fine: judging them is the guard's job."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(
+                f"{name} must be a scalar (one element), got a tensor of shape {tuple(value.shape)}; "
+                "pass loss.mean() or the value you optimise"
+            )
+        if value.device.type == "meta":
+            raise ValueError(f"{name} is on the meta device and has no value; pass the real {name}")
+        if value.layout != torch.strided:
+            raise ValueError(f"{name} must be a dense tensor, got layout {value.layout}")
+        if not (value.is_floating_point() or value.dtype in (torch.int32, torch.int64)):
+            raise TypeError(f"{name} must be a real number, got a {value.dtype} tensor")
+    elif not _is_real(value):
+        raise TypeError(f"{name} must be a float or a one-element tensor, got {type(value).__name__}")
 
 
 def loss_tensor(loss: Any, device: torch.device) -> Tensor:
     """The loss as a 0-d tensor on ``device`` (a host value travels through pinned memory so the
-    copy never blocks). Non-finite values are fine: judging them is the guard's job."""
+    copy never blocks)."""
+    check_scalar("loss", loss)
     if isinstance(loss, Tensor):
-        if loss.numel() != 1:
-            raise ValueError(
-                f"loss must be a scalar (one element), got a tensor of shape {tuple(loss.shape)}; "
-                "pass loss.mean() or the value you optimise"
-            )
-        if loss.device.type == "meta":
-            raise ValueError("loss is on the meta device and has no value; pass the real loss")
-        if loss.layout != torch.strided:
-            raise ValueError(f"loss must be a dense tensor, got layout {loss.layout}")
-        if not (loss.is_floating_point() or loss.dtype in (torch.int32, torch.int64)):
-            raise TypeError(f"loss must be a real number, got a {loss.dtype} tensor")
         if loss.device == device and loss.dim() == 0:
             return loss.detach()
         value = loss.detach().reshape(())
-    elif not _is_real(loss):
-        raise TypeError(f"loss must be a float or a one-element tensor, got {type(loss).__name__}")
     else:
         value = torch.tensor(float(loss), dtype=torch.float64)
     if device.type == "cuda" and value.device.type == "cpu":

@@ -229,7 +229,7 @@ def group_gates(control: Tensor, step_ok: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def coefficients(rows: Tensor, step: Tensor, applied: Tensor, max_grad_norm: Tensor,
-                 grad_norm: Tensor | None) -> dict[str, Tensor]:
+                 grad_norm: Tensor | None, grad_dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
     """The contract's per-tensor scalars in float64, for one control row ``[NUM_CONTROL]`` and
     its tensor's step, or batched (``rows [T, NUM_CONTROL]``, ``step`` and ``applied`` [T]).
 
@@ -258,7 +258,7 @@ def coefficients(rows: Tensor, step: Tensor, applied: Tensor, max_grad_norm: Ten
         "prev_m": torch.where(first, torch.zeros_like(s), 1.0 / torch.where(first, one, bc1_prev)),
         "prev_v": prev_v,
         "spike_scale": torch.where(first, torch.full_like(s, math.inf), rows[..., SPIKE_K] * prev_v),
-        "clip": clip_coefficient(max_grad_norm, grad_norm, rows.device).expand(s.shape),
+        "clip": clip_coefficient(max_grad_norm, grad_norm, rows.device, grad_dtype).expand(s.shape),
     }
     return coef
 
@@ -273,16 +273,19 @@ def power(base: Tensor, exponent: Tensor) -> Tensor:
     return torch.where(base > 0, positive, zero)
 
 
-def clip_coefficient(max_grad_norm: Tensor, grad_norm: Tensor | None, device) -> Tensor:
-    """``clip_grad_norm_``'s coefficient, min(1, max_norm / (norm + 1e-6)) in fp32 as torch
-    computes it for fp32 gradients (returned as float64); 1 when off."""
+def clip_coefficient(max_grad_norm: Tensor, grad_norm: Tensor | None, device,
+                     grad_dtype: torch.dtype = torch.float32) -> Tensor:
+    """``clip_grad_norm_``'s coefficient, min(1, max_norm / (norm + 1e-6)), computed in the
+    gradients' precision as torch computes it (fp32, or fp64 for fp64 gradients), returned as
+    float64; 1 when off."""
+    dtype = torch.float64 if grad_dtype == torch.float64 else torch.float32
     one = torch.ones((), dtype=torch.float64, device=device)
     if grad_norm is None:
         return one
-    max_norm = max_grad_norm.to(torch.float32)
-    norm = grad_norm.to(device, torch.float32).reshape(())
-    coef = torch.clamp(max_norm / (norm + torch.tensor(CLIP_EPS, dtype=torch.float32, device=device)), max=1.0)
-    return torch.where(max_norm > 0, coef, one.float()).to(torch.float64)
+    max_norm = max_grad_norm.to(dtype)
+    norm = grad_norm.to(device, dtype).reshape(())
+    coef = torch.clamp(max_norm / (norm + torch.tensor(CLIP_EPS, dtype=dtype, device=device)), max=1.0)
+    return torch.where(max_norm > 0, coef, torch.ones((), dtype=dtype, device=device)).to(torch.float64)
 
 
 def white_noise_level(beta1: Tensor, step: Tensor) -> Tensor:

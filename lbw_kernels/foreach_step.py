@@ -103,7 +103,7 @@ def fused_adamw_foreach(
     p_new = list(p_old)  # u = p' - p in the compute dtype, before rounding to the param dtype
     for j, i in enumerate(written):
         p_new[i] = updated[j]
-    u = torch._foreach_sub(p_new, p_old)
+    u = list(torch._foreach_sub(p_new, p_old))
     for i in range(T):
         if not gated[i]:
             u[i] = torch.zeros_like(u[i])
@@ -161,7 +161,8 @@ def _update(written, params, p_old, g_used, exp_avgs, exp_avg_sqs, coef, finite,
 
 def _host_coefficients(control, gids, steps_before, gate, grad_norm, compute) -> dict[str, list[float]]:
     """The contract's per-tensor scalars as host floats, rounded once to the compute dtype."""
-    coef = C.coefficients(control[:-1][gids], steps_before, gate[gids], control[-1, C.MAX_GRAD_NORM], grad_norm)
+    coef = C.coefficients(control[:-1][gids], steps_before, gate[gids], control[-1, C.MAX_GRAD_NORM], grad_norm,
+                          compute)
     table = torch.stack([coef[k].to(compute) for k in _COEF_KEYS]).tolist()
     return dict(zip(_COEF_KEYS, table))
 

@@ -53,7 +53,7 @@ def fused_adamw_reference(
 
     for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
         gid = group_ids[i]
-        c = C.coefficients(control[gid], steps[i], gate[gid], row[C.MAX_GRAD_NORM], grad_norm)
+        c = C.coefficients(control[gid], steps[i], gate[gid], row[C.MAX_GRAD_NORM], grad_norm, g.dtype)
         clamp = bool(control[gid, C.CLAMP] != 0)
         compute = torch.float64 if p.dtype == torch.float64 else f32
         c = {k: x.to(compute) for k, x in c.items()}

@@ -15,18 +15,21 @@ from hypothesis import strategies as st
 from lbw_guard.cli import main
 from lbw_guard.guard import replay as replay_module
 from lbw_guard.guard.config import GuardConfig
+from lbw_kernels.contract import record_layout
 from lbw_guard.guard.events import RUN_START, JsonlError, JsonlWriter, read_jsonl, run_start_line
 
-ROW = [1.0, 0.01, 6.0, -0.05, 0.0, 0.0, 100.0]  # one group's telemetry (contract TELEMETRY_FIELDS)
+G = 2
+SIZE = record_layout(G).size
+RECORD = [0.0] * SIZE  # a flat record of two groups (lbw_kernels.contract.record_layout)
 DROP = object()
 
 
 def rec(step=1, **changes) -> dict:
     """A well-formed trace record (the fields Guard writes) with ``changes`` applied;
     a field changed to ``DROP`` is left out."""
-    r = {"type": "record", "step": step, "telemetry": [list(ROW), list(ROW)], "applied_gate": [1.0, 1.0],
-         "loss": 2.0, "lrs": [0.01, 0.01], "scale": [1.0, 1.0], "gate": [1.0, 1.0], "regime": "stable",
-         "signals": {}}
+    r = {"type": "record", "step": step, "record": list(RECORD), "num_groups": G, "lrs": [0.01, 0.01],
+         "scale": [1.0, 1.0], "gate": [1.0, 1.0], "has_loss": True, "grad_norm": None, "now": step + 1 if isinstance(step, int) and not isinstance(step, bool) else 2,
+         "regime": "stable", "signals": {}}
     r.update(changes)
     return {k: v for k, v in r.items() if v is not DROP}
 
@@ -62,33 +65,38 @@ BAD_TRACES = [
     ("type_not_a_string", line(rec(type=1)), 1, '"type"'),
     # records missing fields
     ("missing_step", good(1) + line(rec(step=DROP)), 2, "step"),
-    ("missing_telemetry", line(rec(telemetry=DROP)), 1, "telemetry"),
+    ("missing_record", line(rec(record=DROP)), 1, "record"),
     ("missing_lrs", line(rec(lrs=DROP)), 1, "lrs"),
-    ("missing_loss", line(rec(loss=DROP)), 1, "loss"),
-    ("missing_several", line({"type": "record", "step": 1}), 1, "telemetry"),
+    ("missing_num_groups", line(rec(num_groups=DROP)), 1, "num_groups"),
+    ("missing_several", line({"type": "record", "step": 1}), 1, "record"),
     # records with wrong types
     ("step_string", line(rec(step="1")), 1, "step"),
     ("step_float", line(rec(step=1.5)), 1, "step"),
     ("step_bool", line(rec(step=True)), 1, "step"),
     ("step_negative", line(rec(step=-1)), 1, "step"),
     ("step_null", line(rec(step=None)), 1, "step"),
-    ("telemetry_string", line(rec(telemetry="abc")), 1, "telemetry"),
-    ("telemetry_empty", line(rec(telemetry=[])), 1, "telemetry"),
-    ("telemetry_flat", line(rec(telemetry=list(ROW))), 1, "telemetry"),
-    ("telemetry_object", line(rec(telemetry={"0": ROW})), 1, "telemetry"),
-    ("telemetry_ragged", line(rec(telemetry=[list(ROW), [1.0, 2.0, 3.0]])), 1, "telemetry"),
-    ("telemetry_empty_row", line(rec(telemetry=[[]])), 1, "telemetry"),
-    ("telemetry_string_value", line(rec(telemetry=[["x"] * len(ROW)])), 1, "telemetry"),
-    ("telemetry_null_value", line(rec(telemetry=[[None] * len(ROW)])), 1, "telemetry"),
-    ("telemetry_bool_value", line(rec(telemetry=[[True] * len(ROW)])), 1, "telemetry"),
-    ("telemetry_overflowing_int", line(rec(telemetry=[[10**400] * len(ROW)])), 1, "telemetry"),
+    ("record_string", line(rec(record="abc")), 1, "record"),
+    ("record_empty", line(rec(record=[])), 1, "record"),
+    ("record_nested", line(rec(record=[list(RECORD)])), 1, "record"),
+    ("record_object", line(rec(record={"0": RECORD})), 1, "record"),
+    ("record_wrong_size", line(rec(record=[1.0, 2.0, 3.0])), 1, "record"),
+    ("record_string_value", line(rec(record=["x"] * SIZE)), 1, "record"),
+    ("record_null_value", line(rec(record=[None] * SIZE)), 1, "record"),
+    ("record_bool_value", line(rec(record=[True] * SIZE)), 1, "record"),
+    ("record_overflowing_int", line(rec(record=[10**400] * SIZE)), 1, "record"),
+    ("num_groups_zero", line(rec(num_groups=0)), 1, "num_groups"),
+    ("num_groups_string", line(rec(num_groups="2")), 1, "num_groups"),
     ("lrs_string", good(3) + line(rec(4, lrs="0.01")), 4, "lrs"),
-    ("lrs_strings", line(rec(lrs=["fast"])), 1, "lrs"),
+    ("lrs_strings", line(rec(lrs=["fast", "slow"])), 1, "lrs"),
+    ("lrs_one_short", line(rec(lrs=[0.01])), 1, "lrs"),
     ("scale_null", line(rec(scale=None)), 1, "scale"),
-    ("gate_nested", line(rec(gate=[[1.0]])), 1, "gate"),
-    ("applied_gate_object", line(rec(applied_gate={"a": 1})), 1, "applied_gate"),
-    ("loss_string", line(rec(loss="high")), 1, "loss"),
-    ("loss_list", line(rec(loss=[1.0])), 1, "loss"),
+    ("gate_nested", line(rec(gate=[[1.0], [1.0]])), 1, "gate"),
+    ("has_loss_number", line(rec(has_loss=1)), 1, "has_loss"),
+    ("grad_norm_string", line(rec(grad_norm="high")), 1, "grad_norm"),
+    ("grad_norm_list", line(rec(grad_norm=[1.0])), 1, "grad_norm"),
+    ("now_float", line(rec(now=2.5)), 1, "now"),
+    ("snapshot_marker_without_step", good(2) + line({"type": "snapshot"}), 3, "step"),
+    ("dropped_marker_bad_lrs", good(2) + line({"type": "dropped", "step": 3, "lrs": "x"}), 3, "lrs"),
     # not UTF-8, too long
     ("latin1_bytes", b'{"type": "event", "note": "caf\xe9"}\n', 1, "not UTF-8"),
     ("binary_garbage", good(2) + b"\xff\xfe\xfd\x00\x81\n", 3, "not UTF-8"),
@@ -282,7 +290,7 @@ def test_any_damage_to_a_trace_ends_cleanly(tmp_path_factory, cut, flips):
 
 def test_end_to_end_exit_codes_in_a_subprocess(tmp_path):
     bad = tmp_path / "bad.jsonl"
-    bad.write_bytes(good(2) + line(rec(3, telemetry=[["x"]])))
+    bad.write_bytes(good(2) + line(rec(3, record=["x"])))
     proc = subprocess.run([sys.executable, "-m", "lbw_guard", "replay", str(bad)], capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and f"{bad}:3:" in proc.stderr

@@ -240,6 +240,8 @@ def _validate(c: GuardConfig) -> list[str]:
         check(low > 0.0, f"{lo_name} must be > 0, got {getattr(c, lo_name)}")
         check(not low > high, f"{lo_name} ({getattr(c, lo_name)}) must not exceed {hi_name} ({getattr(c, hi_name)})")
     check(not number("alpha_max") <= 1.0, f"alpha_max must be > 1, got {c.alpha_max}")
+    raise_, high = number("alpha_raise"), float(c.alpha_high) if isinstance(c.alpha_high, (int, float)) else math.nan
+    check(not raise_ < high, f"alpha_raise ({c.alpha_raise}) must be at least alpha_high ({c.alpha_high})")
     worse = number("omega_worsening")
     check(0.0 < worse <= 1.0, f"omega_worsening must be in (0, 1], got {c.omega_worsening}")
     if c.max_update_ratio is not None:

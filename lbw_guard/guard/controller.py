@@ -23,7 +23,7 @@ from .detectors import Detectors
 from .events import Event
 from .governor import StepSizeGovernor
 from .recovery import Recovery
-from .signals import HostRecord, StepSignals, derive
+from .signals import HostRecord, StepSignals, derive, per_group
 
 WARMUP, STABLE, SPIKING, DIVERGING, RECOVERING = "warmup", "stable", "spiking", "diverging", "recovering"
 REGIMES = (WARMUP, STABLE, SPIKING, DIVERGING, RECOVERING)
@@ -213,8 +213,8 @@ class Controller:
         self.regime = state["regime"]
         self.processed = int(state["processed"])
         self.clean_streak = int(state["clean_streak"])
-        self.last_scale = [float(x) for x in state["last_scale"]]
-        self.capped = list(state["capped"])
+        self.last_scale = [float(x) for x in per_group("last_scale", state["last_scale"], self.num_groups)]
+        self.capped = per_group("capped", state["capped"], self.num_groups)
         self.detectors.load_state_dict(state["detectors"])
         self.governor.load_state_dict(state["governor"])
         self.recovery.load_state_dict(state["recovery"])

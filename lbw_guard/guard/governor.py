@@ -45,7 +45,7 @@ from __future__ import annotations
 import math
 
 from .config import GuardConfig
-from .signals import StepSignals
+from .signals import StepSignals, per_group
 
 
 def _finite(x) -> bool:
@@ -225,7 +225,7 @@ class StepSizeGovernor:
     def load_state_dict(self, state: dict) -> None:
         self.resize(int(state["num_groups"]))
         for k in self._FIELDS:
-            values = list(state[k])
+            values = per_group(k, state[k], self.num_groups)
             if k == "prev_gu":
                 values = [tuple(v) if v is not None else None for v in values]
             setattr(self, k, values)

@@ -113,7 +113,7 @@ class Guard:
     def bind(self, optimizer) -> None:
         """Attach to ``optimizer`` (again after ``add_param_group`` or ``load_state_dict``)."""
         if self.optimizer is not None and self.optimizer is not optimizer:
-            raise RuntimeError("this Guard is already bound to another optimizer; build one Guard per optimizer")
+            raise ValueError("this Guard is already bound to another optimizer; build one Guard per optimizer")
         self.optimizer = optimizer
         G = len(optimizer.param_groups)
         if self.controller is None:
@@ -374,9 +374,9 @@ class Guard:
             snaps = state.get("snapshots")
             if snaps is not None and not isinstance(snaps, dict):
                 raise TypeError("state_dict['guard']['snapshots'] must be a dict")
-        except (KeyError, AttributeError, TypeError) as exc:
-            raise (exc if isinstance(exc, TypeError) else ValueError(
-                f"state_dict['guard'] is malformed: {type(exc).__name__}: {exc}")) from None
+        except (KeyError, AttributeError, TypeError, ValueError, OverflowError) as exc:
+            kind = TypeError if isinstance(exc, TypeError) else ValueError
+            raise kind(f"state_dict['guard'] is malformed: {type(exc).__name__}: {exc}") from None
 
     def load_state_dict(self, state: dict) -> None:
         num_steps = self.optimizer.num_steps if self.optimizer is not None else 1 << 62

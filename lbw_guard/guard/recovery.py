@@ -22,7 +22,7 @@ from collections import deque
 
 from .config import GuardConfig
 from .detectors import Assessment
-from .signals import StepSignals
+from .signals import StepSignals, per_group
 
 # Consecutive records in trouble after which a rollback is tried even without corroboration.
 _PERSISTENT_TROUBLE = 8
@@ -238,9 +238,10 @@ class Recovery:
         self.verified_snapshots = [int(s) for s in state["verified_snapshots"]]
         self.last_trouble_step = int(state["last_trouble_step"])
         self.recent_reasons = deque(((int(s), list(r)) for s, r in state["recent_reasons"]), maxlen=8)
-        self.freeze_until = [int(x) for x in state["freeze_until"]]
-        self.hot_streak = [int(x) for x in state["hot_streak"]]
-        self.numel = [float(x) for x in state["numel"]]
+        G = self.num_groups
+        self.freeze_until = [int(x) for x in per_group("freeze_until", state["freeze_until"], G)]
+        self.hot_streak = [int(x) for x in per_group("hot_streak", state["hot_streak"], G)]
+        self.numel = [float(x) for x in per_group("numel", state["numel"], G)]
 
 
 __all__ = ["GuardGaveUp", "Recovery"]

@@ -41,6 +41,13 @@ class HostRecord:
         return cls(**{k: d[k] for k in _RECORD_KEYS if k in d})
 
 
+def per_group(name: str, values, num_groups: int) -> list:
+    """A saved per-group list, checked to hold one entry per group (state dict loading)."""
+    if not isinstance(values, (list, tuple)) or len(values) != num_groups:
+        raise ValueError(f"guard state {name!r} must hold {num_groups} per-group values, got {values!r:.80}")
+    return list(values)
+
+
 _RECORD_KEYS = ("step", "record", "num_groups", "lrs", "scale", "gate", "has_loss", "grad_norm", "now")
 
 
