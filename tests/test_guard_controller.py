@@ -1,39 +1,79 @@
-"""Config validation, statistics, detection and replay on synthetic telemetry (no model)."""
+"""The guard's policy on synthetic telemetry (no model): configuration, statistics, detection,
+recovery (skip, rebaseline, freeze, rollback, give-up), the step-size governor, per-group
+independence, monitor mode, the bounded event log and the controller's state.
 
+Every test spells its GuardConfig out (``explicit_config``) so that it checks the policy, not
+the default tuning. Records are built from ``lbw_kernels.contract.record_layout`` by
+``tests/guard_records.py``; ``Sim`` feeds them like the Guard does (command for step n, then
+the record of step n - lag processed with now = n).
+"""
+
+import copy
 import json
 import math
+import pickle
 import random
 
 import pytest
 
-from lbw_guard.guard import PRESETS, Controller, GuardConfig, HostRecord, make_guard
-from lbw_guard.guard.replay import main as replay_main
+from guard_records import GuardDriver, Sim, actions, explicit_config, healthy, make_record, same
+from lbw_guard.guard import PRESETS, Controller, GuardConfig, GuardGaveUp, make_guard
+from lbw_guard.guard.accounting import EventLog
+from lbw_guard.guard.events import Event
 from lbw_guard.guard.stats import EmaStat
+from lbw_kernels import contract as C
+
+INTERVENING = ("decrease_scale", "cap_scale", "recap", "rollback", "freeze", "give_up")
 
 
+def noisy(seed=0, **fixed):
+    """A spec of healthy records with a little noise, plus ``fixed`` (or per-step overrides
+    from ``faults``: {step: kwargs})."""
+    rng = random.Random(seed)
+    faults = fixed.pop("faults", {})
+
+    def spec(n, cmd):
+        kw = healthy(n, rng, **fixed)
+        kw.update(faults.get(n, {}))
+        return kw
+
+    return spec
+
+
+def decisions_at(sim, record_step):
+    return [d for _, s, d in sim.decisions if s == record_step]
+
+
+# ---------------------------------------------------------------------------- configuration
 @pytest.mark.parametrize(
     "changes, message",
     [
         (dict(min_scale=0.0), "min_scale"),
         (dict(min_scale=1.5), "min_scale"),
-        (dict(decrease_factor=1.0), "decrease_factor"),
-        (dict(recovery_rate=0.2, max_scale_increase=0.1), "recover faster"),
+        (dict(cut_factor=1.0), "cut_factor"),
+        (dict(omega_low=0.7, omega_high=0.6), "omega_low"),
+        (dict(alpha_low=1.2, alpha_high=1.0), "alpha_low"),
         (dict(snapshot_interval=60, max_rollback_distance=50), "snapshot_interval"),
-        (dict(diverge_spikes=20, diverge_window=10), "diverge_spikes"),
         (dict(max_frozen_fraction=1.0), "max_frozen_fraction"),
         (dict(warmup_steps=0), "warmup_steps"),
+        (dict(give_up_after=0), "give_up_after"),
+        (dict(event_capacity=0), "event_capacity"),
         (dict(z_grad=math.nan), "z_grad"),
+        (dict(max_update_ratio=-1.0), "max_update_ratio"),
         (dict(mode="off"), "mode"),
+        (dict(governor="aimd"), "governor"),
         (dict(lag=1.5), "lag"),
+        (dict(snapshots="yes"), "snapshots"),
     ],
 )
 def test_config_rejects_bad_settings(changes, message):
     with pytest.raises(ValueError, match=message):
-        GuardConfig(**changes)
+        explicit_config(**changes)
 
 
-def test_presets_and_make_guard():
+def test_presets_make_guard_and_round_trips(tmp_path):
     assert PRESETS["monitor"].acts is False and PRESETS["default"].acts is True
+    assert PRESETS["faults-only"].governor == "off"
     assert make_guard(None) is None
     assert make_guard("monitor").config.mode == "monitor"
     assert make_guard({"min_scale": 0.2}).config.min_scale == 0.2
@@ -43,6 +83,12 @@ def test_presets_and_make_guard():
         GuardConfig.from_dict({"min_scal": 0.2})
     with pytest.raises(TypeError):
         make_guard(3)
+    config = explicit_config(trace_path=tmp_path / "t.jsonl", keep_trace=True)
+    assert config.trace_path == str(tmp_path / "t.jsonl") and config.keep_trace == 10_000
+    assert GuardConfig.from_dict(config.to_dict()) == config
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(config.to_dict()))
+    assert GuardConfig.from_json(str(path)) == config
 
 
 def test_rejected_spike_does_not_move_the_statistic():
@@ -51,157 +97,609 @@ def test_rejected_spike_does_not_move_the_statistic():
     for _ in range(200):
         stat.update(1.0 + rng.gauss(0, 0.1))
     before = stat.state_dict()
-    z = stat.z(50.0)
-    assert z > 100  # a spike: the controller does not fold it in
+    assert stat.z(50.0) > 100  # a spike: the controller does not fold it in
     assert stat.state_dict() == before
     stat.update(1.0 + 10 * 0.1)  # an accepted large value moves the level only boundedly
     assert stat.mean - before["mean"] <= 0.2 * 3 * math.sqrt(before["var"]) + 1e-12
+    assert math.isinf(stat.z(math.nan)) and EmaStat(0.9, 5, 0.1, 3.0).z(7.0) == 0.0  # before warm-up
 
 
-def _record(step, grad_norm, loss=2.0, groups=1, lr=1e-3, applied=1.0, gate=1.0, scale=1.0):
-    rows = [[grad_norm**2 / groups, (lr * 0.3) ** 2 * 1000, 1000 * 0.05**2, -lr, 0.0, 0.0, 1000.0]
-            for _ in range(groups)]
-    return HostRecord(step, rows, [applied] * groups, loss, [lr] * groups, [scale] * groups, [gate] * groups)
+# ---------------------------------------------------------------------------- record layout
+def test_synthetic_records_follow_the_contract_layout():
+    rec = make_record(3, groups=2, grad_sq=[4.0, 9.0], loss=1.5, omega=[0.5, None], nonfinite=[0, 2],
+                      lrs=[1e-3, math.nan])
+    layout = C.record_layout(2)
+    assert len(rec.record) == layout.size
+    assert rec.record[layout.applied_gate] == [1.0, 0.0]  # the NaN lr's group is not written
+    assert rec.record[layout.invalid] == [0.0, 1.0]
+    from lbw_guard.guard.signals import derive
+
+    sig = derive(rec)
+    assert sig.loss == 1.5 and sig.grad_norm == pytest.approx(math.sqrt(13.0))
+    assert sig.groups[0].omega == pytest.approx(0.5) and sig.groups[1].omega is None
+    assert sig.nonfinite == 2 and sig.written_groups == [0]
+    assert derive(make_record(1, loss=None)).loss is None
 
 
-def _run(config, spikes=(), steps=120, seed=0):
-    rng = random.Random(seed)
-    ctl = Controller(config, 1)
-    events = []
-    for step in range(1, steps + 1):
-        ctl.control_values(step, [1e-3])
-        events += ctl.outbox
-        ctl.outbox = []
-        grad = 1.0 + 0.1 * rng.random()
-        rec = _record(step, grad * (1e3 if step in spikes else 1.0), loss=2.0 + 0.05 * rng.random())
-        events += ctl.observe(rec).events
-        ctl.take_snapshot(step)
-    return ctl, events
-
-
-def test_spike_is_detected_and_recovered_from():
-    config = GuardConfig()
-    ctl, events = _run(config, spikes={60})
-    actions = [(e.step, e.action) for e in events]
-    assert (60, "skip") in actions and (60, "decrease_scale") in actions
+# ---------------------------------------------------------------------------- spikes
+@pytest.mark.parametrize("fault", [dict(grad_sq=1e6), dict(spikes=800.0), dict(grad_sq=1e12, spikes=1000.0)])
+def test_isolated_gradient_spike_is_a_skip_without_cut_or_rollback(fault):
+    config = explicit_config()
+    sim = Sim(config, snapshot_every=5)
+    spec = noisy(faults={30: fault})
+    sim.run(29, spec)
+    sim.advance(spec)  # step 30: the spike (processed at step 31)
+    grad_before = copy.deepcopy(sim.controller.detectors.grad.state_dict())
+    limit_before = sim.controller.detectors.grad_norm_limit()
+    sim.advance(spec)
+    assert sim.controller.detectors.grad.state_dict() == grad_before  # a rejected spike never widens it
+    assert sim.controller.detectors.grad_norm_limit() == limit_before
+    sim.run(30, spec)
+    events = sim.events
+    skips = [e for e in events if e.action == "skip"]
+    assert [e.step for e in skips] == [30] and "grad_spike" in skips[0].detail["why"]
+    assert not [e for e in events if e.action in INTERVENING], actions(events)
+    assert all(d["rollback_to"] is None and d["give_up"] is None for _, _, d in sim.decisions)
+    assert all(cmd.scale == [1.0] and cmd.gate == [1.0] for cmd in sim.commands.values())
     regimes = [e.detail["to"] for e in events if e.action == "transition"]
     assert regimes == ["stable", "spiking", "recovering", "stable"]
-    assert ctl.aimd_scale == 1.0
-    limit = ctl.grad_norm_limit()
-    # the 1e3x spike did not widen the threshold: it stays at the floor's width above a
-    # level of 1.0-1.1 (exp(z_grad * min_grad_log_std) = 3.3x)
-    assert 1.1 < limit < 1.1 * math.exp(config.z_grad * config.min_grad_log_std) + 1e-9
 
 
-def test_healthy_synthetic_run_has_no_interventions():
-    _, events = _run(GuardConfig(), steps=400, seed=3)
-    assert [e for e in events if e.intervention] == []
+def test_spike_fraction_flags_a_spike_during_warm_up():
+    # Before the statistics are warm only the scale-free tests can see a spike.
+    config = explicit_config(warmup_steps=50)
+    sim = Sim(config).run(20, noisy(faults={8: dict(spikes=500.0)}))
+    assert actions(sim.events, "skip") == [(8, "skip")]
+    assert not [e for e in sim.events if e.action in INTERVENING]
 
 
-def test_monitor_mode_never_acts():
-    ctl, events = _run(PRESETS["monitor"], spikes={60, 61, 62, 63, 64, 65})
-    values = ctl.control_values(200, [1e-3])
-    assert values.scale == [1.0] and values.gate == [1.0]
-    assert math.isinf(values.grad_norm_limit) and math.isinf(values.loss_limit)
-    assert events and all(not e.applied for e in events if e.intervention)
-
-
-def test_persistent_trouble_rolls_back_then_rebaselines():
-    config = GuardConfig(snapshot_interval=10)
-    ctl, events = _run(config, spikes=set(range(60, 120)), steps=130)
-    actions = [e.action for e in events]
-    assert "rollback" in actions
-    rollback = next(e for e in events if e.action == "rollback")
-    assert rollback.detail["to_step"] < 60 and rollback.detail["distance"] <= config.max_rollback_distance
-    assert "rebaseline" in actions  # the level change is finally accepted: the run never stalls
-
-
-def test_replay_cli_reports_what_it_would_do(tmp_path, capsys):
-    trace = tmp_path / "trace.jsonl"
+# ---------------------------------------------------------------------------- level shifts
+@pytest.mark.parametrize("records", [2, 3])
+def test_loss_level_shift_rebaselines_without_rollback_or_cut(records):
+    config = explicit_config(level_shift_records=records)
+    sim = Sim(config, snapshot_every=5)
     rng = random.Random(1)
-    with open(trace, "w") as fh:
-        for step in range(1, 101):
-            rec = _record(step, (1.0 + 0.1 * rng.random()) * (1e4 if step == 70 else 1.0))
-            fh.write(json.dumps({"type": "record", **rec.to_dict()}) + "\n")
-    assert replay_main(["replay", str(trace), "--events", str(tmp_path / "ev.jsonl")]) == 0
-    out = capsys.readouterr().out
-    assert "step      70" in out and "skip" in out and "1 flagged" in out
-    lines = [json.loads(l) for l in open(tmp_path / "ev.jsonl")]
-    assert any(l["action"] == "skip" and l["step"] == 70 and l["applied"] is False for l in lines)
-    # A stricter threshold flags more; an absurdly loose one flags nothing.
-    assert replay_main(["replay", str(trace), "--quiet", "--set", "z_grad=1000"]) == 0
-    assert "0 flagged" in capsys.readouterr().out
-    assert replay_main(["replay", str(tmp_path / "missing.jsonl")]) == 2
+
+    def spec(n, cmd):  # the loss moves to a new level at step 30; the gradients stay normal
+        return healthy(n, rng, loss=(2.0 if n < 30 else 3.0) * (1 + 0.01 * (rng.random() - 0.5)))
+
+    sim.run(90, spec)
+    events = sim.events
+    skips = [e for e in events if e.action == "skip"]
+    # The records over the limit, plus the lag: the command of the step after the last of them
+    # was issued (with the old limit) before that record was processed.
+    assert [e.step for e in skips] == list(range(30, 30 + records + config.lag))
+    assert all(e.detail["device_skipped"] for e in skips)  # over the loss limit on the device
+    assert all("loss_spike" in e.detail["why"] for e in skips[:records])
+    assert [e.detail["why"] for e in skips[records:]] == ["device_skip"] * config.lag
+    rebaselines = [e for e in events if e.action == "rebaseline"]
+    assert [(e.step, e.detail["why"], e.detail["records"]) for e in rebaselines] == \
+        [(29 + records, "loss_level_shift", records)]
+    assert not [e for e in events if e.action in INTERVENING], actions(events)
+    assert all(cmd.scale == [1.0] for cmd in sim.commands.values())
+    loss = sim.controller.detectors.loss
+    assert loss.warm and loss.mean == pytest.approx(3.0, rel=0.02)
+    assert 3.0 < sim.controller.detectors.loss_limit() < 3.5
 
 
-# ---------------------------------------------------------------- trust region
-def _trust_run(config, loss_fn, steps, lr=1e-3, gdotu=-0.1, param_rms=None, seed=0, with_loss=True):
-    """Records with a given loss curve and g.u, issued through control_values (lag 0)."""
-    rng = random.Random(seed)
+def test_notify_data_change_rebaselines_at_once():
+    config = explicit_config()
+    sim = Sim(config, snapshot_every=5, lag=0)
+    rng = random.Random(2)
+
+    def spec(n, cmd):
+        return healthy(n, rng, loss=(2.0 if n <= 30 else 3.0) * (1 + 0.01 * (rng.random() - 0.5)))
+
+    sim.run(30, spec)
+    assert sim.controller.detectors.loss.warm
+    assert math.isfinite(sim.commands[30].loss_limit)
+    sim.controller.notify_data_change(30)
+    assert math.isinf(sim.controller.detectors.loss_limit())  # restarted: no loss limit until warm again
+    sim.run(40, spec)
+    events = sim.events
+    assert [(e.step, e.action, e.detail) for e in events if e.action == "rebaseline"] == \
+        [(30, "rebaseline", {"why": "notify_data_change"})]
+    assert not [e for e in events if e.action == "skip"], actions(events)
+    assert not [e for e in events if e.action in INTERVENING]
+    assert sim.controller.detectors.loss.mean == pytest.approx(3.0, rel=0.02)
+
+
+@pytest.mark.xfail(strict=True, reason="BUG controller.py:Controller.notify_data_change rebaselines only the "
+                   "loss statistics: a deliberate data change whose gradients are larger (new targets, a new "
+                   "domain) is then a run of 'grad_spike' skips, and after 8 records a persistent_trouble rollback "
+                   "to a snapshot from before the change with the lr scale halved (seen on a real MLP too)")
+def test_notify_data_change_accepts_the_new_gradient_level_too():
+    config = explicit_config()
+    sim = Sim(config, snapshot_every=5)
+    rng = random.Random(2)
+    sim.run(30, lambda n, cmd: healthy(n, rng))
+    sim.controller.notify_data_change(30)
+    sim.run(40, lambda n, cmd: healthy(n, rng, grad_sq=100.0 * (1 + 0.2 * (rng.random() - 0.5)), loss=3.0))
+    assert not [e for e in sim.events if e.action in ("rollback", "give_up", "decrease_scale")], actions(sim.events)
+    assert len([e for e in sim.events if e.action == "skip"]) <= config.level_shift_records
+
+
+# ---------------------------------------------------------------------------- rollback
+def test_nonfinite_params_roll_back_to_the_newest_verified_snapshot():
+    config = explicit_config()
+    sim = Sim(config, snapshot_every=5)
+    sim.run(41, noisy(faults={41: dict(param_sq=math.nan)}))
+    # Snapshot 40 was taken, but record 41 (the one after it) is in trouble: discarded.
+    assert sim.snapshots[-2:] == [35, 40]
+    assert decisions_at(sim, 41) == []  # record 41 is processed at step 42 (lag 1)
+    sim.advance(noisy())
+    (decision,) = decisions_at(sim, 41)
+    assert decision["rollback_to"] == 35 and decision["give_up"] is None
+    rollback = [e for e in sim.events if e.action == "rollback"]
+    assert [(e.step, e.detail["why"], e.detail["to_step"], e.detail["distance"]) for e in rollback] == \
+        [(41, "params_nonfinite", 35, 42 - 35)]
+    assert (41, "snapshot_discarded") in actions(sim.events)
+    ctl = sim.controller
+    assert ctl.recovery.verified_snapshots == [30, 35] and ctl.recovery.pending_snapshots == []
+    assert ctl.regime == "recovering" and ctl.accounting.rollbacks == 1
+    assert ctl.detectors.grad.count == 0  # the statistics restart on the restored trajectory
+    assert sim.pending == []  # queued records of the abandoned trajectory are dropped
+    cmd = ctl.command(43, [1e-3])
+    assert cmd.scale == [pytest.approx(config.rollback_scale)]
+
+
+def test_a_pending_snapshot_is_never_used():
+    config = explicit_config()
     ctl = Controller(config, 1)
-    if param_rms is not None:
-        ctl.set_param_rms([param_rms], [1000.0])
-    events, scales = [], []
-    for step in range(1, steps + 1):
-        values = ctl.control_values(step, [lr])
-        events += ctl.outbox
-        ctl.outbox = []
-        scales.append(values.scale[0])
-        rows = [[1.0 + 0.1 * rng.random(), (lr * values.scale[0] * 0.3) ** 2 * 1000, 1000 * 0.05**2,
-                 gdotu * values.scale[0], 0.0, 0.0, 1000.0]]
-        loss = loss_fn(step, values.scale[0], rng) if with_loss else None
-        rec = HostRecord(step, rows, [1.0], loss, [lr], values.scale, values.gate)
-        events += ctl.observe(rec).events
-    return ctl, events, scales
+    for n in range(1, 21):
+        ctl.command(n, [1e-3])
+        ctl.observe(make_record(n), n)
+    ctl.snapshot_taken(20)
+    ctl.command(21, [1e-3])
+    ctl.observe(make_record(21), 21)  # confirms 20 (records 20 and 21 clean)
+    ctl.snapshot_taken(25)
+    for n in range(22, 26):
+        ctl.command(n, [1e-3])
+        ctl.observe(make_record(n), n)
+    assert ctl.recovery.verified_snapshots == [20] and ctl.recovery.pending_snapshots == [25]
+    ctl.command(26, [1e-3])
+    decision = ctl.observe(make_record(26, param_sq=math.inf), 26)
+    assert decision["rollback_to"] == 20  # not the unverified 25
+    assert ctl.recovery.pending_snapshots == [] and 25 not in ctl.recovery.verified_snapshots
 
 
-def test_trust_ratio_cuts_when_the_loss_rises_against_the_prediction():
-    # g.u predicts a decrease of 0.1 per step, the loss climbs 0.05 per step: rho ~ -0.5.
-    config = GuardConfig()
-    ctl, events, scales = _trust_run(config, lambda s, sc, rng: 5.0 + 0.05 * s + 0.01 * rng.random(), 80)
-    cuts = [e for e in events if e.action == "decrease_scale" and e.detail.get("why") == "trust_ratio"]
-    assert cuts and cuts[0].step >= config.trust_min_records
-    assert cuts[0].signals["rho"] < 0 and cuts[0].detail["rho_hi"] < config.trust_low
-    gaps = [b.step - a.step for a, b in zip(cuts, cuts[1:])]
-    assert all(g >= config.trust_min_records for g in gaps)  # a fresh window per ceiling
-    assert ctl.trust_scale == pytest.approx(config.min_scale)
-    assert min(scales) >= config.min_scale and scales[-1] == pytest.approx(config.min_scale)
-    assert ctl.aimd_scale == 1.0  # independent of the AIMD scale
+@pytest.mark.parametrize("trouble_at", ["snapshot step", "next record"])
+def test_a_snapshot_whose_step_or_next_record_is_in_trouble_is_discarded(trouble_at):
+    config = explicit_config()
+    ctl = Controller(config, 1)
+    for n in range(1, 30):
+        ctl.command(n, [1e-3])
+        ctl.observe(make_record(n), n)
+    ctl.snapshot_taken(30)  # the state after step 30, verified by records 30 and 31
+    bad = 30 if trouble_at == "snapshot step" else 31
+    for n in (30, 31, 32):
+        ctl.command(n, [1e-3])
+        ctl.observe(make_record(n, **(dict(nonfinite=3.0) if n == bad else {})), n)
+    assert 30 not in ctl.recovery.verified_snapshots and ctl.recovery.pending_snapshots == []
+    assert [(e.step, e.action, e.detail) for e in ctl.events if e.action == "snapshot_discarded"] == \
+        [(bad, "snapshot_discarded", {"step": 30})]
 
 
-def test_trust_ceiling_holds_a_capped_command_until_progress_earns_a_raise():
-    # lr 0.1 on rms(theta) 0.05: predicted ratio 2 > 0.2, the cap binds at 0.1 on step 1.
-    config = GuardConfig()
-    flat = lambda s, sc, rng: 4.0 + 0.3 * rng.gauss(0, 1)  # no evidence either way: hold
-    ctl, events, scales = _trust_run(config, flat, 120, lr=0.1, param_rms=0.05)
-    assert ctl.trust_scale == pytest.approx(config.min_scale)
-    assert max(scales[20:]) == pytest.approx(config.min_scale)  # the cap's release was not earned
-    assert not [e for e in events if e.action in ("raise_trust", "decrease_scale")]
-    # The loss falls as fast as g.u predicts (rho ~ 1): the ceiling is raised, boundedly.
-    fall = {"loss": 8.0}
+def test_rollback_respects_the_distance_and_without_a_snapshot_gives_up_with_evidence():
+    config = explicit_config(max_rollback_distance=20, snapshot_interval=5)
+    ctl = Controller(config, 1)
+    for n in range(1, 11):
+        ctl.command(n, [1e-3])
+        ctl.observe(make_record(n), n)
+    ctl.snapshot_taken(10)
+    for n in range(11, 40):
+        ctl.command(n, [1e-3])
+        ctl.observe(make_record(n), n)
+    assert ctl.recovery.verified_snapshots == [10]
+    ctl.command(40, [1e-3])
+    decision = ctl.observe(make_record(40, param_sq=math.nan), 40)
+    assert decision["rollback_to"] is None
+    evidence = decision["give_up"]
+    assert evidence["why"] == "params_nonfinite" and evidence["step"] == 40
+    assert "params_bad" in evidence["reasons"] and evidence["verified_snapshots"] == [10]
+    assert {"consecutive_trouble", "rollbacks_in_window", "recent", "signals"} <= set(evidence)
+    refused = [e for e in ctl.events if e.action == "rollback_refused"]
+    assert [(e.bound, e.detail["why"]) for e in refused] == [("max_rollback_distance", "params_nonfinite")]
 
-    def falling(s, sc, rng):
-        fall["loss"] += -0.1 * sc + 0.002 * rng.gauss(0, 1)
-        return fall["loss"]
+    for changes, bound in ((dict(), "no_verified_snapshot"), (dict(snapshots=False), "snapshots_off"),
+                           (dict(max_rollbacks=0), "max_rollbacks")):
+        ctl = Controller(explicit_config(**changes), 1)
+        for n in range(1, 10):
+            ctl.command(n, [1e-3])
+            ctl.observe(make_record(n), n)
+        if changes:
+            ctl.snapshot_taken(5)  # verified, but the config does not allow a rollback to it
+        decision = ctl.observe(make_record(10, param_sq=math.nan), 10)
+        assert decision["rollback_to"] is None and decision["give_up"]["why"] == "params_nonfinite"
+        assert [e.bound for e in ctl.events if e.action == "rollback_refused"] == [bound]
 
-    ctl, events, scales = _trust_run(config, falling, 120, lr=0.1, param_rms=0.05)
-    raises = [e for e in events if e.action == "raise_trust"]
-    assert raises and all(e.detail["to"] <= e.detail["from"] * config.trust_increase + 1e-12 for e in raises)
+
+def test_a_loss_spike_right_after_an_applied_gradient_spike_rolls_back():
+    config = explicit_config()
+    sim = Sim(config, snapshot_every=5)
+    faults = {33: dict(grad_sq=1e6, spikes=900.0), 34: dict(loss=9.0)}  # 33 written (clamped), 34 damaged
+    sim.run(40, noisy(faults=faults))
+    rollback = [e for e in sim.events if e.action == "rollback"]
+    assert [(e.step, e.detail["why"], e.detail["to_step"]) for e in rollback] == [(34, "spike_damage", 30)]
+    # An isolated loss spike (no gradient spike applied before it) is only a skip.
+    sim = Sim(config, snapshot_every=5).run(40, noisy(faults={34: dict(loss=9.0)}))
+    assert not [e for e in sim.events if e.action == "rollback"]
+    assert actions(sim.events, "skip") == [(34, "skip")]
+    # A gradient spike the device did not apply (skipped) cannot have done damage.
+    sim = Sim(config, snapshot_every=5).run(40, noisy(faults={33: dict(grad_sq=1e6, applied=0.0), 34: dict(loss=9.0)}))
+    assert not [e for e in sim.events if e.action == "rollback"]
+
+
+@pytest.mark.xfail(strict=True, reason="BUG recovery.py:Recovery.observe: 'spike_damage' counts a loss spike in the "
+                   "SAME record as the applied gradient spike (step - grad_spike_applied_at <= 1 with the spike "
+                   "set just before). That loss was computed before the step was applied, so a bad batch "
+                   "(random tokens: high loss and high gradients) with loss_check=False triggers a rollback")
+def test_a_loss_spike_in_the_same_record_as_a_gradient_spike_is_not_damage():
+    config = explicit_config(loss_check=False)  # the device writes the (clamped) step
+    sim = Sim(config, snapshot_every=5)
+    sim.run(40, noisy(faults={33: dict(grad_sq=1e6, spikes=900.0, loss=9.0)}))  # a bad batch: both at once
+    assert actions(sim.events, "skip") == [(33, "skip")]
+    assert not [e for e in sim.events if e.action == "rollback"], actions(sim.events)
+
+
+# ---------------------------------------------------------------------------- give-up
+def _persistent_nonfinite(give_up_after, max_rollbacks=0, snapshot_every=None, start=11, steps=120):
+    config = explicit_config(give_up_after=give_up_after, max_rollbacks=max_rollbacks)
+    sim = Sim(config, snapshot_every=snapshot_every)
+    spec = noisy(faults={n: dict(nonfinite=5.0) for n in range(start, 10_000)})
+    sim.run(steps, spec, stop_on_give_up=True)
+    return config, sim
+
+
+@pytest.mark.parametrize("give_up_after", [
+    8, 12, 25,
+    pytest.param(3, marks=pytest.mark.xfail(strict=True, reason=(
+        "BUG recovery.py:Recovery.observe: give-up is only considered inside "
+        "'if a.params_bad or damage or consecutive_trouble >= _PERSISTENT_TROUBLE (8)', so any "
+        "give_up_after < 8 (a valid config, >= 1) gives up after 8 records, not give_up_after"))),
+])
+def test_persistent_trouble_with_no_rollback_left_gives_up_after_give_up_after_records(give_up_after):
+    config, sim = _persistent_nonfinite(give_up_after)
+    gave_up = [(s, d) for _, s, d in sim.decisions if d["give_up"] is not None]
+    assert gave_up, "trouble persisted without a give-up: skipping forever"
+    step, decision = gave_up[0]
+    assert step == 11 + give_up_after - 1  # the give_up_after-th record in trouble
+    evidence = decision["give_up"]
+    assert evidence["why"] == "persistent_trouble" and evidence["consecutive_trouble"] == give_up_after
+    assert "nonfinite" in evidence["reasons"] and evidence["recent"]
+    assert all(s < step for s, _ in evidence["recent"][:-1]) and evidence["recent"][-1][0] == step
+
+
+def test_persistent_trouble_uses_the_rollback_budget_then_gives_up():
+    config = explicit_config(give_up_after=12, max_rollbacks=2)
+    sim = Sim(config, snapshot_every=5)
+    spec = noisy(faults={n: dict(nonfinite=5.0) for n in range(31, 10_000)})
+    sim.run(200, spec, stop_on_give_up=True)
+    events = sim.events
+    rollbacks = [e for e in events if e.action == "rollback"]
+    assert len(rollbacks) == config.max_rollbacks
+    assert all(e.detail["why"] == "persistent_trouble" and e.detail["distance"] <= config.max_rollback_distance
+               for e in rollbacks)
+    assert [e.bound for e in events if e.action == "rollback_refused"][:1] == ["max_rollbacks"]
+    assert sim.decisions[-1][2]["give_up"] is not None
+
+
+def test_accept_give_up_restarts_and_the_next_give_up_needs_new_evidence():
+    config, sim = _persistent_nonfinite(10)
+    assert sim.decisions[-1][2]["give_up"] is not None
+    sim.controller.accept_give_up()
+    assert sim.controller.recovery.consecutive_trouble == 0 and sim.controller.detectors.grad.count == 0
+    spec = noisy(faults={n: dict(nonfinite=5.0) for n in range(1, 10_000)})
+    before = len(sim.decisions)
+    sim.run(50, spec, stop_on_give_up=True)
+    assert len(sim.decisions) - before == 10  # gives up again, after give_up_after more records
+
+
+def test_guard_raises_guard_gave_up_or_calls_the_hook_and_continues():
+    config = explicit_config(give_up_after=8, max_rollbacks=0)
+    driver = GuardDriver(config)
+    for _ in range(15):
+        driver.step()
+    with pytest.raises(GuardGaveUp) as info:
+        for _ in range(30):
+            driver.step(nonfinite=4.0)
+    assert info.value.evidence["why"] == "persistent_trouble"
+    assert info.value.evidence["consecutive_trouble"] == 8
+    assert "gave up" in str(info.value)
+    assert [e.action for e in driver.guard.events if e.action == "give_up"] == ["give_up"]
+
+    calls = []
+    driver = GuardDriver(config, on_give_up=calls.append)
+    for _ in range(15):
+        driver.step()
+    for _ in range(30):
+        driver.step(nonfinite=4.0)  # the hook returns: the guard restarts its statistics and goes on
+    for _ in range(5):
+        driver.step()
+    assert len(calls) == 3 and all(isinstance(c, GuardGaveUp) for c in calls)
+    assert driver.opt.num_steps == 50 and driver.guard.summary()["actions"]["give_up"] == 3
+    assert driver.guard.controller.recovery.consecutive_trouble == 0
+
+
+# ---------------------------------------------------------------------------- governor
+def overshoot_spec(sim, alpha, from_record=1, omega=1.0):
+    """Records whose secant estimate is ``alpha`` (g_t.u_t = -1e-3, g_{t+1}.u_t chosen)."""
+
+    def spec(n, cmd):
+        kw = dict(omega=omega, gdu=-1e-3)
+        prev = sim.commands.get(n - 1)
+        if prev is not None and n >= from_record:
+            prev_lr_eff = 1e-3 * prev.scale[0]
+            b = 1e-3 * (1.0 / alpha - 1.0)  # alpha = a / (a + b) with a = 1e-3
+            kw["gdp"] = -b / prev_lr_eff
+        return kw
+
+    return spec
+
+
+def test_governor_cuts_on_sustained_oscillation_rate_limited_within_bounds():
+    config = explicit_config()
+    sim = Sim(config)
+    sim.run(30, lambda n, cmd: dict(omega=1.0))
+    sim.run(60, lambda n, cmd: dict(omega=0.1))  # sustained oscillation from step 31
+    cuts = [e for e in sim.events if e.action == "decrease_scale"]
+    assert cuts and all(e.detail["why"] == "oscillation" and e.detail["group"] == 0 for e in cuts)
+    assert cuts[0].step > 31 + 1  # not on the first low record: the filtered omega needs evidence
+    assert all(b.step - a.step >= config.cut_interval for a, b in zip(cuts, cuts[1:]))
+    for e in cuts:
+        assert e.detail["to_lr"] == pytest.approx(max(config.min_scale * 1e-3, e.detail["from_lr"] * config.cut_factor))
+        assert e.detail["omega"] < config.omega_low
+    scales = [sim.commands[n].scale[0] for n in sorted(sim.commands)]
+    assert all(config.min_scale <= s <= 1.0 for s in scales)
+    assert scales[-1] < 1.0 and all(s == 1.0 for s in scales[:32])
+    assert [(e.action, e.bound) for e in sim.events if e.action in ("cap_scale", "recap")][:1] == \
+        [("cap_scale", "overshoot")]
+
+
+def test_governor_follows_worsening_oscillation_down_to_min_scale_and_no_further():
+    config = explicit_config()
+    sim = Sim(config)
+    sim.run(30, lambda n, cmd: dict(omega=1.0))
+    sim.run(120, lambda n, cmd: dict(omega=0.3 * 0.9 ** (n - 30)))  # oscillation getting ever worse
+    cuts = [e for e in sim.events if e.action == "decrease_scale"]
+    assert all(b.step - a.step >= config.cut_interval for a, b in zip(cuts, cuts[1:]))
+    scales = [sim.commands[n].scale[0] for n in sorted(sim.commands)]
+    assert all(config.min_scale <= s <= 1.0 for s in scales)
+    assert scales[-1] == pytest.approx(config.min_scale)
+    assert len(cuts) == math.ceil(math.log(config.min_scale) / math.log(config.cut_factor))  # none at the floor
+
+
+def test_governor_ignores_a_single_low_omega_record():
+    config = explicit_config()
+    sim = Sim(config).run(80, lambda n, cmd: dict(omega=0.1 if n == 40 else 1.0))
+    assert not [e for e in sim.events if e.action in INTERVENING]
+    assert all(cmd.scale == [1.0] for cmd in sim.commands.values())
+
+
+def test_governor_secant_overshoot_cuts_only_early():
+    config = explicit_config()
+    sim = Sim(config)
+    sim.run(20, overshoot_spec(sim, alpha=0.5))
+    cuts = [e for e in sim.events if e.action == "decrease_scale"]
+    assert cuts and cuts[0].detail["why"] == "overshoot" and cuts[0].step <= config.early_records
+    assert all(b.step - a.step >= config.cut_interval for a, b in zip(cuts, cuts[1:]))
+    # Later the same secant estimate is minibatch noise: no cut.
+    sim = Sim(config)
+    sim.run(40, overshoot_spec(sim, alpha=1.0))
+    sim.run(40, overshoot_spec(sim, alpha=0.5))
+    assert not [e for e in sim.events if e.action == "decrease_scale"]
+
+
+def test_governor_returns_to_one_when_healthy_and_never_latches():
+    config = explicit_config()
+    sim = Sim(config)
+    sim.run(30, lambda n, cmd: dict(omega=1.0))
+    sim.run(30, lambda n, cmd: dict(omega=0.05))
+    low = sim.commands[sim.step].scale[0]
+    assert low < 0.5
+    healthy_from = sim.step + 1
+    # Healthy: no oscillation (omega ~1) and steps not too long (secant estimate > 1).
+    sim.run(200, lambda n, cmd: dict(omega=1.0, gdu=-1e-3, gdp=0.3))
+    scales = [sim.commands[n].scale[0] for n in range(healthy_from, sim.step + 1)]
+    assert scales[-1] == 1.0
     assert all(b - a <= config.max_scale_increase + 1e-12 for a, b in zip(scales, scales[1:]))
-    assert ctl.trust_scale > config.min_scale
+    assert all(b >= a - 1e-12 for a, b in zip(scales, scales[1:]))  # no cut without evidence
+    assert [e.action for e in sim.events if e.action in ("cap_scale", "release_cap")][-1] == "release_cap"
+    assert sim.controller.governor.ceiling == [None]  # no memory of the old cut: a later restart runs free
 
 
-def test_trust_ceiling_needs_loss_telemetry():
-    config = GuardConfig()
-    ctl, events, scales = _trust_run(config, None, 60, lr=0.1, param_rms=0.05, with_loss=False)
-    assert ctl.trust_scale == 1.0  # without step(loss=...) the cap releases as before
-    assert scales[0] == pytest.approx(config.min_scale) and scales[-1] > scales[0]
+def test_warm_restart_without_evidence_is_never_capped():
+    config = explicit_config(max_update_ratio=0.5)
+
+    def lrs(n):  # cosine cycles of 25 steps from 1e-3 down to 1e-5, then back up at once
+        t = (n - 1) % 25 / 25
+        return [1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + math.cos(math.pi * t))]
+
+    sim = Sim(config)
+    # The update ratio follows the effective lr (2% of the params' norm at 1e-3).
+    sim.run(150, lambda n, cmd: dict(omega=1.0, ratio=20.0 * lrs(n)[0] * cmd.scale[0]), lrs=lrs)
+    assert all(cmd.scale == [1.0] for cmd in sim.commands.values())
+    assert not [e for e in sim.events if e.action in INTERVENING], actions(sim.events)
 
 
-def test_trust_region_is_silent_on_a_converged_run():
-    # A flat, noisy loss with a sizeable predicted decrease (rho ~ 0, the late phase of a
-    # healthy run): no cut, no raise over many windows.
-    config = GuardConfig()
-    for seed in range(3):
-        _, events, _ = _trust_run(config, lambda s, sc, rng: 3.0 + 0.3 * rng.gauss(0, 1), 400, seed=seed)
-        assert [e for e in events if e.intervention] == []
+def test_update_envelope_caps_a_step_outside_it():
+    config = explicit_config(max_update_ratio=0.5)
+    ctl = Controller(config, 1)
+    ctl.governor.seed_ratio([100.0])  # 1 / rms(theta): lr 0.01 would move the params by 100%
+    cmd = ctl.command(1, [0.01])
+    assert cmd.scale == [pytest.approx(0.5)]
+    assert [(e.action, e.bound) for e in ctl.events] == [("cap_scale", "update_envelope")]
+    ctl = Controller(explicit_config(max_update_ratio=None), 1)
+    ctl.governor.seed_ratio([100.0])
+    assert ctl.command(1, [0.01]).scale == [1.0]  # no envelope configured
+
+
+@pytest.mark.xfail(strict=True, reason="BUG governor.py: governor='off' is validated and documented ('scale "
+                   "stays 1', preset 'faults-only') but nothing reads it: the governor still cuts and caps")
+def test_governor_off_keeps_the_scale_at_one():
+    config = explicit_config(governor="off", max_update_ratio=0.5)
+    sim = Sim(config)
+    sim.controller.governor.seed_ratio([100.0])
+    sim.run(60, lambda n, cmd: dict(omega=0.05), lrs=[0.01])
+    assert all(cmd.scale == [1.0] for cmd in sim.commands.values())
+    assert not [e for e in sim.events if e.action in ("decrease_scale", "cap_scale")]
+
+
+# ---------------------------------------------------------------------------- groups
+def test_groups_are_independent_lora_plus():
+    # LoRA+: B at 16x the lr of A. Only the fast group oscillates: only it is cut.
+    config = explicit_config()
+    sim = Sim(config, groups=2)
+    sim.run(100, lambda n, cmd: dict(omega=[1.0, 0.1 if n > 30 else 1.0]), lrs=[1e-4, 1.6e-3])
+    cuts = [e for e in sim.events if e.action == "decrease_scale"]
+    assert cuts and {e.detail["group"] for e in cuts} == {1}
+    assert all(cmd.scale[0] == 1.0 for cmd in sim.commands.values())
+    assert config.min_scale <= sim.commands[sim.step].scale[1] < 1.0
+    assert all(cmd.gate == [1.0, 1.0] for cmd in sim.commands.values())
+
+
+def test_a_group_whose_gradients_alone_are_nonfinite_twice_is_frozen_within_the_bound():
+    config = explicit_config(freeze_steps=6)
+    numel = [1000.0, 100.0]  # group 1 is 9% of the parameters: within max_frozen_fraction 0.25
+    sim = Sim(config, groups=2, lag=1)
+    faults = {30: dict(nonfinite=[0.0, 3.0]), 31: dict(nonfinite=[0.0, 3.0])}
+    sim.run(50, lambda n, cmd: dict(numel=numel, **faults.get(n, {})))
+    freeze = [e for e in sim.events if e.action == "freeze"]
+    assert [(e.step, e.detail["groups"], e.detail["until"]) for e in freeze] == [(31, [1], 32 + 6)]
+    gates = {n: sim.commands[n].gate for n in sim.commands}
+    assert [n for n in gates if gates[n][1] == 0.0] == list(range(33, 39))  # freeze_steps steps
+    assert all(g[0] == 1.0 for g in gates.values())
+    # Released when a record is processed at step 38 (events carry the record's step, 37).
+    assert [(e.step, e.detail["groups"]) for e in sim.events if e.action == "unfreeze"] == [(37, [1])]
+    assert not [e for e in sim.events if e.action in ("rollback", "decrease_scale", "give_up")]
+
+    # One hot record is not enough; a group over max_frozen_fraction is refused.
+    sim = Sim(config, groups=2).run(50, lambda n, cmd: dict(numel=numel, **({30: faults[30]}.get(n, {}))))
+    assert not [e for e in sim.events if e.action in ("freeze", "freeze_refused")]
+    sim = Sim(config, groups=2).run(50, lambda n, cmd: dict(numel=[100.0, 1000.0], **faults.get(n, {})))
+    assert [(e.action, e.bound, e.detail["groups"]) for e in sim.events if e.action.startswith("freeze")] == \
+        [("freeze_refused", "max_frozen_fraction", [1])]
+    assert all(cmd.gate == [1.0, 1.0] for cmd in sim.commands.values())
+
+
+@pytest.mark.xfail(strict=True, reason="BUG detectors.py:Detectors.assess counts the non-finite gradients of a "
+                   "FROZEN (gated-off, not written) group as trouble: a group whose gradients stay non-finite is "
+                   "frozen, yet every record stays 'nonfinite' trouble, so after 8 records a persistent_trouble "
+                   "rollback undoes the healthy groups' progress (lr halved), three times, then the guard gives up")
+def test_a_frozen_group_with_persistently_nonfinite_gradients_lets_the_others_train():
+    config = explicit_config(freeze_steps=20)
+    sim = Sim(config, groups=2, snapshot_every=5)
+    sim.run(60, lambda n, cmd: dict(numel=[1000.0, 100.0], nonfinite=[0.0, 3.0] if n > 30 else 0.0),
+            stop_on_give_up=True)
+    assert [e.detail["groups"] for e in sim.events if e.action == "freeze"][:1] == [[1]]
+    assert not [e for e in sim.events if e.action in ("rollback", "give_up")], actions(sim.events)
+    assert all(cmd.scale[0] == 1.0 and cmd.gate[0] == 1.0 for cmd in sim.commands.values())
+
+
+# ---------------------------------------------------------------------------- monitor mode
+def test_monitor_mode_never_acts():
+    config = explicit_config(mode="monitor", give_up_after=8)
+    sim = Sim(config, groups=2, snapshot_every=5)
+    faults = {30: dict(grad_sq=1e6, spikes=900.0), 31: dict(loss=9.0), 40: dict(nonfinite=[0.0, 3.0]),
+              41: dict(nonfinite=[0.0, 3.0]), 60: dict(param_sq=math.nan)}
+    faults.update({n: dict(nonfinite=5.0) for n in range(70, 100)})
+    sim.run(110, lambda n, cmd: dict(omega=0.1 if n > 20 else 1.0, numel=[1000.0, 100.0], **faults.get(n, {})))
+    for cmd in sim.commands.values():
+        assert cmd.scale == [1.0, 1.0] and cmd.gate == [1.0, 1.0]
+        assert math.isinf(cmd.spike_k) and math.isinf(cmd.loss_limit) and math.isinf(cmd.grad_norm_limit)
+        assert not (cmd.check_loss or cmd.precheck or cmd.mask_nonfinite or cmd.clamp)
+    assert all(d["rollback_to"] is None and d["give_up"] is None for _, _, d in sim.decisions)
+    events = sim.events
+    assert {"skip", "decrease_scale"} <= {e.action for e in events}  # it says what it would do...
+    assert all(not e.applied for e in events)  # ...and that it did not
+    assert sim.controller.events.applied_interventions == 0
+
+
+# ---------------------------------------------------------------------------- events, state
+def test_event_log_is_a_bounded_ring_with_exact_counters():
+    log = EventLog(5)
+    for i in range(12):
+        log.add(Event(step=i, regime="stable", action="skip" if i % 3 else "freeze", applied=i % 2 == 0))
+    assert len(log) == 5 and [e.step for e in log] == [7, 8, 9, 10, 11]
+    assert dict(log.counts) == {"skip": 8, "freeze": 4} and log.dropped == 7
+    assert log.applied_interventions == 6
+    twin = EventLog(5)
+    twin.load_state_dict(pickle.loads(pickle.dumps(log.state_dict())))
+    assert [e.step for e in twin] == [7, 8, 9, 10, 11] and twin.counts == log.counts
+
+    config = explicit_config(event_capacity=10)
+    sim = Sim(config).run(200, noisy(faults={n: dict(spikes=900.0) for n in range(20, 200, 3)}))
+    ctl = sim.controller
+    skips = len(range(20, 199, 3))  # every spike record processed so far
+    assert len(ctl.events) == 10 and ctl.events.counts["skip"] == skips
+    assert ctl.events.dropped == sum(ctl.events.counts.values()) - 10
+    assert len(ctl.state_dict()["events"]["events"]) == 10
+
+
+def _faulty_spec(seed=3):
+    faults = {25: dict(grad_sq=1e6, spikes=900.0), 26: dict(loss=9.0), 44: dict(nonfinite=[0.0, 2.0]),
+              45: dict(nonfinite=[0.0, 2.0]), 60: dict(param_sq=math.nan), 80: dict(loss=5.0), 81: dict(loss=5.0)}
+
+    def spec(n, cmd):  # the same record for the same step, whoever asks
+        kw = healthy(n, random.Random(seed * 1000 + n), numel=[1000.0, 100.0], omega=[1.0, 0.1 if 50 < n < 70 else 1.0],
+                     gdp=[0.0, 0.3])
+        kw.update(faults.get(n, {}))
+        return kw
+
+    return spec
+
+
+@pytest.mark.parametrize("cut_at", [24, 27, 46, 61, 81])
+def test_controller_state_dict_round_trips_mid_run(cut_at):
+    config = explicit_config(freeze_steps=5)
+    spec = _faulty_spec()
+    sim = Sim(config, groups=2, snapshot_every=5)
+    sim.run(cut_at, spec)
+    state = pickle.loads(pickle.dumps(sim.controller.state_dict()))
+    twin = Sim(config, groups=2, snapshot_every=5, step=sim.step, pending=copy.deepcopy(sim.pending))
+    twin.controller.load_state_dict(state)
+    assert same(twin.controller.state_dict(), sim.controller.state_dict())
+    sim.run(100 - cut_at, spec)
+    twin.run(100 - cut_at, _faulty_spec())
+    assert [(e.step, e.action, e.detail, e.bound, e.regime) for e in twin.events] == \
+        [(e.step, e.action, e.detail, e.bound, e.regime) for e in sim.events]
+    assert [(n, s, d["rollback_to"], d["give_up"] is None) for n, s, d in twin.decisions] == \
+        [(n, s, d["rollback_to"], d["give_up"] is None) for n, s, d in sim.decisions[-len(twin.decisions):]]
+    assert {n: (c.scale, c.gate, c.loss_limit) for n, c in twin.commands.items()} == \
+        {n: (c.scale, c.gate, c.loss_limit) for n, c in sim.commands.items() if n > cut_at}
+    assert same(twin.controller.state_dict(), sim.controller.state_dict())
+    acts = {e.action for e in sim.events}
+    assert {"skip", "rollback", "freeze", "decrease_scale", "rebaseline"} <= acts
+
+
+def test_load_state_dict_rejects_an_unknown_regime():
+    ctl = Controller(explicit_config(), 1)
+    state = ctl.state_dict()
+    state["regime"] = "panicking"
+    with pytest.raises(ValueError, match="regime"):
+        Controller(explicit_config(), 1).load_state_dict(state)
+
+
+@pytest.mark.xfail(strict=True, raises=OverflowError, reason="BUG signals.py:GroupSignals.omega: "
+                   "math.exp(omega_log_sum / omega_count) overflows (OverflowError) on a record whose mean log "
+                   "omega is far outside the kernel's clamp [-10, 10] (a corrupted or hand-written trace); "
+                   "Controller.observe calls it via StepSignals.summary() and raises")
+def test_controller_never_raises_on_an_out_of_contract_omega():
+    ctl = Controller(explicit_config(), 1)
+    rec = make_record(1)
+    rec.record[C.G_OMEGA_LOG_SUM], rec.record[C.G_OMEGA_COUNT] = 1e4, 1.0
+    decision = ctl.observe(rec, 1)
+    assert decision["give_up"] is None
+
+
+@pytest.mark.xfail(strict=True, reason="BUG stats.py:EmaStat.update: a finite loss above ~1.3e154 (an fp64 run "
+                   "diverging) squares to inf in the innovation variance, which turns NaN on the next update; "
+                   "std() and loss_limit() are then NaN, and a NaN LOSS_LIMIT skips every later step with a loss "
+                   "on the device (loss <= NaN is false) until a rollback or give-up resets the statistics")
+def test_a_huge_finite_loss_does_not_poison_the_loss_limit():
+    ctl = Controller(explicit_config(warmup_steps=3), 1)
+    for n, loss in enumerate([2.0, 1e200, 2.0, 2.0, 2.0, 2.0], 1):
+        ctl.command(n, [1e-3])
+        ctl.observe(make_record(n, loss=loss), n)
+    limit = ctl.command(7, [1e-3]).loss_limit
+    assert not math.isnan(limit)

@@ -1,8 +1,15 @@
-"""The guard on a real optimizer and a small transformer (2-layer Qwen2, hidden 64, vocab
-256, random init) learning a random sparse Markov chain: fault injection against plain
-AdamW, healthy-run neutrality, exact resume, schedulers, freezing and rollback."""
+"""The guard on the real optimizer and a small transformer (2-layer Qwen2, hidden 64, vocab 256,
+random init) learning a random sparse Markov chain, on the CPU (backend="torch", the contract's
+reference; the foreach fallback is checked on its own, see test_backend_survives_...):
 
-import copy
+- faults survived: gradient spikes x1e3..x1e6, NaN and inf gradient elements, a random-token
+  batch, each ending with finite parameters within 10% of the clean run's eval loss;
+- a healthy run ends within 1% of plain AdamW, with no rollback;
+- resuming from ``state_dict`` is bit-identical; checkpoints stay bounded;
+- a NaN lr on a snapshot step, sustained trouble (GuardGaveUp / on_give_up), rollback
+  exactness and freezing on small models.
+"""
+
 import io
 import math
 
@@ -10,11 +17,13 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from lbw_guard.guard import GuardConfig
+from lbw_guard.guard import Guard, GuardConfig, GuardGaveUp
 from lbw_guard.optimizer import FusedGuardedAdamW
 
-LR = 2e-3  # near the best constant lr of this set-up (sweep: 1e-3 2.02, 3e-3 1.68, 1e-2 1.84)
-STEPS = 160
+LR = 2e-3  # near the best constant lr of this set-up
+STEPS = 120
+FAULT_AT = 60
+BACKEND = "torch"
 
 
 @pytest.fixture(autouse=True)
@@ -56,257 +65,394 @@ def eval_loss(model, table):
         return sum(model(input_ids=x, labels=x).loss.item() for x in xs) / len(xs)
 
 
-GRAD_SPIKES = {50: 1e3, 80: 1e6, 110: 1e4}
-NONFINITE = {60: math.nan, 100: math.inf}
+def finite(model) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
-def inject(fault, step, model, opt):
-    if fault == "grad_spike" and step in GRAD_SPIKES:
+FAULTS = {
+    "spike_1e3": ("scale", 1e3), "spike_1e4": ("scale", 1e4), "spike_1e5": ("scale", 1e5),
+    "spike_1e6": ("scale", 1e6), "nan_grad": ("element", math.nan), "inf_grad": ("element", math.inf),
+    "random_batch": ("batch", None),
+}
+
+
+def inject(fault, model):
+    kind, value = FAULTS[fault]
+    if kind == "scale":  # every gradient multiplied at one step
         for p in model.parameters():
-            p.grad.mul_(GRAD_SPIKES[step])
-    if fault == "nonfinite" and step in NONFINITE:
-        next(model.parameters()).grad.view(-1)[5] = NONFINITE[step]
-    if fault == "lr_jump" and step == 80:  # stays 30x for the rest of the run
-        for group in opt.param_groups:
-            group["lr"] *= 30
+            p.grad.mul_(value)
+    elif kind == "element":
+        for i, p in enumerate(model.parameters()):
+            if i % 3 == 0:
+                p.grad.view(-1)[i % p.numel()] = value
 
 
-def train(guard, fault=None, steps=STEPS, lr=LR, plain=False, seed=0, start=1, model=None, opt=None):
-    table = successor_table()
-    if model is None:
-        model = tiny_model(seed)
-    if opt is None:
-        if plain:
-            opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-2)
-        else:
-            opt = FusedGuardedAdamW(model.parameters(), lr=lr, guard=guard, backend="torch")
-    for step in range(start, steps + 1):
-        x = batch(step, table, random_tokens=(fault == "random_batch" and step == 70))
+def run(model, opt, table, start, stop, faults=None, plain=False, loss_hook=None):
+    """Steps start..stop of the standard loop; ``faults``: {step: fault name}."""
+    faults = faults or {}
+    for step in range(start, stop + 1):
+        fault = faults.get(step)
+        x = batch(step, table, random_tokens=fault == "random_batch")
         loss = model(input_ids=x, labels=x).loss
+        if loss_hook is not None:
+            loss = loss_hook(step, loss)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        inject(fault, step, model, opt)
+        if fault is not None and fault != "random_batch":
+            inject(fault, model)
         if plain:
             opt.step()
         else:
             opt.step(loss=loss.detach())
-    finite = all(bool(torch.isfinite(p).all()) for p in model.parameters())
-    return model, opt, (eval_loss(model, table) if finite else math.nan), finite
+
+
+def train(guard, faults=None, steps=STEPS, lr=LR, plain=False):
+    table = successor_table()
+    model = tiny_model()
+    if plain:
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-2)
+    else:
+        opt = FusedGuardedAdamW(model.parameters(), lr=lr, guard=guard, backend=BACKEND)
+    run(model, opt, table, 1, steps, faults, plain)
+    return model, opt, (eval_loss(model, table) if finite(model) else math.nan)
 
 
 @pytest.fixture(scope="module")
 def clean_loss():
-    _, _, loss, finite = train(None, plain=True)
-    assert finite
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model, _, loss = train(None, plain=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert finite(model)
     return loss
 
 
-@pytest.mark.parametrize("fault", ["grad_spike", "nonfinite", "random_batch", "lr_jump"])
-def test_fault_injection_guard_survives(fault, clean_loss):
-    _, _, plain_loss, plain_finite = train(None, fault=fault, plain=True)
-    _, opt, guard_loss, guard_finite = train("default", fault=fault)
-    actions = sorted({e.action for e in opt.guard.interventions})
-    print(f"\n{fault}: clean {clean_loss:.4f}  plain AdamW {plain_loss:.4f} (finite={plain_finite})  "
-          f"guard {guard_loss:.4f}  actions {actions}")
-    assert guard_finite
-    assert abs(guard_loss - clean_loss) <= 0.10 * clean_loss
-    assert opt.guard.interventions, "the guard should have acted on the fault"
-    if fault in ("grad_spike", "nonfinite", "random_batch"):
-        assert "skip" in actions
-    if fault == "lr_jump":
-        assert "cap_scale" in actions
+# ---------------------------------------------------------------------------- faults
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_fault_is_survived(fault, clean_loss):
+    model, opt, loss = train("default", faults={FAULT_AT: fault})
+    guard = opt.guard
+    print(f"\n{fault}: clean {clean_loss:.4f}  guard {loss:.4f}  actions {guard.summary()['actions']}")
+    assert finite(model)
+    assert abs(loss - clean_loss) <= 0.10 * clean_loss
+    skips = [e for e in guard.events if e.action == "skip"]
+    assert [e.step for e in skips] == [FAULT_AT], [(e.step, e.action) for e in guard.events]
+    assert not [e for e in guard.events if e.action in ("give_up", "rollback", "freeze")]
+    why = skips[0].detail["why"]
+    if fault.startswith("spike"):
+        assert "grad_spike" in why
+    elif fault in ("nan_grad", "inf_grad"):
+        assert "nonfinite" in why
+    else:  # the random batch's loss is over the limit: the device skipped the step
+        assert "loss_spike" in why and skips[0].detail["device_skipped"]
 
 
-def test_healthy_run_is_not_disturbed():
-    steps = 240
-    _, _, plain, _ = train(None, plain=True, steps=steps, lr=3e-3)
-    _, opt, guarded, _ = train("default", steps=steps, lr=3e-3)
-    acts = opt.guard.interventions
-    print(f"\nhealthy: AdamW {plain:.4f}  guard {guarded:.4f}  interventions {len(acts)} in {steps} steps")
-    assert abs(guarded - plain) <= 0.01 * plain
-    assert len(acts) * 1000.0 / steps <= 0.3
+def test_healthy_run_matches_adamw_without_rollback(clean_loss):
+    model, opt, loss = train("default")
+    summary = opt.guard.summary()
+    print(f"\nhealthy: AdamW {clean_loss:.4f}  guard {loss:.4f}  summary {summary}")
+    assert abs(loss - clean_loss) <= 0.01 * clean_loss
+    assert summary["rollbacks"] == 0 and summary["skipped_fraction"] == 0.0
+    assert not [e for e in opt.guard.events if e.action in ("rollback", "skip", "give_up", "freeze")]
     assert opt.guard.regime == "stable"
 
 
 @pytest.mark.parametrize("lr", [3e-2, 1e-1])
 def test_sustained_high_lr_is_held_down(lr, clean_loss):
-    # A constant learning rate 10x / 30x past the best for the whole run: the predictive cap
-    # binds on step 1 and the trust ceiling keeps the scale down while the trust ratio gives
-    # no evidence that a larger step would still make progress.
-    _, _, plain_loss, _ = train(None, plain=True, lr=lr)
-    _, opt, guard_loss, guard_finite = train("default", lr=lr)
-    print(f"\nlr {lr:g}: clean (lr {LR:g}) {clean_loss:.4f}  plain AdamW {plain_loss:.4f}  guard {guard_loss:.4f}  "
-          f"final scale {opt.guard.scale}")
-    assert guard_finite
-    assert guard_loss <= 1.10 * clean_loss
-    assert guard_loss < 0.8 * plain_loss
-    assert max(opt.guard.scale) * lr <= 0.02  # still held near the best rate at the end
+    # A constant lr 15x / 50x past the best for the whole run (plain AdamW ends at 2.95 / 4.97
+    # against 1.94): the update envelope and the oscillation evidence hold the scale down.
+    model, opt, loss = train("default", lr=lr)
+    print(f"\nlr {lr:g}: clean (lr {LR:g}) {clean_loss:.4f}  guard {loss:.4f}  final scale {opt.guard.scale}")
+    assert finite(model)
+    assert loss <= 1.10 * clean_loss
+    assert opt.guard.scale[0] * lr <= 10 * LR
+    assert opt.guard.summary()["rollbacks"] == 0
 
 
-def test_resume_is_bit_identical():
-    # Faults before and after the checkpoint so the guard state is far from trivial.
-    def run(fault_steps, steps, model=None, opt=None, start=1):
-        table = successor_table()
-        for step in range(start, steps + 1):
-            x = batch(step, table)
-            loss = model(input_ids=x, labels=x).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if step in fault_steps:
-                for p in model.parameters():
-                    p.grad.mul_(1e4)
-            opt.step(loss=loss.detach())
-
-    faults = {30, 62}
-    config = GuardConfig(snapshot_interval=10)
-    model = tiny_model()
-    opt = FusedGuardedAdamW(model.parameters(), lr=LR, guard=config, backend="torch")
-    run(faults, 100, model, opt)
-
-    model2 = tiny_model()
-    opt2 = FusedGuardedAdamW(model2.parameters(), lr=LR, guard=config, backend="torch")
-    run(faults, 50, model2, opt2)
-    buf = io.BytesIO()
-    torch.save({"model": model2.state_dict(), "opt": opt2.state_dict()}, buf)
-    buf.seek(0)
-    saved = torch.load(buf, weights_only=False)
-    assert saved["opt"]["guard"]["snapshots"]["slots"], "the ring should hold snapshots at step 50"
-
-    model3 = tiny_model(seed=123)  # different init: everything must come from the checkpoint
-    opt3 = FusedGuardedAdamW(model3.parameters(), lr=LR, guard=config, backend="torch")
-    model3.load_state_dict(saved["model"])
-    opt3.load_state_dict(saved["opt"])
-    assert opt3.num_steps == 50  # the step count travels in the state dict
-    run(faults, 100, model3, opt3, start=51)
-
-    for a, b in zip(model.parameters(), model3.parameters()):
-        assert torch.equal(a, b)
-    assert [e.action for e in opt.guard.events] == [e.action for e in opt3.guard.events]
-    assert opt.guard.controller.state_dict() == opt3.guard.controller.state_dict()
-
-
-def test_scheduler_is_neither_erased_nor_compounded():
+@pytest.mark.filterwarnings("ignore:FusedGuardedAdamW. the guard has had no loss")
+def test_scheduler_lr_is_neither_erased_nor_compounded():
     torch.manual_seed(5)
     w = torch.nn.Parameter(torch.randn(64, 32))
     ref = torch.nn.Parameter(w.detach().clone())
-    opt = FusedGuardedAdamW([w], lr=1e-2, guard=GuardConfig(max_update_ratio=None), backend="torch")
-    torch_opt = torch.optim.AdamW([ref], lr=1e-2)
+    opt = FusedGuardedAdamW([w], lr=1e-2, weight_decay=1e-2, guard=GuardConfig(max_update_ratio=None),
+                            backend=BACKEND)
+    torch_opt = torch.optim.AdamW([ref], lr=1e-2, weight_decay=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1.0 / (1 + k))
-    ctl = opt.guard.controller
-    ctl.aimd_scale = 0.5
-    ctl.last_scale = [0.5]
-    ctl.regime = "spiking"  # hold the scale: nothing recovers while we compare
-    ctl.clean_streak = -10**6
+    opt.guard.controller.governor.ceiling = [0.5e-2]  # as after a cut: at most 5e-3 for now
+    scales = []
     for k in range(12):
         g = torch.randn(64, 32)
         w.grad, ref.grad = g.clone(), g.clone()
         sched_lr = opt.param_groups[0]["lr"]
         assert sched_lr == pytest.approx(1e-2 / (1 + k))  # the guard never writes group["lr"]
-        for group in torch_opt.param_groups:
-            group["lr"] = sched_lr * 0.5
         opt.step()
+        scales.append(opt.guard.scale[0])
+        torch_opt.param_groups[0]["lr"] = sched_lr * scales[-1]  # the scale multiplies the schedule
         torch_opt.step()
         sched.step()
         torch.testing.assert_close(w.detach(), ref.detach(), rtol=1e-5, atol=1e-7)
-    assert opt.guard.scale == [0.5]
+    assert scales[0] == pytest.approx(0.5) and scales[-1] > scales[0]
 
 
-def _two_group_model():
-    torch.manual_seed(3)
-    big = torch.nn.Linear(64, 64)
-    small = torch.nn.Linear(8, 8)
-    return big, small
+# ---------------------------------------------------------------------------- checkpoints
+def _save_load(obj):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf)  # the default weights_only load must accept the guard's state
+
+
+@pytest.mark.parametrize("config", [
+    GuardConfig(),  # the defaults: no snapshots in the checkpoint, snapshot spacing from timing
+    GuardConfig(snapshot_interval=10, snapshots_in_state_dict=True),
+], ids=["default", "snapshots_saved"])
+def test_resume_from_state_dict_is_bit_identical(config):
+    faults = {30: "spike_1e4", 47: "nan_grad", 52: "spike_1e6", 61: "inf_grad"}
+    N, END = 40, 80
+    table = successor_table()
+    model = tiny_model()
+    opt = FusedGuardedAdamW(model.parameters(), lr=LR, guard=config, backend=BACKEND)
+    run(model, opt, table, 1, END, faults)
+
+    model2 = tiny_model()
+    opt2 = FusedGuardedAdamW(model2.parameters(), lr=LR, guard=config, backend=BACKEND)
+    run(model2, opt2, table, 1, N, faults)
+    saved = _save_load({"model": model2.state_dict(), "opt": opt2.state_dict()})
+    if config.snapshots_in_state_dict:
+        assert saved["opt"]["guard"]["snapshots"]["slots"]
+    else:
+        assert "snapshots" not in saved["opt"]["guard"]
+
+    model3 = tiny_model(seed=123)  # different init: everything must come from the checkpoint
+    opt3 = FusedGuardedAdamW(model3.parameters(), lr=LR, guard=config, backend=BACKEND)
+    model3.load_state_dict(saved["model"])
+    opt3.load_state_dict(saved["opt"])
+    assert opt3.num_steps == N
+    run(model3, opt3, table, N + 1, END, faults)
+
+    for a, b in zip(model.parameters(), model3.parameters()):
+        assert torch.equal(a, b)
+    for p, q in zip(model.parameters(), model3.parameters()):
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(opt.state[p][key], opt3.state[q][key])
+
+    def decisions(o):
+        return [(e.step, e.action, e.detail, e.bound) for e in o.guard.events
+                if e.action != "snapshot_discarded"]  # which steps are snapshotted may differ (timing)
+
+    assert decisions(opt3) == decisions(opt)
+    assert [e.step for e in opt.guard.events if e.action == "skip"] == sorted(faults)
+    if config.snapshots_in_state_dict:  # the whole controller state too
+        assert opt3.guard.controller.state_dict() == opt.guard.controller.state_dict()
+
+
+def _size(obj) -> int:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getbuffer().nbytes
+
+
+def test_checkpoint_size_stays_bounded():
+    capacity = 8
+    config = GuardConfig(event_capacity=capacity)
+    table = successor_table()
+    model = tiny_model()
+    opt = FusedGuardedAdamW(model.parameters(), lr=LR, guard=config, backend=BACKEND)
+    ref_model = tiny_model()
+    ref = torch.optim.AdamW(ref_model.parameters(), lr=LR)
+    run(ref_model, ref, table, 1, 3, plain=True)
+    adamw = _size(ref.state_dict())
+    faults = {s: "nan_grad" for s in range(24, 120, 3)}
+    run(model, opt, table, 1, 60, faults)
+    sd = opt.state_dict()
+    assert "snapshots" not in sd["guard"]  # no snapshots in checkpoints by default
+    at_60 = _size(sd)
+    assert sum(opt.guard.controller.events.counts.values()) > capacity  # the ring is full
+    run(model, opt, table, 61, 120, faults)
+    at_120 = _size(opt.state_dict())
+    events = sum(opt.guard.controller.events.counts.values())
+    print(f"\nAdamW {adamw} B, guarded {at_60} B at step 60, {at_120} B at step 120 ({events} events)")
+    assert len(opt.guard.events) == capacity
+    assert abs(at_120 - at_60) <= 0.01 * adamw  # does not grow with the run
+    assert at_120 <= adamw + capacity * 4096 + 64 * 1024  # the guard adds a bounded amount
+
+
+# ---------------------------------------------------------------------------- lr and give-up
+def _mlp(seed=4):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
+    xs, ys = torch.randn(64, 16), torch.randn(64, 1)
+    return model, xs, ys
+
+
+def _mlp_step(model, opt, xs, ys, loss_scale=1.0):
+    opt.zero_grad()
+    loss = torch.nn.functional.mse_loss(model(xs), ys) * loss_scale
+    loss.backward()
+    opt.step(loss=loss.detach())
+    return loss.item()
+
+
+def test_nan_lr_tensor_on_a_snapshot_step_touches_nothing_and_does_not_stall():
+    model, xs, ys = _mlp()
+    config = GuardConfig(snapshot_interval=5)
+    opt = FusedGuardedAdamW(model.parameters(), lr=1e-2, guard=config, backend=BACKEND)
+    guard = opt.guard
+    for _ in range(40):
+        _mlp_step(model, opt, xs, ys)
+    assert guard.regime == "stable" and guard._last_snapshot is not None
+    target = guard._last_snapshot + config.snapshot_interval
+    while opt.num_steps < target - 1:
+        _mlp_step(model, opt, xs, ys)
+    # An lr tensor set to NaN for one step. On the CPU the optimizer refuses it up front...
+    lr = opt.param_groups[0]["lr"]
+    opt.param_groups[0]["lr"] = torch.tensor(math.nan)
+    with pytest.raises(ValueError, match="lr"):
+        _mlp_step(model, opt, xs, ys)
+    assert opt.num_steps == target - 1
+    # ...a device lr tensor is never read on the host: emulate that by skipping the host check.
+    check = opt._check_step_hyperparameters
+    opt._check_step_hyperparameters = lambda: None
+    before = [p.detach().clone() for p in model.parameters()]
+    try:
+        _mlp_step(model, opt, xs, ys)
+    finally:
+        opt._check_step_hyperparameters = check
+        opt.param_groups[0]["lr"] = lr
+    assert opt.num_steps == target and target in guard._ring.steps()  # a snapshot of this very step
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p, b)  # the group was not written
+    losses = [_mlp_step(model, opt, xs, ys) for _ in range(30)]
+    assert finite(model)
+    for slot in guard._ring.slots:
+        assert all(bool(torch.isfinite(b).all()) for b in slot.buffers)
+    skips = [e for e in guard.events if e.action == "skip"]
+    assert [e.step for e in skips] == [target] and "control_invalid" in skips[0].detail["why"]
+    assert (target, "snapshot_discarded") in [(e.step, e.action) for e in guard.events]
+    assert not [e for e in guard.events if e.action in ("rollback", "give_up", "freeze")]
+    assert guard.summary()["skipped_fraction"] * guard.summary()["steps"] == pytest.approx(1.0)
+    assert losses[-1] < losses[0] and guard.scale == [1.0]
+
+
+def test_sustained_trouble_raises_guard_gave_up_with_evidence():
+    model, xs, ys = _mlp()
+    config = GuardConfig(snapshot_interval=5)
+    opt = FusedGuardedAdamW(model.parameters(), lr=1e-2, guard=config, backend=BACKEND)
+    for _ in range(40):
+        _mlp_step(model, opt, xs, ys)
+    with pytest.raises(GuardGaveUp) as info:
+        for _ in range(300):
+            _mlp_step(model, opt, xs, ys, loss_scale=math.nan)  # the loss is NaN every step
+    evidence = info.value.evidence
+    assert evidence["why"] == "persistent_trouble" and "nonfinite" in evidence["reasons"]
+    assert evidence["consecutive_trouble"] == config.give_up_after
+    assert evidence["rollbacks_in_window"] == config.max_rollbacks  # the budget was used first
+    assert opt.num_steps <= 40 + (config.max_rollbacks + 1) * config.give_up_after + config.lag + 1
+    assert finite(model)
+    actions = opt.guard.summary()["actions"]
+    assert actions["rollback"] == config.max_rollbacks and actions["give_up"] == 1
+
+
+def test_on_give_up_hook_is_called_and_the_run_goes_on():
+    model, xs, ys = _mlp()
+    calls = []
+    config = GuardConfig(snapshot_interval=5, give_up_after=10, max_rollbacks=0)
+    opt = FusedGuardedAdamW(model.parameters(), lr=1e-2, guard=Guard(config, on_give_up=calls.append),
+                            backend=BACKEND)
+    for _ in range(30):
+        _mlp_step(model, opt, xs, ys)
+    for _ in range(25):
+        _mlp_step(model, opt, xs, ys, loss_scale=math.nan)
+    assert len(calls) == 2 and all(c.evidence["why"] == "persistent_trouble" for c in calls)
+    losses = [_mlp_step(model, opt, xs, ys) for _ in range(40)]
+    assert finite(model) and losses[-1] < losses[0]
+    assert opt.guard.summary()["actions"]["give_up"] == 2
+
+
+@pytest.mark.parametrize("backend", ["torch", "foreach"])
+def test_backend_survives_nonfinite_gradients_and_skipped_steps(backend):
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(8, 8))
+    opt = FusedGuardedAdamW([w], lr=1e-2, guard="default", backend=backend)
+    for step in range(1, 31):
+        w.grad = torch.randn(8, 8)
+        if step == 20:
+            w.grad[0, 0] = math.nan  # a non-finite element: never written
+        loss = torch.tensor(math.nan if step == 25 else 1.0)  # a non-finite loss: skipped on the device
+        before = w.detach().clone()
+        opt.step(loss=loss)
+        if step == 25:
+            assert torch.equal(w, before)
+    assert bool(torch.isfinite(w).all())
+    assert [e.step for e in opt.guard.events if e.action == "skip"] == [20, 25]
+
+
+# ---------------------------------------------------------------------------- rollback, freeze
+def test_rollback_restores_params_and_state_exactly():
+    model, xs, ys = _mlp()
+    config = GuardConfig(snapshot_interval=5)
+    opt = FusedGuardedAdamW(model.parameters(), lr=1e-3, guard=config, backend=BACKEND)
+    params = list(model.parameters())
+    keys = ("step", "exp_avg", "exp_avg_sq")
+    history = {}
+    for _ in range(40):
+        _mlp_step(model, opt, xs, ys)
+        history[opt.num_steps] = [[p.detach().clone()] + [opt.state[p][k].clone() for k in keys] for p in params]
+    ids = [id(p) for p in params] + [id(opt.state[p][k]) for p in params for k in keys]
+    with torch.no_grad():
+        params[0].view(-1)[0] = math.nan  # the parameters diverged
+    for _ in range(2):
+        _mlp_step(model, opt, xs, ys)
+    rollbacks = [e for e in opt.guard.events if e.action == "rollback"]
+    assert len(rollbacks) == 1 and rollbacks[0].detail["why"] == "params_nonfinite"
+    target = rollbacks[0].detail["to_step"]
+    assert rollbacks[0].detail["distance"] == opt.num_steps - target <= config.max_rollback_distance
+    for p, values in zip(params, history[target]):
+        current = [p.detach()] + [opt.state[p][k] for k in keys]
+        for a, b in zip(current, values):
+            assert torch.equal(a, b)
+    assert ids == [id(p) for p in params] + [id(opt.state[p][k]) for p in params for k in keys]
+    assert opt.guard.regime == "recovering"
+    losses = [_mlp_step(model, opt, xs, ys)]
+    assert opt.guard.scale[0] == pytest.approx(config.rollback_scale)  # the next step runs at a lower lr
+    losses += [_mlp_step(model, opt, xs, ys) for _ in range(20)]
+    assert finite(model) and losses[-1] < losses[0]
 
 
 def test_freeze_gates_only_the_troubled_group():
-    big, small = _two_group_model()
-    opt = FusedGuardedAdamW(
-        [{"params": big.parameters()}, {"params": small.parameters()}], lr=1e-3,
-        guard=GuardConfig(warmup_steps=10, freeze_steps=6, max_frozen_fraction=0.1), backend="torch",
-    )
+    torch.manual_seed(3)
+    big, small = torch.nn.Linear(64, 64), torch.nn.Linear(8, 8)
+    config = GuardConfig(freeze_steps=6, max_frozen_fraction=0.1)
+    opt = FusedGuardedAdamW([{"params": big.parameters()}, {"params": small.parameters()}], lr=1e-3,
+                            guard=config, backend=BACKEND)
     x_big, x_small = torch.randn(16, 64), torch.randn(16, 8)
 
-    def step(spike_small=1.0):
+    def step(nan_small=False):
         opt.zero_grad()
-        (big(x_big).square().mean() + small(x_small).square().mean()).backward()
-        for p in small.parameters():
-            p.grad.mul_(spike_small)
-        opt.step()
+        loss = big(x_big).square().mean() + small(x_small).square().mean()
+        loss.backward()
+        if nan_small:
+            small.weight.grad.view(-1)[0] = math.nan
+        opt.step(loss=loss.detach())
 
     for _ in range(30):
         step()
-    # The small group's outliers explode while the big group stays normal. Device-side the
-    # whole step is skipped (global grad norm); the controller then freezes the small group.
-    step(spike_small=1e4)
-    step()  # the spike's record is processed here (lag 1)
+    step(nan_small=True)
+    step(nan_small=True)
+    step()  # the second hot record is processed here (lag 1): the small group is frozen
     freeze = [e for e in opt.guard.events if e.action == "freeze"]
-    assert freeze and freeze[-1].detail["groups"] == [1]
+    assert [e.detail["groups"] for e in freeze] == [[1]]
     before_small = [p.detach().clone() for p in small.parameters()]
     before_big = [p.detach().clone() for p in big.parameters()]
-    step()
+    for _ in range(config.freeze_steps - 1):
+        step()
     for p, b in zip(small.parameters(), before_small):
-        assert torch.equal(p, b)  # frozen: untouched
-        assert p.requires_grad
-    assert any(not torch.equal(p, b) for p, b in zip(big.parameters(), before_big))
-    for _ in range(8):
+        assert torch.equal(p, b) and p.requires_grad  # frozen: untouched
+    assert all(not torch.equal(p, b) for p, b in zip(big.parameters(), before_big))
+    for _ in range(4):
         step()
     assert any(e.action == "unfreeze" for e in opt.guard.events)
     assert any(not torch.equal(p, b) for p, b in zip(small.parameters(), before_small))
-
-
-def test_rollback_restores_params_and_state_exactly():
-    torch.manual_seed(4)
-    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
-    opt = FusedGuardedAdamW(model.parameters(), lr=1e-3,
-                            guard=GuardConfig(warmup_steps=5, snapshot_interval=5), backend="torch")
-    xs, ys = torch.randn(64, 16), torch.randn(64, 1)
-    params = list(model.parameters())
-    for step in range(1, 41):
-        opt.zero_grad()
-        torch.nn.functional.mse_loss(model(xs), ys).backward()
-        opt.step()
-    assert opt.guard.regime == "stable" and 40 in opt.guard.controller.snapshot_steps
-    ids = [id(p) for p in params] + [id(opt.state[p][k]) for p in params for k in ("step", "exp_avg", "exp_avg_sq")]
-    saved = [[p.detach().clone()] + [opt.state[p][k].clone() for k in ("step", "exp_avg", "exp_avg_sq")]
-             for p in params]
-    # Corrupt a parameter: the next record shows non-finite params -> diverging -> rollback
-    # to the newest snapshot taken before the trouble (after step 40).
-    with torch.no_grad():
-        params[0].view(-1)[0] = math.nan
-    for _ in range(2):
-        opt.zero_grad()
-        torch.nn.functional.mse_loss(model(xs), ys).backward()
-        opt.step()
-    rollbacks = [e for e in opt.guard.events if e.action == "rollback"]
-    assert len(rollbacks) == 1
-    assert rollbacks[0].detail["to_step"] == 40 and rollbacks[0].detail["distance"] == 2
-    for p, values in zip(params, saved):
-        current = [p.detach()] + [opt.state[p][k] for k in ("step", "exp_avg", "exp_avg_sq")]
-        for a, b in zip(current, values):
-            assert torch.equal(a, b)
-    assert ids == [id(p) for p in params] + [id(opt.state[p][k]) for p in params for k in ("step", "exp_avg", "exp_avg_sq")]
-    assert opt.guard.regime == "recovering"
-    assert opt.guard.controller.aimd_scale < 1.0
-
-
-def test_rollback_copy_is_exact():
-    torch.manual_seed(6)
-    model = torch.nn.Linear(8, 4)
-    opt = FusedGuardedAdamW(model.parameters(), lr=1e-2, guard="default", backend="torch")
-    for _ in range(3):
-        opt.zero_grad()
-        model(torch.randn(5, 8)).sum().backward()
-        opt.step()
-    ring = opt.guard._ring
-    ring.take(3, opt)
-    expect = [copy.deepcopy((p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()}))
-              for p in model.parameters()]
-    for _ in range(3):
-        opt.zero_grad()
-        model(torch.randn(5, 8)).sum().backward()
-        opt.step()
-    ring.restore(3, opt)
-    for p, (value, state) in zip(model.parameters(), expect):
-        assert torch.equal(p, value)
-        for k, v in state.items():
-            assert torch.equal(opt.state[p][k], v)
+    assert not [e for e in opt.guard.events if e.action in ("rollback", "give_up")]
