@@ -204,10 +204,6 @@ def test_notify_data_change_rebaselines_at_once():
     assert sim.controller.detectors.loss.mean == pytest.approx(3.0, rel=0.02)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG controller.py:Controller.notify_data_change rebaselines only the "
-                   "loss statistics: a deliberate data change whose gradients are larger (new targets, a new "
-                   "domain) is then a run of 'grad_spike' skips, and after 8 records a persistent_trouble rollback "
-                   "to a snapshot from before the change with the lr scale halved (seen on a real MLP too)")
 def test_notify_data_change_accepts_the_new_gradient_level_too():
     config = explicit_config()
     sim = Sim(config, snapshot_every=5)
@@ -330,10 +326,6 @@ def test_a_loss_spike_right_after_an_applied_gradient_spike_rolls_back():
     assert not [e for e in sim.events if e.action == "rollback"]
 
 
-@pytest.mark.xfail(strict=True, reason="BUG recovery.py:Recovery.observe: 'spike_damage' counts a loss spike in the "
-                   "SAME record as the applied gradient spike (step - grad_spike_applied_at <= 1 with the spike "
-                   "set just before). That loss was computed before the step was applied, so a bad batch "
-                   "(random tokens: high loss and high gradients) with loss_check=False triggers a rollback")
 def test_a_loss_spike_in_the_same_record_as_a_gradient_spike_is_not_damage():
     config = explicit_config(loss_check=False)  # the device writes the (clamped) step
     sim = Sim(config, snapshot_every=5)
@@ -353,10 +345,7 @@ def _persistent_nonfinite(give_up_after, max_rollbacks=0, snapshot_every=None, s
 
 @pytest.mark.parametrize("give_up_after", [
     8, 12, 25,
-    pytest.param(3, marks=pytest.mark.xfail(strict=True, reason=(
-        "BUG recovery.py:Recovery.observe: give-up is only considered inside "
-        "'if a.params_bad or damage or consecutive_trouble >= _PERSISTENT_TROUBLE (8)', so any "
-        "give_up_after < 8 (a valid config, >= 1) gives up after 8 records, not give_up_after"))),
+    3,
 ])
 def test_persistent_trouble_with_no_rollback_left_gives_up_after_give_up_after_records(give_up_after):
     config, sim = _persistent_nonfinite(give_up_after)
@@ -534,8 +523,6 @@ def test_update_envelope_caps_a_step_outside_it():
     assert ctl.command(1, [0.01]).scale == [1.0]  # no envelope configured
 
 
-@pytest.mark.xfail(strict=True, reason="BUG governor.py: governor='off' is validated and documented ('scale "
-                   "stays 1', preset 'faults-only') but nothing reads it: the governor still cuts and caps")
 def test_governor_off_keeps_the_scale_at_one():
     config = explicit_config(governor="off", max_update_ratio=0.5)
     sim = Sim(config)
@@ -582,10 +569,6 @@ def test_a_group_whose_gradients_alone_are_nonfinite_twice_is_frozen_within_the_
     assert all(cmd.gate == [1.0, 1.0] for cmd in sim.commands.values())
 
 
-@pytest.mark.xfail(strict=True, reason="BUG detectors.py:Detectors.assess counts the non-finite gradients of a "
-                   "FROZEN (gated-off, not written) group as trouble: a group whose gradients stay non-finite is "
-                   "frozen, yet every record stays 'nonfinite' trouble, so after 8 records a persistent_trouble "
-                   "rollback undoes the healthy groups' progress (lr halved), three times, then the guard gives up")
 def test_a_frozen_group_with_persistently_nonfinite_gradients_lets_the_others_train():
     config = explicit_config(freeze_steps=20)
     sim = Sim(config, groups=2, snapshot_every=5)
@@ -680,10 +663,6 @@ def test_load_state_dict_rejects_an_unknown_regime():
         Controller(explicit_config(), 1).load_state_dict(state)
 
 
-@pytest.mark.xfail(strict=True, raises=OverflowError, reason="BUG signals.py:GroupSignals.omega: "
-                   "math.exp(omega_log_sum / omega_count) overflows (OverflowError) on a record whose mean log "
-                   "omega is far outside the kernel's clamp [-10, 10] (a corrupted or hand-written trace); "
-                   "Controller.observe calls it via StepSignals.summary() and raises")
 def test_controller_never_raises_on_an_out_of_contract_omega():
     ctl = Controller(explicit_config(), 1)
     rec = make_record(1)
@@ -692,10 +671,6 @@ def test_controller_never_raises_on_an_out_of_contract_omega():
     assert decision["give_up"] is None
 
 
-@pytest.mark.xfail(strict=True, reason="BUG stats.py:EmaStat.update: a finite loss above ~1.3e154 (an fp64 run "
-                   "diverging) squares to inf in the innovation variance, which turns NaN on the next update; "
-                   "std() and loss_limit() are then NaN, and a NaN LOSS_LIMIT skips every later step with a loss "
-                   "on the device (loss <= NaN is false) until a rollback or give-up resets the statistics")
 def test_a_huge_finite_loss_does_not_poison_the_loss_limit():
     ctl = Controller(explicit_config(warmup_steps=3), 1)
     for n, loss in enumerate([2.0, 1e200, 2.0, 2.0, 2.0, 2.0], 1):

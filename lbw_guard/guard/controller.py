@@ -136,6 +136,8 @@ class Controller:
         self.accounting.add(issued_scale, issued_gate, [gs.applied_gate for gs in sig.groups], numel,
                             sig.spike_fraction > 0 or sig.nonfinite > 0)
         self._move_regime(rec.step, a, signals, decision)
+        if decision["give_up"] is not None and c.acts:
+            self._event(rec.step, "give_up", signals=signals, detail={"why": decision["give_up"]["why"]})
         if not c.acts:
             decision["rollback_to"] = None
             decision["give_up"] = None
@@ -143,8 +145,9 @@ class Controller:
         return decision
 
     def notify_data_change(self, step: int) -> None:
-        """The user says the data changed: the loss is at a new level, not spiking."""
-        self.detectors.rebaseline_loss(None)
+        """The user says the data changed: the loss and the gradients are at a new level, not
+        spiking; their statistics restart."""
+        self.detectors.rebaseline()
         self.recovery.loss_only_streak = 0
         self._event(step, "rebaseline", detail={"why": "notify_data_change"})
 

@@ -60,7 +60,13 @@ class Detectors:
     def assess(self, sig: StepSignals, issued_gate: list[float]) -> Assessment:
         c = self.config
         a = Assessment()
-        a.nonfinite = not sig.nonfinite == 0 or (sig.loss is not None and not math.isfinite(sig.loss))
+        active = [g for g, gs in enumerate(sig.groups) if issued_gate[g] > 0]
+        # a group the guard froze is not written: its gradients are no fault of this step
+        nonfinite = sum(sig.groups[g].nonfinite for g in active)
+        spikes = sum(sig.groups[g].spikes for g in active)
+        numel = sum(sig.groups[g].numel for g in active)
+        spike_fraction = spikes / numel if numel > 0 else 0.0
+        a.nonfinite = not nonfinite == 0 or (sig.loss is not None and not math.isfinite(sig.loss))
         a.params_bad = not sig.params_finite
         a.control_invalid = any(gs.invalid > 0 for gs in sig.groups)
         log_grad = safe_log(sig.grad_norm)
@@ -70,12 +76,11 @@ class Detectors:
         else:
             a.grad_spike = (self.grad_max > 0 and sig.grad_norm > c.warmup_grad_factor * self.grad_max) or \
                 not math.isfinite(sig.grad_norm)
-        a.grad_spike = a.grad_spike or sig.spike_fraction > c.spike_fraction
+        a.grad_spike = a.grad_spike or spike_fraction > c.spike_fraction
         if sig.loss is not None:
             a.z_loss = self.loss.z(sig.loss)
             a.loss_spike = a.z_loss > c.z_loss
         a.device_skip = any(issued_gate[g] > 0 and not gs.applied_gate > 0 for g, gs in enumerate(sig.groups))
-        active = [g for g, gs in enumerate(sig.groups) if issued_gate[g] > 0]
         hot = [g for g in active if not sig.groups[g].nonfinite == 0 or sig.groups[g].spike_fraction > c.spike_fraction]
         if hot and len(hot) < len(active):
             a.hot_groups = hot

@@ -93,7 +93,7 @@ class StepSizeGovernor:
         decays below it runs at scale 1, and a warm restart back above it is capped at once.
         """
         c = self.config
-        if not _finite(lr) or lr <= 0:
+        if c.governor == "off" or not _finite(lr) or lr <= 0:
             return 1.0, None
         target, bound = 1.0, None
         ceiling = self.ceiling[g]
@@ -119,6 +119,8 @@ class StepSizeGovernor:
         """Fold one record in; returns the cuts and releases it decided (for events)."""
         c = self.config
         decisions = []
+        if c.governor == "off":
+            return decisions
         for g, gs in enumerate(sig.groups):
             self.since_cut[g] += 1
             lr_eff = lrs[g] * issued_scale[g] if _finite(lrs[g]) else math.nan

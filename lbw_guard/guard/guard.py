@@ -108,6 +108,7 @@ class Guard:
         self._step_clock: float | None = None
         self._step_seconds: float | None = None
         self._logged_events = 0
+        self._seed: list[float] = []
 
     # ------------------------------------------------------------------ binding
     def bind(self, optimizer) -> None:
@@ -128,7 +129,10 @@ class Guard:
                 self.controller.recovery.verified_snapshots = []
                 self.controller.recovery.pending_snapshots = []
             self._param_key = key
-        self.controller.governor.seed_ratio(optimizer.inverse_matrix_rms())
+        self._seed = optimizer.inverse_matrix_rms()
+        self.controller.governor.seed_ratio(self._seed)
+        if self._writer is not None:  # replay seeds its governor the same way
+            self._trace_line({"type": "seed", "ratio": self._seed})
 
     # ------------------------------------------------------------------ per step
     def before_step(self, step: int) -> GuardCommand:
@@ -220,7 +224,6 @@ class Guard:
             "Guard(on_give_up=...) to decide yourself.",
             evidence,
         )
-        self.controller._event(evidence["step"], "give_up", detail={"why": evidence["why"]})
         self._flush_events()
         if self.on_give_up is None:
             raise exc
@@ -254,6 +257,9 @@ class Guard:
         self._flush_events()
 
     def _trace_line(self, line: dict) -> None:
+        """A marker line of the trace (what the guard did between records, for replay)."""
+        if self.config.keep_trace:
+            self.records.append(line)
         writer = self._trace_writer()
         if writer is not None:
             writer.write(line)
@@ -285,17 +291,25 @@ class Guard:
         if self._writer is None:
             self._writer = JsonlWriter(self.config.trace_path, mode="a")
             self._writer.write(run_start_line(self.config.to_dict()))
+            self._writer.write({"type": "seed", "ratio": self._seed})
         return self._writer
 
     def write_jsonl(self, path) -> None:
         """Write the kept records (``keep_trace``) and the kept events to ``path``."""
         with JsonlWriter(path, mode="w") as writer:
             writer.write(run_start_line(self.config.to_dict()))
+            writer.write({"type": "seed", "ratio": self._seed})
             writer.write_all(self.records)
             writer.write_all(e.to_dict() for e in self.controller.events)
 
     def close(self) -> None:
+        """Finish the trace: the steps issued but not yet processed, so that replay issues the
+        same last commands (an unclosed trace replays up to its last processed record)."""
         if self._writer is not None:
+            for p in self._pending:
+                self._writer.write({"type": "issued", "step": p.rec.step, "lrs": p.rec.lrs})
+            if self.optimizer is not None:
+                self._writer.write({"type": "end", "step": self.optimizer.num_steps})
             self._writer.close()
             self._writer = None
 
@@ -396,6 +410,9 @@ class Guard:
         rec.verified_snapshots = [s for s in rec.verified_snapshots if s in kept]
         rec.pending_snapshots = [s for s in rec.pending_snapshots if s in kept]
         self._logged_events = sum(self.controller.events.counts.values())
+        if self.config.trace_path is not None:  # replay of the resumed part starts from here
+            self._trace_line({"type": "resume", "step": num_steps if num_steps < 1 << 62 else 0,
+                              "controller": self.controller.state_dict()})
 
 
 def make_guard(spec) -> Guard | None:

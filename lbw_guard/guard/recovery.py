@@ -121,14 +121,18 @@ class Recovery:
         decision["events"].append({"action": "skip", "why": ",".join(a.reasons), "device_skipped": a.device_skip,
                                    "applied": a.device_skip or a.nonfinite or a.grad_spike})
 
-        damage = a.loss_spike and self.grad_spike_applied_at is not None and step - self.grad_spike_applied_at <= 1
-        if a.params_bad or damage or self.consecutive_trouble >= _PERSISTENT_TROUBLE:
+        # The loss of record t is measured before step t: damage done by an applied spike shows
+        # in the next record's loss.
+        damage = a.loss_spike and self.grad_spike_applied_at is not None and step - self.grad_spike_applied_at == 1
+        persistent = self.consecutive_trouble >= min(_PERSISTENT_TROUBLE, c.give_up_after)
+        if a.params_bad or damage or persistent:
             why = "params_nonfinite" if a.params_bad else ("spike_damage" if damage else "persistent_trouble")
             if self._rollback(step, now, why, decision):
                 return decision
-            if a.params_bad or self.consecutive_trouble >= c.give_up_after:
-                decision["give_up"] = self._evidence(sig, a, why)
-                return decision
+        if a.params_bad or self.consecutive_trouble >= c.give_up_after:
+            why = "params_nonfinite" if a.params_bad else "persistent_trouble"
+            decision["give_up"] = self._evidence(sig, a, why)
+            return decision
         if self.loss_only_streak >= c.level_shift_records:
             decision["rebaseline_loss"] = True
             decision["events"].append({"action": "rebaseline", "why": "loss_level_shift",

@@ -23,7 +23,7 @@ from lbw_kernels import contract as C
 from .config import PRESETS, GuardConfig
 from .controller import Controller
 from .signals import HostRecord
-from .events import RUN_START, JsonlError, JsonlWriter, decode_floats, iter_jsonl
+from .events import RUN_START, JsonlError, JsonlWriter, decode_float, decode_floats, iter_jsonl
 
 PROG = "lbw-guard replay"
 
@@ -91,9 +91,12 @@ class TraceRun:
     records: list[dict] = field(default_factory=list)
     lines: list[int] = field(default_factory=list)
 
+    def record_lines(self) -> list[dict]:
+        return [r for r in self.records if r.get("type", "record") == "record"]
+
     def describe(self) -> str:
-        return (f"lines {self.lines[0]}-{self.lines[-1]}, steps "
-                f"{self.records[0]['step']}..{self.records[-1]['step']}")
+        recs = self.record_lines()
+        return f"lines {self.lines[0]}-{self.lines[-1]}, steps {recs[0]['step']}..{recs[-1]['step']}"
 
 
 def _is_number(x) -> bool:
@@ -140,10 +143,16 @@ RECORD_SCHEMA = {
     "now": (lambda v: v is None or _is_step(v), "a non-negative integer or null"),
 }
 # Other lines a replay reads, besides records: what the guard did between records.
+_STEP = (_is_step, "a non-negative integer")
+_LRS = (_is_numbers, "a list of numbers")
 MARKERS = {
-    "snapshot": {"step": (_is_step, "a non-negative integer")},
-    "data_change": {"step": (_is_step, "a non-negative integer")},
-    "dropped": {"step": (_is_step, "a non-negative integer"), "lrs": (_is_numbers, "a list of numbers")},
+    "snapshot": {"step": _STEP},
+    "data_change": {"step": _STEP},
+    "dropped": {"step": _STEP, "lrs": _LRS},
+    "issued": {"step": _STEP, "lrs": _LRS},
+    "end": {"step": _STEP},
+    "seed": {"ratio": _LRS},
+    "resume": {"step": _STEP, "controller": (lambda v: isinstance(v, dict), "a controller state (an object)")},
 }
 
 
@@ -192,9 +201,8 @@ def read_runs(path: str, on_warning=None) -> list[TraceRun]:
                 check_record(obj, MARKERS[kind], kind)
             except ValueError as exc:
                 raise JsonlError(path, number, str(exc)) from None
-            if runs[-1].records:
-                runs[-1].records.append(obj)
-                runs[-1].lines.append(number)
+            runs[-1].records.append(obj)
+            runs[-1].lines.append(number)
             continue
         if kind != "record":
             continue  # events and future line types do not feed the controller
@@ -209,7 +217,7 @@ def read_runs(path: str, on_warning=None) -> list[TraceRun]:
             runs.append(current)
         current.records.append(obj)
         current.lines.append(number)
-    return [r for r in runs if r.records]
+    return [r for r in runs if r.record_lines()]
 
 
 def pick_run(runs: list[TraceRun], wanted: int | None, path: str, on_warning) -> tuple[int, TraceRun]:
@@ -231,7 +239,8 @@ def pick_run(runs: list[TraceRun], wanted: int | None, path: str, on_warning) ->
 
 def replay(records: list[dict], config: GuardConfig):
     """Re-run a controller with ``config`` over a trace's lines, in the order the live guard
-    issued commands and processed records; returns (events, flagged, controller).
+    issued commands, processed records and acted between them; returns (events, flagged,
+    controller).
 
     With the config the trace was recorded with, the decisions are the live ones exactly.
     """
@@ -239,28 +248,58 @@ def replay(records: list[dict], config: GuardConfig):
     controller = None
     flagged = []
     issued = 0
-    lrs_by_step = {r["step"]: r["lrs"] for r in records if r.get("type", "record") in ("record", "dropped")}
+    seed: list[float] = []
+    lrs_by_step = {r["step"]: r["lrs"] for r in records
+                   if r.get("type", "record") in ("record", "dropped", "issued")}
+
+    def ensure(num_groups: int) -> Controller:
+        nonlocal controller
+        if controller is None:
+            controller = Controller(config, num_groups)
+            controller.governor.seed_ratio(seed)
+        elif num_groups != controller.num_groups:
+            controller.resize(num_groups)
+        return controller
+
+    last_lrs: list = []
+
+    def issue_until(step: int, fallback_lrs) -> None:
+        nonlocal issued, last_lrs
+        last_lrs = fallback_lrs if fallback_lrs is not None else last_lrs
+        while issued < step:  # the commands the live guard issued before this point
+            issued += 1
+            last_lrs = lrs_by_step.get(issued, last_lrs)
+            controller.command(issued, last_lrs)
+
     for line in records:
         kind = line.get("type", "record")
         if kind == "record":
             rec = HostRecord.from_dict({k: decode_floats(v) for k, v in line.items()})
-            if controller is None:
-                controller = Controller(config, rec.num_groups)
-            elif rec.num_groups != controller.num_groups:
-                controller.resize(rec.num_groups)
+            ensure(rec.num_groups)
             now = rec.now if rec.now is not None else rec.step
-            while issued < now:  # the commands the live guard issued before this record
-                issued += 1
-                controller.command(issued, lrs_by_step.get(issued, rec.lrs))
+            issue_until(now, rec.lrs)
             decision = controller.observe(rec, now)
             if decision["give_up"] is not None:
                 controller.accept_give_up()  # the live run went on, so its hook returned
             if decision["signals"].get("reasons"):
                 flagged.append((rec.step, decision["signals"]["reasons"]))
-        elif controller is not None and kind == "snapshot":
+        elif kind == "seed":
+            seed = [decode_float(x) for x in line["ratio"]]
+            if controller is not None:
+                controller.governor.seed_ratio(seed)
+        elif kind == "resume":
+            ensure(int(line["controller"].get("num_groups", 1))).load_state_dict(decode_floats(line["controller"]))
+            issued = line["step"]
+        elif controller is None:
+            continue
+        elif kind == "snapshot":
+            issue_until(line["step"], None)
             controller.snapshot_taken(line["step"])
-        elif controller is not None and kind == "data_change":
+        elif kind == "data_change":
+            issue_until(line["step"], None)
             controller.notify_data_change(line["step"])
+        elif kind == "end":
+            issue_until(line["step"], None)
     events = list(controller.events) if controller is not None else []
     for e in events:
         e.applied = False

@@ -71,13 +71,15 @@ class GroupSignals:
     @property
     def omega(self) -> float | None:
         """Geometric mean over the group's matrices of omega (None without a defined one)."""
-        n = self.fields[C.G_OMEGA_COUNT]
-        return math.exp(self.fields[C.G_OMEGA_LOG_SUM] / n) if n > 0 else None
+        log = self.log_omega
+        return math.exp(log) if log is not None else None
 
     @property
     def log_omega(self) -> float | None:
         n = self.fields[C.G_OMEGA_COUNT]
-        return self.fields[C.G_OMEGA_LOG_SUM] / n if n > 0 else None
+        if not n > 0 or not math.isfinite(self.fields[C.G_OMEGA_LOG_SUM]):
+            return None
+        return min(C.OMEGA_LOG_CLAMP, max(-C.OMEGA_LOG_CLAMP, self.fields[C.G_OMEGA_LOG_SUM] / n))
 
     @property
     def cos(self) -> float | None:

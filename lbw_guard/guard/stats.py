@@ -40,7 +40,8 @@ class EmaStat:
 
     def std(self) -> float:
         floor = self.min_std * abs(self.mean) if self.relative_std else self.min_std
-        return max(math.sqrt(max(self.var, 0.0)), floor, 1e-12)
+        spread = math.sqrt(self.var) if math.isfinite(self.var) and self.var > 0 else 0.0
+        return max(spread, floor, 1e-12) if math.isfinite(floor) else max(spread, 1e-12)
 
     def z(self, x: float) -> float:
         """z-score of x against the statistic; 0 before warm-up, +inf for a non-finite x."""
@@ -65,11 +66,14 @@ class EmaStat:
         if self.warm:  # winsorise: an accepted but large value moves the statistic boundedly
             bound = self.winsor_z * self.std()
             x = min(max(x, self.mean - bound), self.mean + bound)
-        self.count += 1
         innovation = x - self.mean
+        square = innovation * innovation
+        if not math.isfinite(square):  # a finite value too far out to square: not a statistic
+            return
+        self.count += 1
         w_var = max(1.0 / (self.count - 1), 1.0 - self.beta)
         w_level = max(1.0 / self.count, 1.0 - self.level_beta)
-        self.var += w_var * (innovation * innovation - self.var)
+        self.var += w_var * (square - self.var)
         self.mean += w_level * innovation
 
     def reset(self) -> None:
