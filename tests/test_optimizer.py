@@ -71,16 +71,6 @@ def backend(request):
     return request.param
 
 
-_FOREACH_TUPLE = ("lbw_kernels/foreach_step.py:106-111: torch._foreach_sub returns a tuple, so `u[i] = ...` "
-                  "raises TypeError whenever a group is gated off (found_inf, a skipped step) or a gradient "
-                  "element is not finite")
-
-
-def known_bug(request, when: bool, reason: str) -> None:
-    if when:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
-
-
 def steps(backend: str, n: int, triton: int = TRITON_MAX_STEPS) -> int:
     return min(n, triton) if backend == "triton" else n
 
@@ -253,7 +243,6 @@ def test_real_grad_scaler_unscales_in_the_step_and_skips_inf_steps_on_device(bac
     """torch.amp.GradScaler hands the optimizer its scale and found_inf tensors
     (_step_supports_amp_scaling): results equal unscaled AdamW, an inf step is skipped on
     the device (nothing written, no step counter advanced)."""
-    known_bug(request, backend == "foreach", _FOREACH_TUPLE)
     ours = make_params(19)
     theirs = clone_params(ours)
     opt = FusedGuardedAdamW(ours, guard=None, backend=backend)
@@ -355,14 +344,11 @@ def _consistent_grads(params, gen, base):
     return [base[i] + 0.1 * torch.randn(p.shape, generator=gen, dtype=torch.float64) for i, p in enumerate(params)]
 
 
-_FP32_CLIP = pytest.mark.xfail(strict=True, reason=(
-    "lbw_kernels/contract.py clip_coefficient computes clip_grad_norm_'s coefficient in fp32 "
-    "for every dtype; torch computes it in fp64 for fp64 grads (a ~1e-8 relative error per step)"))
 FP64_CASES = [
     pytest.param(None, None, id="plain"),
     pytest.param(None, "default", id="default-guard"),
-    pytest.param(0.5, None, id="max_grad_norm", marks=_FP32_CLIP),
-    pytest.param(0.5, "default", id="max_grad_norm-default-guard", marks=_FP32_CLIP),
+    pytest.param(0.5, None, id="max_grad_norm"),
+    pytest.param(0.5, "default", id="max_grad_norm-default-guard"),
 ]
 
 
@@ -395,7 +381,6 @@ def test_nonfinite_grads_propagate_like_adamw_without_guard_and_are_masked_with_
     """guard=None is AdamW: a NaN/inf gradient element turns its param and moments NaN
     exactly as torch does. With the guard on, such elements are never written (their param
     and moments keep their bits) while every finite element steps normally."""
-    known_bug(request, backend == "foreach", _FOREACH_TUPLE)
     ours = make_params(50, shapes=((64,), (8, 8)))
     theirs = clone_params(ours)
     guarded = clone_params(ours)
@@ -477,14 +462,8 @@ def _check_sums(actual, expected, partners):
             assert a == pytest.approx(e, rel=1e-5, abs=1e-30), name
 
 
-_CPU_ZERO_INIT = ("csrc/cpu/fused_adamw_cpu.cpp (its kinds TORCH_CHECK) refuses kind 2 (KIND_ZERO_INIT, contract v2): "
-                  "'kind must be 0 or 1', so any zero-initialised matrix (LoRA's B) fails every step")
-
-
 @pytest.mark.parametrize("zero_init", [False, True], ids=["matrices", "zero-init-matrix"])
 def test_telemetry_matches_a_direct_computation_of_the_contract(backend, zero_init, request):
-    known_bug(request, zero_init and backend == "cpu", _CPU_ZERO_INIT)
-    known_bug(request, backend == "foreach", _FOREACH_TUPLE)  # the NaN gradient of the last step
     gen = torch.Generator().manual_seed(10)
     shapes = ((7,), (33, 17), (5, 6), (300,))
     params = [torch.randn(s, generator=gen).requires_grad_() for s in shapes]

@@ -10,6 +10,7 @@
 #pragma GCC pop_options
 #else
 namespace lbw_cpu { namespace avx512 {
-RangeFn select(DType, DType, bool) { return nullptr; }
+RangeFn select(DType, int) { return nullptr; }
+SquaresFn select_squares(DType) { return nullptr; }
 } }
 #endif

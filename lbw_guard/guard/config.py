@@ -75,30 +75,19 @@ class GuardConfig:
 
     # --- step-size governor -------------------------------------------------------------
     governor: str = "evidence"
-    """``"evidence"``: cut the lr scale on measured overshoot or oscillation and keep each step
-    inside the update envelope (see :mod:`lbw_guard.guard.governor`); ``"off"``: scale stays 1."""
+    """``"evidence"``: cut the lr on measured oscillation and keep each step inside the update
+    envelope (see :mod:`lbw_guard.guard.governor`); ``"off"``: the scale stays 1."""
     min_scale: float = 0.1
     max_update_ratio: float | None = 0.5
     """Update envelope: RMS over a group's matrices of ||u_i|| / ||theta_i|| per step stays below
     this (None: no envelope)."""
-    alpha_low: float = 0.9
-    """Overshoot: cut while the filtered secant estimate (best fraction of the step taken) is
-    below this."""
-    alpha_high: float = 1.0
-    """Recovery needs the filtered secant estimate above this (or none measured)."""
-    alpha_raise: float = 1.5
-    """In the first ``early_records`` records a cut scale rises only while the filtered secant
-    estimate is above this (the steps are clearly too short)."""
     early_records: int = 20
-    """Records at the start of a run during which recovery needs positive evidence."""
-    alpha_window: int = 4
-    """Records over which the secant estimate is averaged (EMA time constant)."""
-    alpha_max: float = 4.0
-    """Cap of one secant estimate (a step with no curvature seen counts as this)."""
-    omega_low: float = 0.35
-    """Oscillation: cut while the filtered omega (geometric mean over the group's matrices) is
-    below this."""
-    omega_high: float = 0.6
+    """Records at the start of a run during which a ceiling the envelope set does not rise
+    (omega means little before the moments have a history)."""
+    omega_low: float = 0.2
+    """Oscillation: cut while the filtered omega (geometric mean over every matrix of the model)
+    is below this."""
+    omega_high: float = 0.4
     """Recovery needs the filtered omega above this (or none measured)."""
     omega_worsening: float = 0.7
     """A further oscillation cut needs omega below this fraction of its value at the last cut."""
@@ -221,7 +210,7 @@ def _validate(c: GuardConfig) -> list[str]:
     for name in ("freeze_steps", "lag", "snapshot_interval", "keep_trace", "max_rollbacks", "spike_warmup"):
         integer(name, 0)
     integer("early_records", 0)
-    for name in ("level_shift_records", "omega_window", "alpha_window", "min_evidence", "cut_interval",
+    for name in ("level_shift_records", "omega_window", "min_evidence", "cut_interval",
                  "snapshot_ring", "max_rollback_distance", "rollback_window", "give_up_after", "event_capacity"):
         integer(name, 1)
 
@@ -235,13 +224,9 @@ def _validate(c: GuardConfig) -> list[str]:
 
     floor = number("min_scale")
     check(0.0 < floor <= 1.0, f"min_scale must be in (0, 1], got {c.min_scale}")
-    for lo_name, hi_name in (("omega_low", "omega_high"), ("alpha_low", "alpha_high")):
-        low, high = number(lo_name), number(hi_name)
-        check(low > 0.0, f"{lo_name} must be > 0, got {getattr(c, lo_name)}")
-        check(not low > high, f"{lo_name} ({getattr(c, lo_name)}) must not exceed {hi_name} ({getattr(c, hi_name)})")
-    check(not number("alpha_max") <= 1.0, f"alpha_max must be > 1, got {c.alpha_max}")
-    raise_, high = number("alpha_raise"), float(c.alpha_high) if isinstance(c.alpha_high, (int, float)) else math.nan
-    check(not raise_ < high, f"alpha_raise ({c.alpha_raise}) must be at least alpha_high ({c.alpha_high})")
+    low, high = number("omega_low"), number("omega_high")
+    check(low > 0.0, f"omega_low must be > 0, got {c.omega_low}")
+    check(not low > high, f"omega_low ({c.omega_low}) must not exceed omega_high ({c.omega_high})")
     worse = number("omega_worsening")
     check(0.0 < worse <= 1.0, f"omega_worsening must be in (0, 1], got {c.omega_worsening}")
     if c.max_update_ratio is not None:
@@ -274,8 +259,8 @@ PRESETS: dict[str, GuardConfig] = {
     # Observe, classify and log what would be done; never touch the run.
     "monitor": GuardConfig(mode="monitor"),
     # Fewer, later interventions: for runs whose telemetry is noisy by nature.
-    "conservative": GuardConfig(z_grad=8.0, z_loss=8.0, spike_k=20.0, omega_low=0.25, omega_high=0.5,
-                                alpha_low=0.7, max_update_ratio=1.0),
+    "conservative": GuardConfig(z_grad=8.0, z_loss=8.0, spike_k=20.0, omega_low=0.1, omega_high=0.3,
+                                max_update_ratio=1.0),
     # Faults only (spikes, non-finite values, divergence): the lr scale is never touched.
     "faults-only": GuardConfig(governor="off"),
 }

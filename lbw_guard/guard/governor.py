@@ -5,44 +5,46 @@ The scheduler's lr is the user's intent (warm restarts, cyclic schedules, re-war
 bumps and per-group ratios such as LoRA+ are not faults), so the issued scale is
 ``min(1, ceiling / lr)``: a schedule that decays below the ceiling runs at scale 1, a restart
 back above it is capped at once, and without a ceiling nothing is capped. Nothing compares the
-lr with a number chosen in advance. The signals, from the fused kernel's telemetry, and what
-measurement taught about each (tiny GPT-2, Llama, Qwen2, GPT-NeoX and MLP language models on
-the stdlib corpus, 300 steps, constant / warmup+cosine / warm restarts / OneCycle, plain AdamW
-at 1/3x to 100x each setting's best lr):
+lr with a number chosen in advance. What measurement taught (tiny GPT-2, Llama, Qwen2,
+GPT-NeoX and MLP language models on the stdlib corpus, 240-300 steps, constant / warmup+cosine /
+warm restarts / OneCycle, plain AdamW at 1/3x to 100x each setting's best lr, whole-model and
+per-layer param groups):
 
-- **oscillation** (omega): Adam's normalised momentum energy against its white-noise level,
-  per matrix (geometric mean over the group's matrices). About 1 is gradient noise, well below
-  1 means successive gradients cancel. At the best lr it stayed at 0.6-1.9 for every
-  transformer and schedule; at 10x it fell to 0.01-0.15 within 20-40 steps. It carries the
-  second moment's memory (a run that oscillated keeps a large v for hundreds of steps), which
-  holds a 10x run down, but would also keep cutting a run whose cut already worked: a further
-  cut needs omega to have fallen further since the last one. An MLP with LayerNorm oscillates
-  at its own best lr (omega ~0.1, its loss flat from 0.03 to 0.3): the governor caps it, at no
-  cost in loss, but it is capped.
-- **overshoot along the step** (the secant estimate): along the last update u_t the loss is
-  ``L0 + a g_t.u_t + a^2/2 u_t.H.u_t``; the gradient after the step gives
-  ``u_t.H.u_t ~ g_{t+1}.u_t - g_t.u_t``, so the best fraction of the step taken is
-  ``alpha = -g_t.u_t / (g_{t+1}.u_t - g_t.u_t)``. In the first records of a run it separates the
-  lrs (about 2 at the best lr, 1.1 at 3x, 0.8 at 10x); afterwards minibatch noise keeps it near
-  1 at every lr, so it only acts in the first ``early_records``.
-- **the update envelope**: no step may move the group's matrices by more than
-  ``max_update_ratio`` of their own norm (RMS over matrices of ||u_i|| / ||theta_i||, each
-  matrix on its own; zero-initialised ones, such as LoRA's B, excluded). Adam's first update
-  moves every element by the lr, before any evidence can exist; 3 steps at 10x already cost
-  Qwen2 16% of final loss, 10 steps 24%, and cutting to the best lr afterwards does not undo it.
-  The best lr's first step moved those models' matrices by 5-15% (realistic setups far less);
+- **oscillation** (omega) is the evidence. Adam's normalised momentum energy against its
+  white-noise level, per matrix: about 1 is gradient noise, well below 1 means successive
+  gradients cancel. Over every matrix of the model (geometric mean) it stayed at 0.6-1.9 at
+  the best lr for every transformer and schedule and fell to 0.01-0.15 at 10x within 20-40
+  steps; one layer alone dips to ~0.4 at the best lr, so the evidence is pooled over all groups
+  and one decision cuts every group's ceiling in proportion (which also keeps LoRA+ ratios).
+  omega carries the second moment's memory (a run that oscillated keeps a large v for hundreds
+  of steps): that holds a 10x run down, but would also keep cutting a run whose cut worked, so
+  a further cut needs omega to have fallen further since the last one. An MLP with LayerNorm
+  oscillates at its own best lr (omega ~0.1; its loss is flat from 0.03 to 0.3): the governor
+  caps it, at no cost in loss, but it is capped.
+- **the update envelope** protects the first steps. No step may move a group's matrices by more
+  than ``max_update_ratio`` of their own norm (RMS over matrices of ||u_i|| / ||theta_i||, each
+  matrix on its own, zero-initialised ones such as LoRA's B excluded). Adam's first update moves
+  every element by the lr, before any evidence can exist; 3 steps at 10x already cost Qwen2 16%
+  of its final loss, 10 steps 24%, and cutting to the best lr afterwards does not undo it. The
+  best lr moved those models' matrices by 5-15% on its first step (realistic setups far less);
   0.5 caps a 10x first step at ~3x (1.0 let Qwen2 end 22% above its best instead of 15%). An
-  envelope cut sets the ceiling, which rises again in the first records only when the secant
-  estimate says the steps are clearly too short (``alpha_raise``), later when omega is healthy.
+  envelope cut sets the ceiling, which holds through the first ``early_records``.
+- **not used**: the secant estimate of the best step along the update (-g_t.u_t over
+  g_{t+1}.u_t - g_t.u_t) and the cosine of g_t with u_{t-1} (the hypergradient). Whole-model,
+  early in a run, they separate the lrs (secant about 2 at the best lr, 0.8 at 10x); per layer
+  group the best lr's last layer reads 0.7-1.0, as low as 10x, and after the first records
+  minibatch noise keeps them near 1 / 0 at every lr. The kernel still reports them.
 
 A cut is rate-limited (``cut_interval`` records apart) and bounded by ``min_scale``; without
-evidence the ceiling rises by ``recovery_rate`` per record and is dropped once far above the
+evidence the ceilings rise by ``recovery_rate`` per record and are dropped once far above the
 schedule, so nothing latches.
 """
 
 from __future__ import annotations
 
 import math
+
+from lbw_kernels import contract as C
 
 from .config import GuardConfig
 from .signals import StepSignals, per_group
@@ -53,10 +55,15 @@ def _finite(x) -> bool:
 
 
 class StepSizeGovernor:
-    """Per-group lr scale from evidence; pure host logic over telemetry records."""
+    """A ceiling on each group's effective lr, from pooled evidence; pure host logic."""
 
     def __init__(self, config: GuardConfig, num_groups: int):
         self.config = config
+        self.log_omega: float | None = None  # filtered, pooled over every written group's matrices
+        self.omega_samples = 0
+        self.since_cut = 1 << 30
+        self.omega_at_cut: float | None = None  # filtered log omega at the last cut of an episode
+        self.records = 0  # written records seen
         self.num_groups = 0
         self.resize(num_groups)
 
@@ -67,15 +74,7 @@ class StepSizeGovernor:
             return (values + [fill] * num_groups)[:num_groups]
 
         self.ceiling = fit(getattr(self, "ceiling", []), None)  # max effective lr, or None
-        self.log_omega = fit(getattr(self, "log_omega", []), None)
-        self.omega_samples = fit(getattr(self, "omega_samples", []), 0)
-        self.log_alpha = fit(getattr(self, "log_alpha", []), None)
-        self.alpha_samples = fit(getattr(self, "alpha_samples", []), 0)
-        self.since_cut = fit(getattr(self, "since_cut", []), 1 << 30)
         self.ratio_per_lr = fit(getattr(self, "ratio_per_lr", []), None)
-        self.prev_gu = fit(getattr(self, "prev_gu", []), None)  # (step, -g.u, lr_eff) of the last written record
-        self.records = fit(getattr(self, "records", []), 0)  # written records seen
-        self.omega_at_cut = fit(getattr(self, "omega_at_cut", []), None)  # filtered log omega at the last cut
         self.num_groups = num_groups
 
     def seed_ratio(self, values: list) -> None:
@@ -98,11 +97,10 @@ class StepSizeGovernor:
         target, bound = 1.0, None
         ceiling = self.ceiling[g]
         if ceiling is not None and ceiling < lr:
-            target, bound = ceiling / lr, "overshoot"
+            target, bound = ceiling / lr, "oscillation"
         envelope = self.envelope(g, lr)
         if envelope < target:
-            # A step outside the envelope is evidence in itself: the ceiling starts from there
-            # and rises again only on evidence that the steps are short (or, later, healthy).
+            # A step outside the envelope is evidence in itself: the ceiling starts from there.
             target, bound = envelope, "update_envelope"
             self.ceiling[g] = max(c.min_scale, envelope) * lr
         return min(1.0, max(c.min_scale, target)), bound
@@ -116,96 +114,77 @@ class StepSizeGovernor:
 
     # ------------------------------------------------------------------ observing
     def observe(self, sig: StepSignals, issued_scale: list[float], lrs: list[float]) -> list[dict]:
-        """Fold one record in; returns the cuts and releases it decided (for events)."""
+        """Fold one clean record in; returns the cuts it decided (for events)."""
         c = self.config
-        decisions = []
         if c.governor == "off":
-            return decisions
-        for g, gs in enumerate(sig.groups):
-            self.since_cut[g] += 1
-            lr_eff = lrs[g] * issued_scale[g] if _finite(lrs[g]) else math.nan
-            if not gs.written:
-                continue
-            ratio = gs.update_ratio
-            if ratio is not None and _finite(lr_eff) and lr_eff > 0 and ratio > 0:
-                self.ratio_per_lr[g] = ratio / lr_eff
-            alpha = self._alpha(g, sig.step, gs, lr_eff)
-            if alpha is not None:
-                self.log_alpha[g] = self._ema(self.log_alpha[g], math.log(alpha), self.alpha_samples[g], c.alpha_window)
-                self.alpha_samples[g] += 1
-            if gs.log_omega is not None:
-                self.log_omega[g] = self._ema(self.log_omega[g], gs.log_omega, self.omega_samples[g], c.omega_window)
-                self.omega_samples[g] += 1
-            why = self._evidence(g)
-            floor = c.min_scale * lrs[g] if _finite(lrs[g]) else 0.0
-            if why is not None and self.since_cut[g] >= c.cut_interval and _finite(lr_eff) and lr_eff > floor:
-                before = self.ceiling[g]
-                self.ceiling[g] = max(floor, lr_eff * c.cut_factor)
-                self.since_cut[g] = 0
-                self.omega_at_cut[g] = self.log_omega[g]
-                decisions.append({"group": g, "from_lr": lr_eff, "to_lr": self.ceiling[g], "why": why,
-                                  "omega": self._value(self.log_omega[g]), "alpha": self._value(self.log_alpha[g]),
-                                  "ceiling_before": before})
-            elif why is None and self._healthy(g):
-                self.omega_at_cut[g] = None  # the episode is over
-            if why is None and self.ceiling[g] is not None and self._healthy(g):
-                self.ceiling[g] *= 1.0 + c.recovery_rate
-                if _finite(lrs[g]) and self.ceiling[g] >= lrs[g] * 4.0:
-                    self.ceiling[g] = None  # far above the schedule: no ceiling any more
-            self.records[g] += 1
-        return decisions
+            return []
+        self.since_cut += 1
+        written = [g for g, gs in enumerate(sig.groups) if gs.written]
+        if not written:
+            return []
+        self.records += 1
+        lr_eff = {g: lrs[g] * issued_scale[g] for g in written if _finite(lrs[g]) and lrs[g] > 0}
+        for g in written:
+            ratio = sig.groups[g].update_ratio
+            if g in lr_eff and ratio is not None and ratio > 0:
+                self.ratio_per_lr[g] = ratio / lr_eff[g]
+        pooled = self._pooled_log_omega(sig, written)
+        if pooled is not None:
+            w = max(1.0 / (self.omega_samples + 1), 1.0 / c.omega_window)
+            self.log_omega = pooled if self.log_omega is None else self.log_omega + w * (pooled - self.log_omega)
+            self.omega_samples += 1
+        if self._oscillating() and self.since_cut >= c.cut_interval:
+            return self._cut(lr_eff, lrs)
+        if self._healthy():
+            self.omega_at_cut = None  # the episode is over
+            for g in written:
+                if self.ceiling[g] is not None:
+                    self.ceiling[g] *= 1.0 + c.recovery_rate
+                    if _finite(lrs[g]) and self.ceiling[g] >= lrs[g] * 4.0:
+                        self.ceiling[g] = None  # far above the schedule: no ceiling any more
+        return []
 
-    def _alpha(self, g: int, step: int, gs, lr_eff: float) -> float | None:
-        """Secant estimate from this record's g.d_prev and the previous written record's g.u."""
-        prev, self.prev_gu[g] = self.prev_gu[g], None
-        gu = gs.grad_dot_update
-        if _finite(gu) and gu < 0 and _finite(lr_eff) and lr_eff > 0:
-            self.prev_gu[g] = (step, -gu, lr_eff)
-        if prev is None or prev[0] != step - 1:
+    @staticmethod
+    def _pooled_log_omega(sig: StepSignals, written: list[int]) -> float | None:
+        """Mean over every written group's matrices of ln(omega) (each matrix counted once)."""
+        total = sum(sig.groups[g].fields[C.G_OMEGA_LOG_SUM] for g in written)
+        count = sum(sig.groups[g].fields[C.G_OMEGA_COUNT] for g in written)
+        if not count > 0 or not math.isfinite(total):
             return None
-        a = prev[1]  # -g_t.u_t > 0: the first-order decrease the step promised
-        b = -prev[2] * gs.grad_dot_prev  # g_{t+1}.u_t (u_t = -lr_eff d_t, weight decay aside)
-        if not (_finite(b) and a > 0) or a + b <= 0:
-            return None if not _finite(b) else self.config.alpha_max  # no curvature seen: step too short
-        return min(self.config.alpha_max, max(1e-3, a / (a + b)))
+        return min(C.OMEGA_LOG_CLAMP, max(-C.OMEGA_LOG_CLAMP, total / count))
 
-    @staticmethod
-    def _ema(old: float | None, x: float, samples: int, window: int) -> float:
-        if old is None:
-            return x
-        w = max(1.0 / (samples + 1), 1.0 / window)
-        return old + w * (x - old)
-
-    @staticmethod
-    def _value(log_x: float | None) -> float | None:
-        return math.exp(log_x) if log_x is not None else None
-
-    def _evidence(self, g: int) -> str | None:
+    def _oscillating(self) -> bool:
+        """Evidence: omega low over the window, and (after a cut) lower than at the last cut:
+        omega keeps the second moment's memory, so a cut that worked leaves it low for a while."""
         c = self.config
-        omega = self.log_omega[g]
-        if self.omega_samples[g] >= c.min_evidence and omega < math.log(c.omega_low):
-            # omega carries the second moment's memory: after a cut it recovers slowly even when
-            # the cut worked, so a further cut needs it to have fallen further since the last.
-            at_cut = self.omega_at_cut[g]
-            if at_cut is None or omega < at_cut + math.log(c.omega_worsening):
-                return "oscillation"
-        # The secant estimate carries information early; later minibatch noise keeps it near 1
-        # at every lr (measured), so it only cuts in the first records of a run.
-        if (self.records[g] < c.early_records and self.alpha_samples[g] >= c.min_evidence
-                and self.log_alpha[g] < math.log(c.alpha_low)):
-            return "overshoot"
-        return None
+        if self.omega_samples < c.min_evidence or self.log_omega >= math.log(c.omega_low):
+            return False
+        return self.omega_at_cut is None or self.log_omega < self.omega_at_cut + math.log(c.omega_worsening)
 
-    def _healthy(self, g: int) -> bool:
-        """Recovery needs healthy signals; in the first records of a run, before omega means
-        anything, it needs positive evidence that the steps are too short."""
+    def _healthy(self) -> bool:
+        """Recovery needs omega healthy; a ceiling the envelope set in the first records of a run
+        holds until then (omega means little before the moments have a history)."""
         c = self.config
-        alpha = self.log_alpha[g]
-        if self.records[g] < c.early_records:
-            return alpha is not None and self.alpha_samples[g] >= c.min_evidence and alpha > math.log(c.alpha_raise)
-        omega_ok = self.log_omega[g] is None or self.log_omega[g] > math.log(c.omega_high)
-        alpha_ok = alpha is None or alpha > math.log(c.alpha_high)
-        return omega_ok and alpha_ok
+        if self.records < c.early_records:
+            return False
+        return self.log_omega is None or self.log_omega > math.log(c.omega_high)
+
+    def _cut(self, lr_eff: dict, lrs: list[float]) -> list[dict]:
+        """Every written group's ceiling to cut_factor x its current effective lr: one decision
+        for the whole model keeps the user's per-group lr ratios (LoRA+)."""
+        c = self.config
+        self.since_cut = 0
+        self.omega_at_cut = self.log_omega
+        decisions = []
+        for g, eff in lr_eff.items():
+            floor = c.min_scale * lrs[g]
+            if eff <= floor * (1.0 + 1e-9):
+                continue
+            before = self.ceiling[g]
+            self.ceiling[g] = max(floor, eff * c.cut_factor)
+            decisions.append({"group": g, "from_lr": eff, "to_lr": self.ceiling[g], "why": "oscillation",
+                              "omega": math.exp(self.log_omega), "ceiling_before": before})
+        return decisions
 
     def on_rollback(self, lrs: list[float], scales: list[float]) -> None:
         """The run diverged at the current effective lr: continue from a lower one."""
@@ -214,20 +193,21 @@ class StepSizeGovernor:
             if g < len(lrs) and _finite(lrs[g]) and lrs[g] > 0:
                 lr_eff = lrs[g] * (scales[g] if g < len(scales) else 1.0)
                 self.ceiling[g] = max(c.min_scale * lrs[g], lr_eff * c.rollback_scale)
-            self.since_cut[g] = 0
-            self.prev_gu[g] = None
+        self.since_cut = 0
 
     # ------------------------------------------------------------------ state
-    _FIELDS = ("ceiling", "log_omega", "omega_samples", "log_alpha", "alpha_samples", "since_cut",
-               "ratio_per_lr", "prev_gu", "records", "omega_at_cut")
+    _SCALARS = ("log_omega", "omega_samples", "since_cut", "omega_at_cut", "records")
 
     def state_dict(self) -> dict:
-        return {"num_groups": self.num_groups, **{k: list(getattr(self, k)) for k in self._FIELDS}}
+        return {"num_groups": self.num_groups, "ceiling": list(self.ceiling), "ratio_per_lr": list(self.ratio_per_lr),
+                **{k: getattr(self, k) for k in self._SCALARS}}
 
     def load_state_dict(self, state: dict) -> None:
         self.resize(int(state["num_groups"]))
-        for k in self._FIELDS:
-            values = per_group(k, state[k], self.num_groups)
-            if k == "prev_gu":
-                values = [tuple(v) if v is not None else None for v in values]
-            setattr(self, k, values)
+        self.ceiling = [None if v is None else float(v) for v in per_group("ceiling", state["ceiling"], self.num_groups)]
+        self.ratio_per_lr = [None if v is None else float(v)
+                             for v in per_group("ratio_per_lr", state["ratio_per_lr"], self.num_groups)]
+        for k in ("log_omega", "omega_at_cut"):
+            setattr(self, k, None if state[k] is None else float(state[k]))
+        for k in ("omega_samples", "since_cut", "records"):
+            setattr(self, k, int(state[k]))
