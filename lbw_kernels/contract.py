@@ -36,13 +36,20 @@ Per element::
     g       = g_raw * clip                                      # fused max_grad_norm
     bound   = spike_scale * sqrt(v)                             # k * sqrt(v_hat), v before the step
     spike   = finite and v > 0 and |g| > bound                  # SPAM-style per-element bound
-    g_used  = copysign(bound, g) if spike and c[CLAMP] else g
-    m'      = m + (1 - beta1) * (g_used - m)                    # torch's lerp_
-    v'      = beta2 * v + (1 - beta2) * g_used * g_used
+    clamped = spike and c[CLAMP]
+    g_m     = copysign(sqrt(v) * prev_v, g) if clamped else g   # its typical size, sqrt(v_hat)
+    g_v     = bound if clamped else g                           # the bound: v can still grow
+    m'      = m + (1 - beta1) * (g_m - m)                       # torch's lerp_
+    v'      = beta2 * v + (1 - beta2) * g_v * g_v
     p'      = (p * decay) - step_size * (m' / (sqrt(v') / bc2_sqrt + eps))
     d_prev  = (m * prev_m) / (sqrt(v) * prev_v + eps)           # the previous step's direction
     written = gate and (finite or not MASK_NONFINITE)           # else p, m, v keep their bits
     u       = p' - float(p) if written and finite else 0        # before rounding to p.dtype
+
+An element over the bound is an outlier: it enters the momentum at its typical size with its
+sign (a x1e4 spike becomes an ordinary step, not a kick that the momentum carries for ten
+steps) and the second moment at the bound (so a gradient that really grew tenfold is
+accepted within tens of steps, ~1.05x per step at k = 10).
 
 ``MASK_NONFINITE = 0`` (the guard is off) propagates a NaN/inf gradient element into p, m and
 v exactly as ``torch.optim.AdamW`` does; ``1`` (the guard is on) never writes it.

@@ -78,6 +78,7 @@ def fused_adamw_foreach(
     v_old = list(exp_avg_sqs)
     sqrt_v = torch._foreach_sqrt(v_old)
     spikes = [0.0] * T
+    g_m, g_v = list(g_used), list(g_used)  # what the momentum and the second moment see
     if any(math.isfinite(x) for x in coef["spike_scale"]):
         bound = torch._foreach_mul(sqrt_v, coef["spike_scale"])
         for i, (g, b, v) in enumerate(zip(g_used, bound, v_old)):
@@ -86,7 +87,8 @@ def fused_adamw_foreach(
                 hit &= finite[i]
             spikes[i] = float(hit.sum())
             if clamp[i] and spikes[i]:
-                g_used[i] = torch.where(hit, torch.copysign(b, g), g)
+                g_m[i] = torch.where(hit, torch.copysign(sqrt_v[i] * coef["prev_v"][i], g), g)
+                g_v[i] = torch.where(hit, b, g)
     # the previous direction and the moments' energy, from the state before the update
     d_prev = torch._foreach_div(torch._foreach_mul(m_old, coef["prev_m"]),
                                 torch._foreach_add(torch._foreach_mul(sqrt_v, coef["prev_v"]), coef["eps"]))
@@ -98,7 +100,7 @@ def fused_adamw_foreach(
     p_old = [p.detach().to(compute, copy=True) for p in params]
 
     written = [i for i in range(T) if gated[i]]
-    updated = _update(written, params, p_old, g_used, exp_avgs, exp_avg_sqs, coef, finite, mask, low_precision)
+    updated = _update(written, params, p_old, g_m, g_v, exp_avgs, exp_avg_sqs, coef, finite, mask, low_precision)
 
     p_new = list(p_old)  # u = p' - p in the compute dtype, before rounding to the param dtype
     for j, i in enumerate(written):
@@ -122,7 +124,7 @@ def fused_adamw_foreach(
     torch._foreach_add_(steps, [float(x) for x in tensor_gate.tolist()])
 
 
-def _update(written, params, p_old, g_used, exp_avgs, exp_avg_sqs, coef, finite, mask, low_precision) -> list[Tensor]:
+def _update(written, params, p_old, g_m, g_v, exp_avgs, exp_avg_sqs, coef, finite, mask, low_precision) -> list[Tensor]:
     """AdamW on the written tensors, in torch's foreach order; elements masked out (non-finite
     gradients while MASK_NONFINITE) keep their exact bits. Returns the new params of the written
     tensors in the compute dtype, before rounding."""
@@ -133,11 +135,12 @@ def _update(written, params, p_old, g_used, exp_avgs, exp_avg_sqs, coef, finite,
     m = [exp_avgs[i] for i in written]
     v = [exp_avg_sqs[i] for i in written]
     # a masked NaN must not reach the arithmetic at all (its element is restored afterwards)
-    g = [torch.where(finite[i], g_used[i], 0.0) if i in masked else g_used[i] for i in written]
+    gm = [torch.where(finite[i], g_m[i], 0.0) if i in masked else g_m[i] for i in written]
+    gv = [torch.where(finite[i], g_v[i], 0.0) if i in masked else g_v[i] for i in written]
     pick = lambda key: [coef[key][i] for i in written]  # noqa: E731
-    torch._foreach_lerp_(m, g, pick("one_minus_beta1"))
+    torch._foreach_lerp_(m, gm, pick("one_minus_beta1"))
     torch._foreach_mul_(v, pick("beta2"))
-    torch._foreach_addcmul_(v, g, g, pick("one_minus_beta2"))
+    torch._foreach_addcmul_(v, gv, gv, pick("one_minus_beta2"))
     denom = torch._foreach_sqrt(v)
     torch._foreach_div_(denom, pick("bc2_sqrt"))
     torch._foreach_add_(denom, pick("eps"))

@@ -68,13 +68,17 @@ def _tile(p_ptrs, g_ptrs, m_ptrs, v_ptrs, inb, gate_v, clamp_v, keep_nonfinite_v
     sqrt_v = tl.sqrt_rn(v)
     bound = spike_scale * sqrt_v
     spike = finite & (v > 0.0) & (tl.abs(g_used) > bound)
-    # copysign(bound, g_used) on the bits: |bound| with the sign of g_used.
-    signed = ((bound.to(tl.uint32, bitcast=True) & 0x7FFFFFFF)
+    # An outlier enters m at its typical size sqrt(v_hat) with its sign (copysign on the bits),
+    # and v at the bound, so the bound still follows a gradient that really grew.
+    clamped = spike & clamp_v
+    typical = sqrt_v * prev_v
+    signed = ((typical.to(tl.uint32, bitcast=True) & 0x7FFFFFFF)
               | (g_used.to(tl.uint32, bitcast=True) & 0x80000000)).to(tl.float32, bitcast=True)
-    g_used = tl.where(spike & clamp_v, signed, g_used)
+    g_m = tl.where(clamped, signed, g_used)
+    g_v = tl.where(clamped, bound, g_used)
 
-    m_new = m + one_minus_beta1 * (g_used - m)
-    v_new = v * beta2 + one_minus_beta2 * g_used * g_used
+    m_new = m + one_minus_beta1 * (g_m - m)
+    v_new = v * beta2 + one_minus_beta2 * g_v * g_v
     denom = tl.div_rn(tl.sqrt_rn(v_new), bc2_sqrt) + eps
     p_new = p32 * decay - step_size * tl.div_rn(m_new, denom)
     d_prev = tl.div_rn(m * prev_m, sqrt_v * prev_v + eps)

@@ -171,14 +171,18 @@ __attribute__((always_inline)) inline void vec_body(P* __restrict p, float* __re
   const vf gc = kUnit ? gr : gr * c.clip;                     // fused max_grad_norm
   const vf sv = vsqrt(vo);
   // The spike bound k * sqrt(v_hat); with an infinite bound no element can spike.
-  vf gu = gc;
+  // An outlier enters m at its typical size sqrt(v_hat) with its sign, and v at the bound.
+  vf gm = gc, gv = gc;
   if (kSpike) {
     const vf bound = c.spike_scale * sv;
     vi spike = (vi)(vo > 0.0f) & (vi)(vabs(gc) > bound);
     if (!kFinite) spike &= fin;
     if (kTail) spike &= real;  // (the zero padding has v = 0 and cannot spike anyway)
     if (kFinite ? any_lane(spike) : true) {  // rare: clamp and count
-      if (kClamp) gu = sel(spike, vcopysign(bound, gc), gc);
+      if (kClamp) {
+        gm = sel(spike, vcopysign(sv * c.prev_v, gc), gc);
+        gv = sel(spike, bound, gc);
+      }
       acc.spikes += spike;
     }
   }
@@ -187,8 +191,8 @@ __attribute__((always_inline)) inline void vec_body(P* __restrict p, float* __re
   const vf gt = kFinite ? gr : keep(tfin, gr);
   vf u = splat<vf>(0.0f);
   if (kWrite) {
-    const vf mn = mo + c.omb1 * (gu - mo);                   // torch's lerp_
-    const vf vn = vo * c.beta2 + c.omb2 * gu * gu;
+    const vf mn = mo + c.omb1 * (gm - mo);                   // torch's lerp_
+    const vf vn = vo * c.beta2 + c.omb2 * gv * gv;
     const vf denom = vsqrt(vn) / c.bc2_sqrt + c.eps;
     const vf pn = pf * c.decay - c.step_size * (mn / denom);
     u = kFinite ? pn - pf : keep(tfin, pn - pf);

@@ -257,17 +257,20 @@ __device__ __forceinline__ void element(uint32_t& p_bits, uint32_t g_bits, float
   const float mo = m, vo = v;
   const float sv = __fsqrt_rn(vo);
   bool spike = false;
-  float gu = gc;
+  float gm = gc, gv = gc;  // an outlier enters m at its typical size sqrt(v_hat), v at the bound
   if (c.flags & kFSpike) {  // k * sqrt(v_hat); with an infinite bound nothing can spike
     const float bound = __fmul_rn(c.spike_scale, sv);
     spike = fin && vo > 0.0f && fabsf(gc) > bound;
-    if (spike && (c.flags & kFClamp)) gu = copysignf(bound, gc);
+    if (spike && (c.flags & kFClamp)) {
+      gm = copysignf(__fmul_rn(sv, c.prev_v), gc);
+      gv = bound;
+    }
   }
   const float dprev = __fdiv_rn(__fmul_rn(mo, c.prev_m), __fadd_rn(__fmul_rn(sv, c.prev_v), c.eps));
   float u = 0.0f;
   if (c.flags & kFWrite) {
-    const float mn = __fadd_rn(mo, __fmul_rn(c.omb1, __fsub_rn(gu, mo)));  // torch's lerp_
-    const float vn = __fadd_rn(__fmul_rn(vo, c.beta2), __fmul_rn(__fmul_rn(c.omb2, gu), gu));
+    const float mn = __fadd_rn(mo, __fmul_rn(c.omb1, __fsub_rn(gm, mo)));  // torch's lerp_
+    const float vn = __fadd_rn(__fmul_rn(vo, c.beta2), __fmul_rn(__fmul_rn(c.omb2, gv), gv));
     const float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(vn), c.bc2_sqrt), c.eps);
     const float pn = __fsub_rn(__fmul_rn(pf, c.decay), __fmul_rn(c.step_size, __fdiv_rn(mn, denom)));
     if (fin || !(c.flags & kFMask)) {  // written: else p, m, v keep their bits
