@@ -104,7 +104,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("stress-results"), help="output directory")
     p.add_argument("--resume", action="store_true",
                    help=f"continue an interrupted sweep: skip the runs already in OUT/{PARTIAL_NAME} "
-                        "(same settings; the learning rates, seeds, arms and sizes may grow)")
+                        "(same settings; the learning rates, seeds, arms and sizes may grow). With --matrix: "
+                        "the runs of OUT/matrix.partial.json, or of a finished OUT/matrix.json (to add slices, "
+                        "seeds or architectures)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--no-plots", action="store_true", help="no PNG plots")
     p.add_argument("--merge", type=Path, nargs="+", metavar="RESULTS_JSON",
@@ -112,6 +114,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "in parallel) and write the table, report and plots to --out")
     p.add_argument("--smoke", action="store_true",
                    help="a few-step run of every arm on the smallest model (CI); explicit flags still apply")
+    m = p.add_argument_group("generalization matrix (--matrix)")
+    m.add_argument("--matrix", action="store_true",
+                   help="run the generalization matrix instead of the lr sweep: slices of architectures x schedules "
+                        "x lr multiples of each setting's best AdamW lr, LoRA/LoRA+ fine-tuning and injected faults, "
+                        "every arm and baseline, several seeds; writes matrix.json, matrix.md and plots to --out "
+                        "(default matrix-results). With --matrix, --seeds N means N seeds (0..N-1), a comma list "
+                        "names them; --smoke is a CI-sized matrix")
+    m.add_argument("--slices", type=_names, default=None,
+                   help="matrix slices, comma-separated: lr, finetune, faults (default: all)")
+    m.add_argument("--archs", type=_names, default=None,
+                   help=f"matrix architectures, comma-separated (default: {','.join(ARCHITECTURES)})")
+    m.add_argument("--workers", type=int, default=1,
+                   help="matrix runs side by side in this many processes (each with --threads torch threads, "
+                        "default 1): on a CPU, tiny models train faster as parallel runs than with more threads")
+    m.add_argument("--announce-data-switch", action="store_true",
+                   help="matrix data-switch fault: call guard.notify_data_change() at the switch (default: the "
+                        "guard is not told)")
 
 
 def config_from_args(args: argparse.Namespace, argv_given: set[str] | None = None) -> StressConfig:
@@ -145,7 +164,9 @@ def _given(argv: list[str] | None) -> set[str]:
 # ---------------------------------------------------------------------------- checks before any work
 # The flag that sets each StressConfig field, where it is not "--" + the field with dashes.
 FLAGS = {"out_dir": "--out", "text_file": "--text-file", "corpus": "--dataset",
-         "train_chars": "--train-chars/--heldout-chars"}
+         "train_chars": "--train-chars/--heldout-chars", "size": "--smoke", "lr_multiples": "--matrix",
+         "ft_multiples": "--matrix", "sweep_lrs_full": "--matrix", "sweep_lrs_lora": "--matrix",
+         "lr_schedules": "--matrix", "ft_schedules": "--matrix", "ft_modes": "--matrix", "faults": "--matrix"}
 
 
 def flag_of(field: str) -> str:
@@ -216,6 +237,13 @@ def fail(message: str, code: int = 2) -> int:
 
 # ---------------------------------------------------------------------------- the command
 def run_command(args: argparse.Namespace) -> int:
+    if args.matrix:
+        return matrix_command(args)
+    for flag in ("slices", "archs"):
+        if getattr(args, flag) is not None:
+            return fail(f"--{flag} belongs to --matrix (add --matrix, or use --arch for the lr sweep)")
+    if args.announce_data_switch or args.workers != 1:
+        return fail(f"{'--announce-data-switch' if args.announce_data_switch else '--workers'} belongs to --matrix")
     if args.merge:
         return merge_command(args)
     try:
@@ -272,9 +300,11 @@ def register(subparsers) -> argparse.ArgumentParser:
     from ..cli import HelpFormatter
 
     p = subparsers.add_parser(
-        "stress", help="learning-rate stress test: AdamW vs clipping vs the guard",
+        "stress", help="learning-rate stress test: AdamW vs clipping vs the guard (--matrix: generalization matrix)",
         description="Train a small causal LM under a learning-rate sweep with every arm and report "
-                    "final held-out perplexity, time and guard interventions.",
+                    "final held-out perplexity, time and guard interventions. With --matrix, run the "
+                    "generalization matrix instead: architectures x schedules x lr multiples, LoRA/LoRA+ "
+                    "fine-tuning and injected faults against AdamW, clipping, SkipStep and ZClip.",
         formatter_class=HelpFormatter,
     )
     add_arguments(p)
@@ -295,3 +325,105 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 0
     args.argv = argv
     return args.func(args)
+
+
+# ---------------------------------------------------------------------------- the matrix
+# Flags of the lr sweep that mean nothing to the matrix (it chooses these itself).
+MATRIX_REJECTS = {
+    "mode": "the matrix runs full, LoRA and LoRA+ in its slices",
+    "arch": "use --archs",
+    "sizes": "the matrix uses one size",
+    "lrs": "the matrix finds each setting's best AdamW lr with its own sweep",
+    "schedule": "the matrix runs every schedule in its slices",
+    "warmup_steps": "the matrix's warmup + cosine schedule warms up over 10% of the run",
+    "compare_speed": "not part of the matrix",
+    "speed_steps": "not part of the matrix",
+    "merge": "not part of the matrix",
+    "dataset": "the matrix trains on the stdlib's code and pydoc prose",
+    "text_file": "the matrix trains on the stdlib's code and pydoc prose",
+    "tokenizer": "the matrix uses one BPE trained on code and prose",
+}
+# argparse dest -> MatrixConfig field, for the flags the matrix takes
+MATRIX_FIELDS = {
+    "slices": "slices", "archs": "archs", "arms": "arms", "steps": "steps", "batch_size": "batch_size",
+    "seq_len": "seq_len", "vocab_size": "vocab_size", "eval_every": "eval_every", "eval_windows": "eval_windows",
+    "train_chars": "train_chars", "heldout_chars": "heldout_chars", "guard": "guard", "backend": "backend",
+    "threads": "threads", "cache_dir": "cache_dir", "out": "out_dir", "lora_rank": "lora_rank",
+    "lora_alpha": "lora_alpha", "base_steps": "base_steps", "base_lr": "base_lr", "weight_decay": "weight_decay",
+    "device": "device", "precision": "precision", "announce_data_switch": "announce_data_switch",
+    "workers": "workers",
+}
+
+
+def matrix_config_from_args(args: argparse.Namespace, given: set[str]):
+    """The MatrixConfig of the flags given (unset flags keep the matrix's own defaults)."""
+    from .matrix import SMOKE, MatrixConfig
+
+    for dest, why in MATRIX_REJECTS.items():
+        if dest in given and (dest != "merge" or args.merge):
+            raise StressConfigError(dest, f"does not apply to --matrix ({why})")
+    kw: dict = {}
+    if args.smoke:
+        kw.update(SMOKE, smoke=True)
+    for dest, name in MATRIX_FIELDS.items():
+        if dest in given:
+            kw[name] = getattr(args, dest)
+    if "seeds" in given:
+        seeds = args.seeds
+        if len(seeds) == 1:
+            if seeds[0] < 1:
+                raise StressConfigError("seeds", f"--seeds N with --matrix needs N >= 1, got {seeds[0]}")
+            seeds = tuple(range(seeds[0]))
+        kw["seeds"] = seeds
+    if args.no_progress:
+        kw["progress"] = False
+    if args.no_plots:
+        kw["plots"] = False
+    return MatrixConfig(**kw)
+
+
+def matrix_command(args: argparse.Namespace) -> int:
+    from .matrix import execute_matrix, load_resume
+
+    given = _given(getattr(args, "argv", None))
+    try:
+        cfg = matrix_config_from_args(args, given)
+    except StressConfigError as exc:
+        return fail(f"{flag_of(exc.field)}: {exc.message}")
+    except ValueError as exc:
+        return fail(str(exc))
+    names = ["rich", "transformers", "tokenizers"] + (["peft"] if "finetune" in cfg.slices else [])
+    missing = missing_package(names + (["matplotlib"] if cfg.plots else []))
+    if missing:
+        return fail(_missing_message(missing))
+    if missing_package(["pydoc_data.topics"]) and ("finetune" in cfg.slices or "data-switch" in cfg.faults):
+        return fail("the matrix's prose corpus needs the standard library's pydoc_data package, which this Python "
+                    "does not have")
+    if cfg.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            return fail("--device cuda: torch sees no CUDA device (torch.cuda.is_available() is False); use --device cpu")
+    problem = writable_dir_problem(cfg.out_dir, "--out") or writable_dir_problem(cfg.cache_dir, "--cache-dir")
+    if problem:
+        return fail(problem)
+    try:
+        load_resume(cfg, args.resume)
+    except ValueError as exc:
+        return fail(str(exc))
+    try:
+        outputs = execute_matrix(cfg, resume=args.resume)
+    except ImportError as exc:
+        return fail(_missing_message((exc.name or str(exc)).split(".")[0]))
+    except ValueError as exc:
+        return fail(str(exc))
+    except RuntimeError as exc:
+        return fail(str(exc), code=1)
+    if outputs.interrupted:
+        print(outputs.interrupt_message())
+        return INTERRUPTED
+    if outputs.errors:
+        print(f"{PROG}: {len(outputs.errors)} matrix run(s) raised an exception; they are recorded as failed runs "
+              "in matrix.json and listed in matrix.md")
+        return 1
+    return 0

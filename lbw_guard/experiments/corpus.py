@@ -104,21 +104,50 @@ def stdlib_documents(root: Path | None = None) -> list[tuple[str, str]]:
     return docs
 
 
-def text_file_documents(path: Path) -> list[tuple[str, str]]:
-    """A local text file cut into documents at blank-line-separated blocks of ~4K characters."""
-    text = Path(path).read_text(encoding="utf-8", errors="replace")
+def _blocks(name: str, text: str, size_chars: int = 4096) -> list[tuple[str, str]]:
+    """``text`` cut into documents at blank-line-separated blocks of about ``size_chars``."""
     docs: list[tuple[str, str]] = []
     block: list[str] = []
     size = 0
     for para in text.split("\n\n"):
         block.append(para)
         size += len(para) + 2
-        if size >= 4096:
-            docs.append((f"{path}#{len(docs)}", "\n\n".join(block)))
+        if size >= size_chars:
+            docs.append((f"{name}#{len(docs)}", "\n\n".join(block)))
             block, size = [], 0
     if block:
-        docs.append((f"{path}#{len(docs)}", "\n\n".join(block)))
+        docs.append((f"{name}#{len(docs)}", "\n\n".join(block)))
     return docs
+
+
+def text_file_documents(path: Path) -> list[tuple[str, str]]:
+    """A local text file cut into documents at blank-line-separated blocks of ~4K characters."""
+    return _blocks(str(path), Path(path).read_text(encoding="utf-8", errors="replace"))
+
+
+def pydoc_topics_documents() -> list[tuple[str, str]]:
+    """English prose that ships with Python: the documentation topics of ``pydoc_data.topics``
+    (the text ``help()`` shows for keywords and syntax), cut into ~2K-character documents."""
+    try:
+        from pydoc_data.topics import topics
+    except ImportError as exc:  # some distributions strip pydoc_data
+        raise RuntimeError("the prose corpus needs the standard library's pydoc_data package, "
+                           "which this Python does not have") from exc
+    docs: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for name in sorted(topics):
+        for doc_name, text in _blocks(f"pydoc:{name}", topics[name], size_chars=2048):
+            if text not in seen:  # a few topics repeat a block: keep it once, in one split
+                seen.add(text)
+                docs.append((doc_name, text))
+    return docs
+
+
+def load_prose_corpus(train_chars: int = 10**9, heldout_chars: int = 10**9, heldout_percent: int = 10) -> Corpus:
+    """The pydoc topics prose, hash-split into training and held-out documents."""
+    name = f"pydoc-topics-{sysconfig.get_python_version()}"
+    train, heldout = split_documents(pydoc_topics_documents(), heldout_percent, train_chars, heldout_chars)
+    return Corpus(name, train, heldout, _fingerprint(name, train, heldout))
 
 
 def wikitext_documents(name: str) -> tuple[list[str], list[str]]:

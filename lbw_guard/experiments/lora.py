@@ -3,6 +3,10 @@
 A base model is first trained briefly with plain AdamW at a safe learning rate and cached on
 disk (keyed on everything that determines its weights); each stress run then loads it, attaches
 fresh LoRA adapters (initialised from the run's seed) and trains only those.
+
+LoRA+ (Hayou, Ghosh and Yu 2024, "LoRA+: Efficient Low Rank Adaptation of Large Models") trains
+the B matrices at a higher learning rate than the A matrices: :func:`lora_plus_groups` puts the
+``lora_B`` parameters (found by name) in groups of their own with ``lr_factor`` 16.
 """
 
 from __future__ import annotations
@@ -21,6 +25,15 @@ from .train import RunSettings, train_run
 
 # Attention and MLP projections of Qwen2 and Llama blocks.
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# ... and of the other architectures' blocks (GPT-2's are Conv1D: weights stored fan-in first).
+ARCH_LORA_TARGETS = {
+    "qwen2": LORA_TARGETS,
+    "llama": LORA_TARGETS,
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+}
+# LoRA+'s ratio of the B matrices' learning rate to the A matrices' (the paper's recommended 16).
+LORA_PLUS_RATIO = 16.0
 # The base model's own seed and data order: fixed, so every stress seed fine-tunes the same base.
 BASE_SEED = 1234
 
@@ -73,8 +86,26 @@ def lora_model(arch: str, size: str, base_state: dict, vocab_size: int, seq_len:
 
     model = build_model(arch, size, vocab_size, seq_len, seed)
     model.load_state_dict(base_state)
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=LORA_TARGETS,
-                        bias="none", task_type="CAUSAL_LM")
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=ARCH_LORA_TARGETS[arch],
+                        bias="none", task_type="CAUSAL_LM", fan_in_fan_out=arch == "gpt2")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return get_peft_model(model, config)
+
+
+def lora_plus_groups(model: torch.nn.Module, groups: list[dict], ratio: float = LORA_PLUS_RATIO) -> list[dict]:
+    """``groups`` with each group's ``lora_B`` parameters moved into a group of their own whose
+    ``lr_factor`` is ``ratio`` (the trainer multiplies the run's lr by a group's ``lr_factor``)."""
+    b_params = {id(p) for name, p in model.named_parameters() if "lora_B" in name}
+    out: list[dict] = []
+    for g in groups:
+        a = [p for p in g["params"] if id(p) not in b_params]
+        b = [p for p in g["params"] if id(p) in b_params]
+        if a:
+            out.append({**g, "params": a})
+        if b:
+            out.append({**g, "params": b, "name": f"{g.get('name', 'group')}.lora_B",
+                        "lr_factor": g.get("lr_factor", 1.0) * ratio})
+    if not any("lora_B" in str(g.get("name")) for g in out):
+        raise ValueError("LoRA+ found no lora_B parameters to put in their own group")
+    return out

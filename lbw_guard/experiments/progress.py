@@ -38,11 +38,25 @@ class SweepProgress:
         if self.enabled:
             self.console.log(message)
 
-    def start_sweep(self, total_runs: int, completed: int = 0) -> None:
+    def start_sweep(self, total_runs: int, completed: int = 0, title: str = "stress sweep (runs)") -> None:
         """The bar over all runs; ``completed`` of them were done before (``--resume``)."""
         if self._progress is not None:
-            self._sweep_task = self._progress.add_task("[bold]stress sweep (runs)", total=total_runs,
-                                                       completed=completed)
+            self._sweep_task = self._progress.add_task(f"[bold]{title}", total=total_runs, completed=completed)
+
+    def add_total(self, runs: int) -> None:
+        """More runs than planned (the matrix's lr sweep grew past an edge of its grid)."""
+        if self._progress is not None and self._sweep_task is not None and runs:
+            task = self._progress.tasks[[t.id for t in self._progress.tasks].index(self._sweep_task)]
+            self._progress.update(self._sweep_task, total=(task.total or 0) + runs)
+
+    def advance(self, message: str | None = None) -> None:
+        """One more run finished (without a RunResult to describe): advance the bar, log a line."""
+        if self._progress is None:
+            return
+        if self._sweep_task is not None:
+            self._progress.advance(self._sweep_task)
+        if message:
+            self.console.log(message, markup=False, highlight=False)
 
     @contextlib.contextmanager
     def run(self, label: str, steps: int) -> Iterator[Callable[[int], None]]:

@@ -64,7 +64,7 @@ def layer_param_groups(model: torch.nn.Module) -> list[dict]:
     """Trainable parameters grouped per transformer layer (plus embeddings and the rest).
 
     Every arm gets the same groups, so the AdamW math is identical; the guard uses them to
-    freeze only the layers that carry outliers.
+    freeze only the layers that carry outliers. (GPT-2's ``wte``/``wpe`` land in "head".)
     """
     groups: dict[str, list[torch.Tensor]] = {}
     seen: set[int] = set()
@@ -72,7 +72,7 @@ def layer_param_groups(model: torch.nn.Module) -> list[dict]:
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        m = re.search(r"layers\.(\d+)\.", name)
+        m = re.search(r"(?:layers|\.h)\.(\d+)\.", name)  # Qwen2/Llama/NeoX "layers.N.", GPT-2 "h.N."
         key = f"layer{int(m.group(1)):03d}" if m else ("embed" if "embed" in name else "head")
         groups.setdefault(key, []).append(p)
     return [{"params": ps, "name": k} for k, ps in sorted(groups.items())]
@@ -142,22 +142,39 @@ def train_run(
     mode: str = "full",
     on_step: Callable[[int], None] | None = None,
     target_ppl: float | None = None,
+    groups: list[dict] | None = None,
+    lr_schedule=None,
+    fault=None,
 ) -> RunResult:
     """Train ``model`` in place with ``arm`` at ``lr``; evaluate every ``eval_every`` steps.
 
     The loss is kept on the device each step (no host sync) and read back in blocks.
     ``target_ppl`` records the training time at which held-out perplexity first reached it.
+    ``groups``: parameter groups (default :func:`layer_param_groups`); a group's ``lr_factor``
+    multiplies ``lr`` for it (LoRA+). ``lr_schedule``: a :class:`.schedules.ScheduleSpec` (default:
+    ``settings.schedule`` through :func:`lr_lambda`). ``fault``: a :class:`.faults.FaultPlan`
+    that corrupts batches or gradients at its steps (the same for every arm).
     """
     device = settings.device
     model.to(device).train()
-    groups = layer_param_groups(model)
+    groups = layer_param_groups(model) if groups is None else groups
+    groups = [_with_lr(g, lr) for g in groups]
     params = [p for g in groups for p in g["params"]]
+    gave_up: list[int] = []
+    guard_spec = _guard_with_hook(settings.guard, gave_up) if arm.guarded else settings.guard
     optimizer = build_optimizer(arm, groups, lr, settings.betas, settings.eps, settings.weight_decay,
-                                settings.guard, settings.backend)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(settings))
+                                guard_spec, settings.backend)
+    if lr_schedule is not None:
+        from .schedules import make_scheduler
+
+        scheduler = make_scheduler(lr_schedule, optimizer)
+    else:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(settings))
     stepper = Stepper(arm, optimizer, params)
     recorder = GuardRecorder(optimizer, settings.steps) if arm.guarded else None
     schedule = data.batch_schedule(settings.steps, settings.batch_size, seed)
+    if fault is not None:
+        fault.bind(groups, data.vocab_size, seed)
     losses = torch.full((settings.steps,), math.nan, device=device)
     eval_curve: list[tuple[int, float]] = []
     train_s = eval_s = 0.0
@@ -171,8 +188,14 @@ def train_run(
     t0 = time.perf_counter()
     for step in range(settings.steps):
         tokens = data.batch(schedule[step]).to(device, non_blocking=True)
+        if fault is not None:
+            tokens = fault.corrupt_batch(step, tokens)
         loss = batch_loss(model, tokens, settings)
         loss.backward()
+        if fault is not None:
+            fault.corrupt_grads(step)
+            if arm.guarded and fault.announce_at(step):
+                optimizer.guard.notify_data_change()
         stepper.step(loss)
         if recorder is not None:
             recorder.after_step(step)
@@ -207,6 +230,10 @@ def train_run(
         eval_s += time.perf_counter() - t1
         eval_curve.append((steps_run, perplexity(final_nll)))
     tokens_trained = steps_run * settings.batch_size * data.seq_len
+    guard_stats = recorder.finish(steps_run) if recorder is not None else None
+    if guard_stats is not None:
+        guard_stats.gave_up = len(gave_up)
+    params_finite = all(bool(torch.isfinite(p.detach()).all()) for p in params)
     result = RunResult(
         arm=arm.name,
         lr=lr,
@@ -223,14 +250,36 @@ def train_run(
         eval_seconds=eval_s,
         tokens_per_second=tokens_trained / train_s if train_s > 0 else 0.0,
         seconds_per_step=train_s / max(steps_run, 1),
-        guard=recorder.finish(steps_run) if recorder is not None else None,
+        guard=guard_stats,
         trainable_params=count_parameters(model, trainable_only=True),
-        backend=getattr(optimizer, "backend_name", "torch-foreach" if arm.optimizer == "adamw" else "torch-fused"),
+        backend=getattr(optimizer, "backend_name", "torch-fused" if arm.optimizer == "adamw-fused" else "torch-foreach"),
     )
+    # "survived": finite parameters and a finite final held-out loss (the run may still be bad)
+    result.extra["survived"] = params_finite and math.isfinite(final_nll)
+    baseline = stepper.stats()
+    if baseline is not None:
+        result.extra["baseline"] = baseline
     if time_to_target is not None or target_ppl is not None:
         result.extra["time_to_target_s"] = time_to_target
         result.extra["target_ppl"] = target_ppl
     return result
+
+
+def _with_lr(group: dict, lr: float) -> dict:
+    """A copy of ``group`` with its own lr when it has an ``lr_factor`` (LoRA+'s B groups)."""
+    g = dict(group)
+    if "lr_factor" in g:
+        g["lr"] = lr * float(g["lr_factor"])
+    return g
+
+
+def _guard_with_hook(preset_name: str, gave_up: list[int]):
+    """The guard of a guard arm, with an ``on_give_up`` hook that counts the give-up and lets the
+    guard restart (a user's loop would stop on ``GuardGaveUp``; the sweep records it and goes on)."""
+    from lbw_guard.guard import Guard
+    from lbw_guard.guard.config import preset
+
+    return Guard(preset(preset_name), on_give_up=lambda exc: gave_up.append(1))
 
 
 def run_from_json(d: dict) -> RunResult:
