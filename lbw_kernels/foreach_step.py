@@ -78,7 +78,8 @@ def fused_adamw_foreach(
     v_old = list(exp_avg_sqs)
     sqrt_v = torch._foreach_sqrt(v_old)
     spikes = [0.0] * T
-    g_m, g_v = list(g_used), list(g_used)  # what the momentum and the second moment see
+    g_m = list(g_used)  # what the momentum sees (an outlier at its typical size)
+    grown: list = [None] * T  # outliers whose second moment grows by SPIKE_V_GROWTH instead
     if any(math.isfinite(x) for x in coef["spike_scale"]):
         bound = torch._foreach_mul(sqrt_v, coef["spike_scale"])
         for i, (g, b, v) in enumerate(zip(g_used, bound, v_old)):
@@ -88,7 +89,7 @@ def fused_adamw_foreach(
             spikes[i] = float(hit.sum())
             if clamp[i] and spikes[i]:
                 g_m[i] = torch.where(hit, torch.copysign(sqrt_v[i] * coef["prev_v"][i], g), g)
-                g_v[i] = torch.where(hit, b, g)
+                grown[i] = hit
     # the previous direction and the moments' energy, from the state before the update
     d_prev = torch._foreach_div(torch._foreach_mul(m_old, coef["prev_m"]),
                                 torch._foreach_add(torch._foreach_mul(sqrt_v, coef["prev_v"]), coef["eps"]))
@@ -100,7 +101,8 @@ def fused_adamw_foreach(
     p_old = [p.detach().to(compute, copy=True) for p in params]
 
     written = [i for i in range(T) if gated[i]]
-    updated = _update(written, params, p_old, g_m, g_v, exp_avgs, exp_avg_sqs, coef, finite, mask, low_precision)
+    updated = _update(written, params, p_old, g_m, g_used, grown, exp_avgs, exp_avg_sqs, coef, finite, mask,
+                      low_precision)
 
     p_new = list(p_old)  # u = p' - p in the compute dtype, before rounding to the param dtype
     for j, i in enumerate(written):
@@ -124,7 +126,8 @@ def fused_adamw_foreach(
     torch._foreach_add_(steps, [float(x) for x in tensor_gate.tolist()])
 
 
-def _update(written, params, p_old, g_m, g_v, exp_avgs, exp_avg_sqs, coef, finite, mask, low_precision) -> list[Tensor]:
+def _update(written, params, p_old, g_m, g_v, grown, exp_avgs, exp_avg_sqs, coef, finite, mask,
+            low_precision) -> list[Tensor]:
     """AdamW on the written tensors, in torch's foreach order; elements masked out (non-finite
     gradients while MASK_NONFINITE) keep their exact bits. Returns the new params of the written
     tensors in the compute dtype, before rounding."""
@@ -138,9 +141,12 @@ def _update(written, params, p_old, g_m, g_v, exp_avgs, exp_avg_sqs, coef, finit
     gm = [torch.where(finite[i], g_m[i], 0.0) if i in masked else g_m[i] for i in written]
     gv = [torch.where(finite[i], g_v[i], 0.0) if i in masked else g_v[i] for i in written]
     pick = lambda key: [coef[key][i] for i in written]  # noqa: E731
+    v_before = {i: exp_avg_sqs[i].clone() for i in written if grown[i] is not None}
     torch._foreach_lerp_(m, gm, pick("one_minus_beta1"))
     torch._foreach_mul_(v, pick("beta2"))
     torch._foreach_addcmul_(v, gv, gv, pick("one_minus_beta2"))
+    for i, v0 in v_before.items():
+        exp_avg_sqs[i].copy_(torch.where(grown[i], v0 * C.SPIKE_V_GROWTH, exp_avg_sqs[i]))
     denom = torch._foreach_sqrt(v)
     torch._foreach_div_(denom, pick("bc2_sqrt"))
     torch._foreach_add_(denom, pick("eps"))

@@ -65,13 +65,14 @@ def fused_adamw_reference(
         sqrt_v = v_old.sqrt()
         bound = c["spike_scale"] * sqrt_v
         spike = finite & (v_old > 0) & (g_used.abs() > bound)
-        g_m, g_v = g_used, g_used
+        g_m = g_used
         if clamp:
             g_m = torch.where(spike, torch.copysign(sqrt_v * c["prev_v"], g_used), g_used)
-            g_v = torch.where(spike, bound, g_used)
 
         m_new = m_old + c["one_minus_beta1"] * (g_m - m_old)
-        v_new = v_old * c["beta2"] + c["one_minus_beta2"] * g_v * g_v
+        v_new = v_old * c["beta2"] + c["one_minus_beta2"] * g_used * g_used
+        if clamp:
+            v_new = torch.where(spike, v_old * C.SPIKE_V_GROWTH, v_new)
         denom = v_new.sqrt() / c["bc2_sqrt"] + c["eps"]
         p_new = p_old * c["decay"] - c["step_size"] * (m_new / denom)
         d_prev = (m_old * c["prev_m"]) / (sqrt_v * c["prev_v"] + c["eps"])

@@ -31,6 +31,7 @@ MAX_GRAD_NORM = tl.constexpr(C.MAX_GRAD_NORM)
 MASK_NONFINITE = tl.constexpr(C.MASK_NONFINITE)
 NUM_CONTROL = tl.constexpr(C.NUM_CONTROL)
 CLIP_EPS = tl.constexpr(C.CLIP_EPS)
+SPIKE_V_GROWTH = tl.constexpr(C.SPIKE_V_GROWTH)
 
 # Bits of the ``flags`` argument: which optional device scalars were given. Absent
 # found_inf / grad_scale are replaced by device constants (0 and 1) with the same effect.

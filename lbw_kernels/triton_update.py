@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from .triton_common import (BETA1, BETA2, CLAMP, CLIP_EPS, EPS, HAS_GRAD_NORM, LR,
-                            MASK_NONFINITE, MAX_GRAD_NORM, NUM_CONTROL, SCALE, SPIKE_K,
+                            MASK_NONFINITE, MAX_GRAD_NORM, NUM_CONTROL, SCALE, SPIKE_K, SPIKE_V_GROWTH,
                             WEIGHT_DECAY, group_gate, isfinite, power, round_to, step_ok)
 
 # Columns of a chunk-table row (int64).
@@ -68,17 +68,16 @@ def _tile(p_ptrs, g_ptrs, m_ptrs, v_ptrs, inb, gate_v, clamp_v, keep_nonfinite_v
     sqrt_v = tl.sqrt_rn(v)
     bound = spike_scale * sqrt_v
     spike = finite & (v > 0.0) & (tl.abs(g_used) > bound)
-    # An outlier enters m at its typical size sqrt(v_hat) with its sign (copysign on the bits),
-    # and v at the bound, so the bound still follows a gradient that really grew.
+    # An outlier enters m at its typical size sqrt(v_hat) with its sign (copysign on the bits);
+    # its v grows by SPIKE_V_GROWTH, so the bound still follows a gradient that really grew.
     clamped = spike & clamp_v
     typical = sqrt_v * prev_v
     signed = ((typical.to(tl.uint32, bitcast=True) & 0x7FFFFFFF)
               | (g_used.to(tl.uint32, bitcast=True) & 0x80000000)).to(tl.float32, bitcast=True)
     g_m = tl.where(clamped, signed, g_used)
-    g_v = tl.where(clamped, bound, g_used)
 
     m_new = m + one_minus_beta1 * (g_m - m)
-    v_new = v * beta2 + one_minus_beta2 * g_v * g_v
+    v_new = tl.where(clamped, v * SPIKE_V_GROWTH, v * beta2 + one_minus_beta2 * g_used * g_used)
     denom = tl.div_rn(tl.sqrt_rn(v_new), bc2_sqrt) + eps
     p_new = p32 * decay - step_size * tl.div_rn(m_new, denom)
     d_prev = tl.div_rn(m * prev_m, sqrt_v * prev_v + eps)

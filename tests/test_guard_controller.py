@@ -500,8 +500,11 @@ def test_update_envelope_caps_a_step_outside_it():
     ctl = Controller(config, 1)
     ctl.governor.seed_ratio([100.0])  # 1 / rms(theta): lr 0.01 would move the params by 100%
     cmd = ctl.command(1, [0.01])
-    assert cmd.scale == [pytest.approx(0.5)]
+    assert cmd.scale == [pytest.approx(0.25)]  # over the trigger (0.5): cut to half of it
     assert [(e.action, e.bound) for e in ctl.events] == [("cap_scale", "update_envelope")]
+    ctl = Controller(config, 1)
+    ctl.governor.seed_ratio([100.0])
+    assert ctl.command(1, [0.0049]).scale == [1.0]  # 49% < the trigger: no cap at all
     ctl = Controller(explicit_config(max_update_ratio=None), 1)
     ctl.governor.seed_ratio([100.0])
     assert ctl.command(1, [0.01]).scale == [1.0]  # no envelope configured

@@ -171,8 +171,9 @@ __attribute__((always_inline)) inline void vec_body(P* __restrict p, float* __re
   const vf gc = kUnit ? gr : gr * c.clip;                     // fused max_grad_norm
   const vf sv = vsqrt(vo);
   // The spike bound k * sqrt(v_hat); with an infinite bound no element can spike.
-  // An outlier enters m at its typical size sqrt(v_hat) with its sign, and v at the bound.
-  vf gm = gc, gv = gc;
+  // An outlier enters m at its typical size sqrt(v_hat) with its sign; its v grows by 10%.
+  vf gm = gc;
+  vi grown = splat<vi>(0);
   if (kSpike) {
     const vf bound = c.spike_scale * sv;
     vi spike = (vi)(vo > 0.0f) & (vi)(vabs(gc) > bound);
@@ -181,7 +182,7 @@ __attribute__((always_inline)) inline void vec_body(P* __restrict p, float* __re
     if (kFinite ? any_lane(spike) : true) {  // rare: clamp and count
       if (kClamp) {
         gm = sel(spike, vcopysign(sv * c.prev_v, gc), gc);
-        gv = sel(spike, bound, gc);
+        grown = spike;
       }
       acc.spikes += spike;
     }
@@ -192,7 +193,7 @@ __attribute__((always_inline)) inline void vec_body(P* __restrict p, float* __re
   vf u = splat<vf>(0.0f);
   if (kWrite) {
     const vf mn = mo + c.omb1 * (gm - mo);                   // torch's lerp_
-    const vf vn = vo * c.beta2 + c.omb2 * gv * gv;
+    const vf vn = sel(grown, vo * kSpikeVGrowth, vo * c.beta2 + c.omb2 * gc * gc);
     const vf denom = vsqrt(vn) / c.bc2_sqrt + c.eps;
     const vf pn = pf * c.decay - c.step_size * (mn / denom);
     u = kFinite ? pn - pf : keep(tfin, pn - pf);

@@ -46,6 +46,8 @@ enum RangeFlags : int {
 // Sums of one range, in TENSOR_FIELDS order: grad_sq, update_sq, param_sq, grad_dot_update,
 // grad_dot_prev, prev_sq, moment1_sq, moment2_sum; then the exact counts.
 constexpr int kNumSums = 8;
+// An outlier's second moment grows by this factor per step (contract.SPIKE_V_GROWTH).
+constexpr float kSpikeVGrowth = 1.1f;
 struct Partials {
   double sums[kNumSums];
   int64_t spikes;

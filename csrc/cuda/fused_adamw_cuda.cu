@@ -257,20 +257,22 @@ __device__ __forceinline__ void element(uint32_t& p_bits, uint32_t g_bits, float
   const float mo = m, vo = v;
   const float sv = __fsqrt_rn(vo);
   bool spike = false;
-  float gm = gc, gv = gc;  // an outlier enters m at its typical size sqrt(v_hat), v at the bound
+  float gm = gc;  // an outlier enters m at its typical size sqrt(v_hat); its v grows by 10%
+  bool grown = false;
   if (c.flags & kFSpike) {  // k * sqrt(v_hat); with an infinite bound nothing can spike
     const float bound = __fmul_rn(c.spike_scale, sv);
     spike = fin && vo > 0.0f && fabsf(gc) > bound;
     if (spike && (c.flags & kFClamp)) {
       gm = copysignf(__fmul_rn(sv, c.prev_v), gc);
-      gv = bound;
+      grown = true;
     }
   }
   const float dprev = __fdiv_rn(__fmul_rn(mo, c.prev_m), __fadd_rn(__fmul_rn(sv, c.prev_v), c.eps));
   float u = 0.0f;
   if (c.flags & kFWrite) {
     const float mn = __fadd_rn(mo, __fmul_rn(c.omb1, __fsub_rn(gm, mo)));  // torch's lerp_
-    const float vn = __fadd_rn(__fmul_rn(vo, c.beta2), __fmul_rn(__fmul_rn(c.omb2, gv), gv));
+    const float vn = grown ? __fmul_rn(vo, kSpikeVGrowth)
+                           : __fadd_rn(__fmul_rn(vo, c.beta2), __fmul_rn(__fmul_rn(c.omb2, gc), gc));
     const float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(vn), c.bc2_sqrt), c.eps);
     const float pn = __fsub_rn(__fmul_rn(pf, c.decay), __fmul_rn(c.step_size, __fdiv_rn(mn, denom)));
     if (fin || !(c.flags & kFMask)) {  // written: else p, m, v keep their bits

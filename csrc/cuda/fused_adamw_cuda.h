@@ -31,6 +31,7 @@ constexpr int kNumControl = 9;       // columns of the control table
 constexpr int kNumTensorFields = 11;
 constexpr int kNumGroupFields = 18;
 constexpr int kNumGlobalFields = 3;
+constexpr float kSpikeVGrowth = 1.1f;  // an outlier's second moment grows by this (contract.SPIKE_V_GROWTH)
 
 // One tensor of the bucket (device pointers; m and v fp32, step a one-element counter).
 struct TensorDesc {

@@ -26,9 +26,15 @@ per-layer param groups):
   matrix on its own, zero-initialised ones such as LoRA's B excluded). Adam's first update moves
   every element by the lr, before any evidence can exist; 3 steps at 10x already cost Qwen2 16%
   of its final loss, 10 steps 24%, and cutting to the best lr afterwards does not undo it. The
-  best lr moved those models' matrices by 5-15% on its first step (realistic setups far less);
-  0.5 caps a 10x first step at ~3x (1.0 let Qwen2 end 22% above its best instead of 15%). An
-  envelope cut sets the ceiling, which holds through the first ``early_records``.
+  best lr moved the transformers' matrices by 5-50% on its first step (GPT-NeoX 50%, an MLP
+  with LayerNorm 83%; realistic setups far less), 10x by 150%. A step predicted above
+  ``max_update_ratio`` (1.0: as large as the matrices themselves) is cut to half of it, which
+  holds a 10x first step at ~3x (cutting to 1.0 let Qwen2 end 22% above its best, to 0.5 15%)
+  and leaves every best lr measured alone. The
+  envelope acts in the first ``early_records`` only: later omega has a history, and an
+  envelope predicted from the end of a warm-restart cycle (a tiny lr, large normalised
+  updates) would cap the restart itself. An envelope cut sets the ceiling, which holds
+  through the first ``early_records``.
 - **not used**: the secant estimate of the best step along the update (-g_t.u_t over
   g_{t+1}.u_t - g_t.u_t) and the cosine of g_t with u_{t-1} (the hypergradient). Whole-model,
   early in a run, they separate the lrs (secant about 2 at the best lr, 0.8 at 10x); per layer
@@ -98,7 +104,7 @@ class StepSizeGovernor:
         ceiling = self.ceiling[g]
         if ceiling is not None and ceiling < lr:
             target, bound = ceiling / lr, "oscillation"
-        envelope = self.envelope(g, lr)
+        envelope = self.envelope(g, lr) if self.records < c.early_records else math.inf
         if envelope < target:
             # A step outside the envelope is evidence in itself: the ceiling starts from there.
             target, bound = envelope, "update_envelope"
@@ -106,11 +112,14 @@ class StepSizeGovernor:
         return min(1.0, max(c.min_scale, target)), bound
 
     def envelope(self, g: int, lr: float) -> float:
-        """Largest scale keeping the predicted update ratio under ``max_update_ratio``."""
+        """The scale of a step the envelope allows: a step predicted to move the group's matrices
+        by more than ``max_update_ratio`` of their norm is cut to half that ratio (the trigger and
+        the level apart, so a best lr just under the trigger is not capped at all)."""
         rpl = self.ratio_per_lr[g]
-        if self.config.max_update_ratio is None or rpl is None or not _finite(lr) or lr <= 0:
+        limit = self.config.max_update_ratio
+        if limit is None or rpl is None or not _finite(lr) or lr <= 0 or lr * rpl <= limit:
             return math.inf
-        return self.config.max_update_ratio / (lr * rpl)
+        return 0.5 * limit / (lr * rpl)
 
     # ------------------------------------------------------------------ observing
     def observe(self, sig: StepSignals, issued_scale: list[float], lrs: list[float]) -> list[dict]:
