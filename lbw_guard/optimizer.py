@@ -21,6 +21,8 @@ from __future__ import annotations
 import array
 import logging
 import math
+import os
+import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
@@ -73,6 +75,19 @@ class _Bucket:
         return (self.dtype, self.dense, tuple(self.group_ids))
 
 
+_LIBRARY_DIRS = tuple(os.path.dirname(m.__file__) + os.sep for m in (torch,) if m.__file__) + (
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep + "lbw_",)
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning at the first caller outside torch and this
+    package (torch's optimizer hooks wrap ``step`` in a varying number of frames)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_LIBRARY_DIRS):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 class FusedGuardedAdamW(torch.optim.Optimizer):
     """AdamW with decoupled weight decay, fused telemetry and an optional training guard.
 
@@ -101,6 +116,37 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
 
     Moments are fp32 for fp32, bf16 and fp16 parameters and fp64 for fp64 ones.
     ``opt.telemetry`` holds the last step's :class:`~lbw_guard.telemetry.Telemetry`.
+
+    Differences from ``torch.optim.AdamW``, all deliberate (PyTorch's ``test/test_optim.py``
+    passes with an ``OptimizerInfo`` modelled on AdamW's except where it checks these; see
+    ``tests/test_torch_conformance.py``):
+
+    * ``amsgrad=True``, ``maximize=True``, ``differentiable=True`` and
+      ``decoupled_weight_decay=False`` raise ``ValueError`` (above).
+    * A parameter listed twice in one group raises ``ValueError``; torch only warns
+      ("duplicate parameters"), and its fused and foreach steps then update it twice.
+    * Complex parameters raise ``TypeError`` (optimize ``torch.view_as_real(p)``, which is
+      what torch's AdamW does internally); so do non-floating and sparse parameters.
+    * Parameters on the meta device raise ``ValueError``: the optimizer measures each
+      parameter when it joins. torch accepts them, but ``module.to_empty()`` then gives the
+      module new ``Parameter`` objects and the optimizer silently steps the stale meta ones.
+      Build the optimizer after materialising the model.
+    * Parameters of one group on several devices raise ``ValueError`` (one group per device).
+    * A Tensor ``lr`` or Tensor ``betas`` is accepted with ``foreach=True`` and
+      ``capturable=False``, where torch raises: ``foreach`` changes nothing here.
+    * Hyperparameters are validated in every param group (``add_param_group``, a loaded state
+      dict) and again before every step, and an inf or NaN ``lr``, ``eps`` or
+      ``weight_decay`` is refused as well as a negative one; messages begin with torch's
+      wording ("Invalid learning rate: ...").
+    * ``state_dict()`` has top-level ``num_steps`` (and ``guard``) entries and its first param
+      group an ``"lbw_guard"`` bytes entry (the same, packed, for
+      ``torch.distributed.checkpoint``, which keeps only ``state`` and ``param_groups``). So
+      the first param group of a state dict is not identical to the others, and
+      ``torch.optim.AdamW`` can load the state dict (it keeps the extra keys as inert group
+      options).
+    * Tensor hyperparameters are read once as doubles; torch computes with fp32 tensor
+      hyperparameters in fp32 (``1 - lr * weight_decay``, ``beta ** step``), so fp64
+      parameters then differ from torch's by ~1e-7 relative (from torch's float path, not at all).
     """
 
     # torch.amp.GradScaler then hands us grad_scale/found_inf device tensors instead of
@@ -133,8 +179,10 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
                         decoupled_weight_decay=decoupled_weight_decay)
         validation.check_hyperparameters(defaults, "FusedGuardedAdamW", read_device_lr=False)
         if isinstance(params, (Tensor, str, bytes)) or not hasattr(params, "__iter__"):
-            raise TypeError(f"params must be an iterable of tensors, (name, tensor) pairs or param group "
-                            f"dicts (e.g. model.parameters()), got {type(params).__name__}")
+            # torch.optim.Optimizer's wording, then what to pass instead
+            raise TypeError("params argument given to the optimizer should be an iterable of Tensors or dicts, "
+                            f"but got {torch.typename(params)} (pass model.parameters(), "
+                            "model.named_parameters() or a list of param group dicts)")
         if not isinstance(backend, str) or (backend != "auto" and backend not in BACKEND_NAMES):
             raise ValueError(f"unknown backend {backend!r}; choose 'auto' or one of {BACKEND_NAMES}")
         self.requested_backend = backend
@@ -252,7 +300,7 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
                 warnings.warn(
                     f"FusedGuardedAdamW: {device} {dtype} parameters run on backend={name!r} "
                     f"because {'; '.join(reasons)}",
-                    stacklevel=4,
+                    stacklevel=_user_stacklevel(),
                 )
             logger.info("FusedGuardedAdamW: %s %s parameters use backend=%r", device, dtype, name)
             return backend
@@ -656,7 +704,7 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
                 "loss checks and loss-based signals are off. Pass step(loss=loss), or set "
                 "opt.latest_loss = loss before step() (Hugging Face Trainer: attach "
                 "lbw_guard.integrations.hf.GuardCallback; Accelerate: lbw_guard.integrations.accelerate.StepLoss).",
-                stacklevel=3,
+                stacklevel=_user_stacklevel(),
             )
 
     def _host_lrs(self) -> list[float]:

@@ -51,7 +51,7 @@ def _is_real(value: Any) -> bool:
 def check_lr_tensor(name: str, lr: Tensor) -> None:
     """A tensor lr stays a tensor (capturable schedules); only its shape and type are checked."""
     if lr.numel() != 1:
-        raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(lr.shape)}")
+        raise ValueError(f"Tensor lr must be 1-element; {name} has shape {tuple(lr.shape)}")
     if not lr.is_floating_point():
         raise TypeError(f"{name} must be a floating tensor, got {lr.dtype}")
     if lr.requires_grad:
@@ -67,34 +67,46 @@ def check_hyperparameters(group: dict, where: str, read_device_lr: bool = True) 
     if missing:
         raise ValueError(f"{where} has no {', '.join(map(repr, missing))} entry; every param group needs "
                          f"{', '.join(HYPERPARAMETERS)}")
+    # Messages start as torch.optim.AdamW's ("Invalid learning rate: -1", ...), so code matching
+    # on those keeps working, and go on to name the group and the rule. Unlike AdamW, an inf or
+    # NaN value is refused too (it would turn every parameter NaN).
     lr = group["lr"]
+    _check_one_element(where, "lr", lr)
     if isinstance(lr, Tensor) and (lr.device.type != "cpu" and not read_device_lr):
         check_lr_tensor(f"{where} lr", lr)
     else:
         value = as_float(f"{where} lr", lr)
         if not math.isfinite(value) or value < 0.0:
-            raise ValueError(f"{where} lr must be finite and >= 0, got {value}")
+            raise ValueError(f"Invalid learning rate: {lr} ({where} lr must be finite and >= 0)")
     betas = group["betas"]
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"{where} betas must be a pair (beta1, beta2), got {betas!r}")
     if isinstance(betas[0], Tensor) != isinstance(betas[1], Tensor):
         raise ValueError(f"{where} betas must be either both floats or both Tensors, got {betas!r}")
     for i, beta in enumerate(betas):
+        _check_one_element(where, f"betas[{i}]", beta)
         b = as_float(f"{where} betas[{i}]", beta)
         if not 0.0 <= b < 1.0:
-            raise ValueError(f"{where} betas[{i}] must be in [0, 1), got {b}")
+            raise ValueError(f"Invalid beta parameter at index {i}: {beta} ({where} betas[{i}] must be in [0, 1))")
     eps = as_float(f"{where} eps", group["eps"])
     if not math.isfinite(eps) or eps < 0.0:
-        raise ValueError(f"{where} eps must be finite and >= 0, got {eps}")
+        raise ValueError(f"Invalid epsilon value: {group['eps']} ({where} eps must be finite and >= 0)")
     wd = as_float(f"{where} weight_decay", group["weight_decay"])
     if not math.isfinite(wd) or wd < 0.0:
-        raise ValueError(f"{where} weight_decay must be finite and >= 0, got {wd}")
+        raise ValueError(f"Invalid weight_decay value: {group['weight_decay']} "
+                         f"({where} weight_decay must be finite and >= 0)")
     for flag, message in UNSUPPORTED_FLAGS.items():
         if _flag(where, flag, group.get(flag, False)):
             raise ValueError(f"{where}: {message}")
     if not _flag(where, "decoupled_weight_decay", group.get("decoupled_weight_decay", True)):
         raise ValueError(f"{where}: decoupled_weight_decay=False (Adam's L2 penalty) is not supported; "
                          "FusedGuardedAdamW is AdamW (decoupled weight decay)")
+
+
+def _check_one_element(where: str, name: str, value: Any) -> None:
+    """A tensor hyperparameter has one element (torch.optim.AdamW's wording)."""
+    if isinstance(value, Tensor) and value.numel() != 1:
+        raise ValueError(f"Tensor {name} must be 1-element; {where} {name} has shape {tuple(value.shape)}")
 
 
 def _flag(where: str, name: str, value: Any) -> bool:

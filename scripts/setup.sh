@@ -10,4 +10,9 @@ if ! python -c "import torch" 2>/dev/null; then
 fi
 # --no-build-isolation builds with what is installed: the build backend must be there.
 python -m pip install -q "setuptools>=64" wheel
-python -m pip install -q --no-build-isolation -e ".[hf,stress,dev]"
+# The installed torch is pinned by a constraints file: an extra that asked for another torch
+# makes pip fail here instead of replacing the CPU build.
+constraints="$(mktemp)"
+trap 'rm -f "$constraints"' EXIT
+python -c "import torch; print('torch==' + torch.__version__)" > "$constraints"
+python -m pip install -q --no-build-isolation -e ".[hf,stress,dev]" -c "$constraints"

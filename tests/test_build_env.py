@@ -394,7 +394,9 @@ def test_dependencies():
     extras = project["optional-dependencies"]
     assert [r.split(";")[0] for r in extras["triton"]] == ["triton>=3.6"]
     dev = [r.split(";")[0].strip() for r in extras["dev"]]
-    for needed in ("triton>=3.6", "numpy", "pytest>=8", "pytest-benchmark>=4", "hypothesis>=6"):
+    for needed in ("triton>=3.6", "numpy", "pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "expecttest"):
         assert needed in dev
     with open(os.path.join(ROOT, "scripts", "setup.sh")) as f:
-        assert '".[hf,stress,dev]"' in f.read()
+        script = f.read()
+    assert '".[hf,stress,dev]"' in script
+    assert '-c "$constraints"' in script  # the installed torch is pinned while the extras install
