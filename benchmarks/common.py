@@ -193,15 +193,9 @@ def make_params(count: int, numel: int, device: torch.device, dtype: torch.dtype
 
 def backend_unavailable(name: str, device: torch.device) -> str | None:
     """Why FusedGuardedAdamW's backend ``name`` cannot be *timed* on ``device``, or None."""
-    from lbw_kernels.backends import BackendUnavailable, load_backend
+    from benchmarks.interleave import backend_unavailable as why
 
-    if name == "triton" and triton_interpreting():
-        return "TRITON_INTERPRET is set: interpreter timings say nothing about GPU speed"
-    try:
-        load_backend(name, device)  # builds a C++ backend now, outside any timed region
-    except BackendUnavailable as exc:
-        return str(exc)
-    return None
+    return why(name, device)
 
 
 class Spy:
@@ -216,18 +210,28 @@ class Spy:
         self.before_s = self.after_s = 0.0
         self.guard_calls = 0
         self.start_steps = getattr(opt, "num_steps", 0)
-        if hasattr(opt, "_global_grad_norm"):
-            orig_norm = opt._global_grad_norm
+        if hasattr(opt, "_grad_norm"):  # v2: the max_grad_norm / precheck pre-pass
+            orig_norm = opt._grad_norm
 
             def norm(*a, **k):
                 self.prepasses += 1
                 return orig_norm(*a, **k)
 
-            opt._global_grad_norm = norm
+            opt._grad_norm = norm
+        self.snapshots = 0
         guard = getattr(opt, "guard", None)
         if guard is not None:
             guard.before_step = self._timed(guard.before_step, "before_s", count=True)
             guard.after_step = self._timed(guard.after_step, "after_s")
+            ring = getattr(guard, "_ring", None)
+            if ring is not None and hasattr(ring, "take"):
+                orig_take = ring.take
+
+                def take(*a, **k):
+                    self.snapshots += 1
+                    return orig_take(*a, **k)
+
+                ring.take = take
 
     def _timed(self, orig, total: str, count: bool = False):
         """``orig`` wrapped so its wall time accumulates in ``self.<total>``."""
@@ -254,4 +258,4 @@ class Spy:
             return {}
         n = self.guard_calls
         return {"before_step_us": self.before_s / n * 1e6, "after_step_us": self.after_s / n * 1e6,
-                "guard_host_us": (self.before_s + self.after_s) / n * 1e6}
+                "guard_host_us": (self.before_s + self.after_s) / n * 1e6, "snapshots": self.snapshots}

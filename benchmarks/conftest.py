@@ -13,15 +13,12 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import platform
-import re
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
-from benchmarks import common, render
+from benchmarks import common, envinfo, render
 
 HERE = Path(__file__).parent
 
@@ -86,64 +83,13 @@ def copy_bw(device) -> dict:
 
 
 # ---------------------------------------------------------------- environment
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _loadavg() -> list[float] | None:
-    # Recorded because CPU timings on a shared machine are only as good as its idle time.
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
-
-def _run(cmd: list[str]) -> str | None:
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=20, check=True).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def environment(dev: torch.device) -> dict:
-    info = {"type": dev.type, "cpu_model": _cpu_model(), "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads()}
-    if dev.type == "cuda":
-        info["name"] = torch.cuda.get_device_name(dev)
-        info["cuda"] = torch.version.cuda
-        info["capability"] = ".".join(map(str, torch.cuda.get_device_capability(dev)))
-        info["memory_gib"] = round(torch.cuda.get_device_properties(dev).total_memory / 2**30, 1)
-        drv = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
-        info["driver"] = drv.splitlines()[0] if drv else None
-    else:
-        info["name"] = f"CPU: {info['cpu_model']}"
-    return info
-
-
-def versions() -> dict:
-    import sys
-
-    out = {"python": platform.python_version(), "torch": torch.__version__}
-    for mod in ("triton", "transformers", "pytest_benchmark", "lbw_guard"):
-        try:
-            out[mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001 - absent or broken optional package: just not reported
-            pass
-    out["platform"] = sys.platform
-    return out
-
-
-def device_slug(info: dict) -> str:
-    if info["type"] != "cuda":
-        return "cpu"
-    name = re.sub(r"^nvidia\s+", "", info["name"].lower())
-    return re.sub(r"[^a-z0-9]+", "-", name).strip("-")
+# Kept under their old names: the helpers live in benchmarks.envinfo (shared with gpu_validate).
+_cpu_model = envinfo.cpu_model
+_loadavg = envinfo.loadavg
+_run = envinfo.run
+environment = envinfo.environment
+versions = envinfo.versions
+device_slug = envinfo.device_slug
 
 
 def build_document(config) -> dict:
@@ -152,11 +98,13 @@ def build_document(config) -> dict:
     info = environment(dev)
     copy = common.COPY_BW.get(str(dev), {})
     return {
-        "schema": 1,
+        "schema": 2,
+        "kind": "benchmark-suite",
         "date": datetime.date.today().isoformat(),
         "device": info,
         "versions": versions(),
-        "git_commit": _run(["git", "-C", str(HERE), "rev-parse", "HEAD"]),
+        "git_commit": envinfo.git_commit(),
+        "git_dirty": envinfo.git_dirty(),
         "sizes": {"preset": cfg["sizes"], "dtypes": cfg["dtypes"],
                   "cases": [{"name": c.name, "tensors": c.tensors, "numel_each": c.numel_each, "numel": c.numel}
                             for c in cfg["cases"]]},

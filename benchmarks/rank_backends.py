@@ -1,9 +1,10 @@
 """Write lbw_kernels/backend_ranking.json from committed benchmark results.
 
 ``backend="auto"`` takes the fastest backend per device type from that file, so the choice
-follows measurements rather than a guess. For each results file, backends are ranked by the
-geometric mean of their plain-step time over the cases every ranked backend ran; a device
-type with no results keeps its entry in the file unchanged.
+follows measurements rather than a guess. Takes the pytest-benchmark suite's results files and
+``benchmarks.gpu_validate``'s (both have ``optimizer-step`` rows; a dry run is refused). For each
+results file, backends are ranked by the geometric mean of their plain-step time over the cases
+every ranked backend ran; a device type with no results keeps its entry in the file unchanged.
 
     python -m benchmarks.rank_backends benchmarks/results/cpu-2026-11-21.json [more.json ...]
 """
@@ -23,7 +24,8 @@ def rank(results: dict) -> tuple[list[str], str]:
     times: dict[str, dict[tuple, float]] = {}
     for row in results["results"]:
         variant = row.get("variant", "")
-        if row.get("group") != "optimizer-step" or not variant.startswith("lbw-") or "+" in variant:
+        if row.get("group") != "optimizer-step" or not variant.startswith("lbw-") or "+" in variant \
+                or "ms_per_step" not in row:
             continue
         times.setdefault(variant[len("lbw-"):], {})[(row["case"], row.get("dtype"))] = row["ms_per_step"]
     if not times:
@@ -45,6 +47,8 @@ def main(argv=None) -> int:
     ranking = json.loads(RANKING.read_text())
     for path in args.results:
         results = json.loads(path.read_text())
+        if results.get("mode") == "dry-run":
+            parser.error(f"{path} is a dry run (tiny sizes, a check of the script): it ranks nothing")
         device_type = results["device"]["type"]
         order, basis = rank(results)
         if "torch" not in order:  # the reference is always the last resort

@@ -261,9 +261,10 @@ PRESETS: dict[str, GuardConfig] = {
     "default": GuardConfig(),
     # Observe, classify and log what would be done; never touch the run.
     "monitor": GuardConfig(mode="monitor"),
-    # Fewer, later interventions: for runs whose telemetry is noisy by nature.
-    "conservative": GuardConfig(z_grad=8.0, z_loss=8.0, spike_k=20.0, omega_low=0.1, omega_high=0.3,
-                                max_update_ratio=1.0),
+    # Fewer, later interventions, for runs whose telemetry is noisy by nature: spikes must be
+    # larger, the oscillation deeper and the first steps larger before anything acts.
+    "conservative": GuardConfig(z_grad=8.0, z_loss=8.0, spike_k=50.0, omega_low=0.1, omega_high=0.6,
+                                max_update_ratio=2.0),
     # Faults only (spikes, non-finite values, divergence): the lr scale is never touched.
     "faults-only": GuardConfig(governor="off"),
 }
