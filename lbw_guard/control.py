@@ -10,7 +10,7 @@ asynchronously and acts on it a fixed number of steps later, so the loop never w
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from torch import Tensor
 
@@ -60,4 +60,3 @@ class StepRecord:
     grad_norm: Tensor | None = None
     """The global gradient norm before any clipping done outside the optimizer, if the caller
     recorded it (``record_grad_norm``); the telemetry's own grad norm is after that clipping."""
-    extra: dict = field(default_factory=dict)

@@ -1,6 +1,6 @@
 """FusedGuardedAdamW: a drop-in AdamW whose fused step also reduces training telemetry.
 
-One step, as data flows (DESIGN §2):
+One step, as data flows:
 
 1. everything the step uses is validated (gradients, hyperparameters, the loss) before
    anything changes;
@@ -12,8 +12,8 @@ One step, as data flows (DESIGN §2):
    corrections and coefficients on the device, and reduces the telemetry record;
 5. the guard receives the record, still on the device, and acts on it a step later.
 
-No step of this reads a device value on the host, and host work per step is a few Python
-operations per parameter group plus one gather of the gradients.
+No step of this reads a device value on the host; the host work per step is a check of each
+parameter and its gradient, a few Python operations per group and the backend's launch.
 """
 
 from __future__ import annotations

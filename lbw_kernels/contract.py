@@ -64,7 +64,8 @@ Telemetry, all float64, summation order fixed by each backend (deterministic run
 - per tensor, ``TENSOR_FIELDS`` (``tensor_out[T, NUM_TENSOR_FIELDS]``): sums over the
   tensor's elements, computed whether or not the tensor was written;
 - per group, ``GROUP_FIELDS``: the per-tensor sums added over the group's tensors, and the
-  governor's per-tensor signals aggregated over the group's matrices (kinds KIND_MATRIX and
+  per-matrix signals aggregated over the group's matrices (the governor reads omega and the
+  ratio; the cosine is reported only) (kinds KIND_MATRIX and
   KIND_ZERO_INIT; the ratio over KIND_MATRIX only):
 
   - ``omega``: Adam's normalised momentum energy against its white-noise level,

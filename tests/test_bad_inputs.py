@@ -486,7 +486,7 @@ def test_a_bad_hyperparameter_set_between_steps_is_refused_naming_group_and_key(
     model, params, opt = trained()
     good = opt.param_groups[1][key]
     opt.param_groups[1][key] = value
-    refuse(opt, params, lambda: opt.step(loss=1.0), ERRORS, f"param group 1", key)
+    refuse(opt, params, lambda: opt.step(loss=1.0), ERRORS, "param group 1", key)
     opt.param_groups[1][key] = good
     step_works(opt, params)
 

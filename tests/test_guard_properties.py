@@ -186,7 +186,7 @@ class Checked:
         ctl.snapshot_taken(n)
 
     def check_command(self, cmd, before: list) -> None:
-        c, ctl = self.config, self.ctl
+        c = self.config
         assert len(cmd.scale) == len(cmd.gate) == self.groups
         for g in range(self.groups):
             s = cmd.scale[g]

@@ -50,6 +50,17 @@ class StressConfigError(ValueError):
         super().__init__(f"stress config: {message}")
 
 
+def config_json(config) -> dict:
+    """A config dataclass as JSON values (paths as strings, tuples as lists)."""
+    d = asdict(config)
+    for k, v in d.items():
+        if isinstance(v, Path):
+            d[k] = str(v)
+        elif isinstance(v, tuple):
+            d[k] = list(v)
+    return d
+
+
 def _finite(x: float) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
@@ -161,10 +172,4 @@ class StressConfig:
         self.out_dir = Path(self.out_dir)
 
     def to_json(self) -> dict:
-        d = asdict(self)
-        for k, v in d.items():
-            if isinstance(v, Path):
-                d[k] = str(v)
-            elif isinstance(v, tuple):
-                d[k] = list(v)
-        return d
+        return config_json(self)

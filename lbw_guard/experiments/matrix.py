@@ -48,7 +48,7 @@ import torch
 
 from ..guard.config import PRESETS as GUARD_PRESETS
 from .arms import parse_arm
-from .config import BACKENDS, StressConfigError, default_cache_dir
+from .config import BACKENDS, StressConfigError, config_json, default_cache_dir
 from .faults import FAULTS, FaultPlan, SwitchData, fault_steps
 from .models import ARCHITECTURES, SIZES
 from .schedules import SCHEDULES, ScheduleSpec
@@ -200,13 +200,7 @@ class MatrixConfig:
         self.out_dir = Path(self.out_dir)
 
     def to_json(self) -> dict:
-        d = asdict(self)
-        for k, v in d.items():
-            if isinstance(v, Path):
-                d[k] = str(v)
-            elif isinstance(v, tuple):
-                d[k] = list(v)
-        return d
+        return config_json(self)
 
     def run_fingerprint(self) -> dict:
         """The settings that change what one run measures (a resumed matrix must keep them)."""

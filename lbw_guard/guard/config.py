@@ -132,7 +132,8 @@ class GuardConfig:
     """Largest fraction of all parameters (by element count) frozen at once."""
     give_up_after: int = 25
     """Consecutive records in trouble, with no rollback left, after which the guard raises
-    ``GuardGaveUp`` (or calls ``Guard(on_give_up=...)``) instead of skipping forever."""
+    ``GuardGaveUp`` (or calls ``Guard(on_give_up=...)``) instead of skipping forever; at once
+    when the parameters are non-finite and no rollback is possible."""
 
     # --- plumbing -----------------------------------------------------------------------
     event_capacity: int = 1000
@@ -142,7 +143,8 @@ class GuardConfig:
     trace_path: str | None = None
     """If set, every processed record and event is appended to this JSONL file."""
     keep_trace: int = 0
-    """Keep the last N processed records in memory for ``Guard.write_jsonl`` (0: none)."""
+    """Keep the last N trace lines (processed records, and markers such as snapshots) in memory
+    for ``Guard.write_jsonl`` (0: none)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.trace_path, os.PathLike):

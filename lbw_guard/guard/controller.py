@@ -23,7 +23,7 @@ from .detectors import Detectors
 from .events import Event
 from .governor import StepSizeGovernor
 from .recovery import Recovery
-from .signals import HostRecord, StepSignals, derive, per_group
+from .signals import HostRecord, StepSignals, derive, per_group, resized
 
 WARMUP, STABLE, SPIKING, DIVERGING, RECOVERING = "warmup", "stable", "spiking", "diverging", "recovering"
 REGIMES = (WARMUP, STABLE, SPIKING, DIVERGING, RECOVERING)
@@ -58,8 +58,8 @@ class Controller:
         num_groups = max(int(num_groups), 1)
         self.governor.resize(num_groups)
         self.recovery.resize(num_groups)
-        self.last_scale = (self.last_scale + [1.0] * num_groups)[:num_groups]
-        self.capped = (self.capped + [None] * num_groups)[:num_groups]
+        self.last_scale = resized(self.last_scale, num_groups, 1.0)
+        self.capped = resized(self.capped, num_groups, None)
         self.num_groups = num_groups
 
     # ------------------------------------------------------------------ issuing
@@ -102,7 +102,6 @@ class Controller:
         c = self.config
         now = rec.now if now is None else now
         now = rec.step if now is None else max(int(now), rec.step)
-        G = self.num_groups
         self.processed += 1
         sig = derive(rec)
         issued_gate = self._per_group(rec.gate, 1.0)

@@ -53,7 +53,7 @@ import math
 from lbw_kernels import contract as C
 
 from .config import GuardConfig
-from .signals import StepSignals, per_group
+from .signals import StepSignals, per_group, resized
 
 
 def _finite(x) -> bool:
@@ -75,12 +75,8 @@ class StepSizeGovernor:
 
     def resize(self, num_groups: int) -> None:
         num_groups = max(int(num_groups), 1)
-
-        def fit(values: list, fill) -> list:
-            return (values + [fill] * num_groups)[:num_groups]
-
-        self.ceiling = fit(getattr(self, "ceiling", []), None)  # max effective lr, or None
-        self.ratio_per_lr = fit(getattr(self, "ratio_per_lr", []), None)
+        self.ceiling = resized(getattr(self, "ceiling", []), num_groups, None)  # max effective lr, or None
+        self.ratio_per_lr = resized(getattr(self, "ratio_per_lr", []), num_groups, None)
         self.num_groups = num_groups
 
     def seed_ratio(self, values: list) -> None:

@@ -9,9 +9,10 @@ The policy answers faults, not level changes, and never harms a healthy run:
   it at once);
 - a group whose gradients alone are non-finite or spiking in two records in a row is frozen
   (gated off) for ``freeze_steps``, within ``max_frozen_fraction`` of the parameters;
-- only *corroborated* divergence rolls back: non-finite parameters, or a loss spike right
-  after a gradient spike was applied (the step did the damage); the target is the newest
-  *verified* snapshot (taken, then confirmed by two clean records), within distance and budget;
+- divergence rolls back when it is corroborated: non-finite parameters, or a loss spike right
+  after a gradient spike was applied (the step did the damage); or when trouble persists for
+  ``min(8, give_up_after)`` records in a row. The target is the newest *verified* snapshot
+  (taken, then confirmed by two clean records), within distance and budget;
 - trouble that persists with no rollback left ends in :class:`GuardGaveUp` (or the user's
   hook) with the evidence, never in skipping forever.
 """
@@ -22,7 +23,7 @@ from collections import deque
 
 from .config import GuardConfig
 from .detectors import Assessment
-from .signals import StepSignals, per_group
+from .signals import StepSignals, per_group, resized
 
 # Consecutive records in trouble after which a rollback is tried even without corroboration.
 _PERSISTENT_TROUBLE = 8
@@ -48,20 +49,15 @@ class Recovery:
         self.rollback_steps: deque[int] = deque()
         self.pending_snapshots: list[int] = []  # taken, not yet confirmed by two clean records
         self.verified_snapshots: list[int] = []
-        self.last_trouble_step = 0
         self.recent_reasons: deque[tuple[int, list[str]]] = deque(maxlen=8)
         self.num_groups = 0
         self.resize(num_groups)
 
     def resize(self, num_groups: int) -> None:
         num_groups = max(int(num_groups), 1)
-
-        def fit(values: list, fill) -> list:
-            return (values + [fill] * num_groups)[:num_groups]
-
-        self.freeze_until = fit(getattr(self, "freeze_until", []), 0)
-        self.hot_streak = fit(getattr(self, "hot_streak", []), 0)
-        self.numel = fit(getattr(self, "numel", []), 0.0)
+        self.freeze_until = resized(getattr(self, "freeze_until", []), num_groups, 0)
+        self.hot_streak = resized(getattr(self, "hot_streak", []), num_groups, 0)
+        self.numel = resized(getattr(self, "numel", []), num_groups, 0.0)
         self.num_groups = num_groups
 
     # ------------------------------------------------------------------ gates
@@ -114,7 +110,6 @@ class Recovery:
             return decision
 
         self.consecutive_trouble += 1
-        self.last_trouble_step = step
         self.recent_reasons.append((step, a.reasons))
         loss_only = a.loss_spike and not (a.grad_spike or a.nonfinite or a.params_bad)
         self.loss_only_streak = self.loss_only_streak + 1 if loss_only else 0
@@ -224,7 +219,6 @@ class Recovery:
             "rollback_steps": list(self.rollback_steps),
             "pending_snapshots": list(self.pending_snapshots),
             "verified_snapshots": list(self.verified_snapshots),
-            "last_trouble_step": self.last_trouble_step,
             "recent_reasons": [[s, list(r)] for s, r in self.recent_reasons],
             "freeze_until": list(self.freeze_until),
             "hot_streak": list(self.hot_streak),
@@ -240,7 +234,6 @@ class Recovery:
         self.rollback_steps = deque(int(s) for s in state["rollback_steps"])
         self.pending_snapshots = [int(s) for s in state["pending_snapshots"]]
         self.verified_snapshots = [int(s) for s in state["verified_snapshots"]]
-        self.last_trouble_step = int(state["last_trouble_step"])
         self.recent_reasons = deque(((int(s), list(r)) for s, r in state["recent_reasons"]), maxlen=8)
         G = self.num_groups
         self.freeze_until = [int(x) for x in per_group("freeze_until", state["freeze_until"], G)]

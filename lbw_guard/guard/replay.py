@@ -1,7 +1,7 @@
 """``lbw-guard replay TRACE.jsonl``: run the controller over a recorded telemetry trace.
 
 A trace is what a guard writes with ``GuardConfig(trace_path=...)`` (or
-``Guard.write_jsonl`` with ``keep_trace=True``): one ``record`` line per processed step.
+``Guard.write_jsonl`` with ``keep_trace=N``): one ``record`` line per processed step.
 Replay feeds those records to a fresh controller built from ``--config`` and prints what
 it would have flagged and done, so thresholds can be tuned on a real run before the guard
 is trusted to act on it. Replay never touches a model: rollbacks are reported, not done,
@@ -80,7 +80,7 @@ def _override_value(raw: str):
 
 
 # ---------------------------------------------------------------------------- reading a trace
-RUN_HEADERS = (RUN_START, "config")  # "config" heads a file written by Guard.write_jsonl
+RUN_HEADERS = (RUN_START, "config")  # "config": the header line of traces written before run_start existed
 _SPECIAL = ("nan", "inf", "-inf")  # how the trace writer encodes non-finite floats
 
 
@@ -117,12 +117,6 @@ def _is_numbers(value) -> bool:
 
 def _is_step(value) -> bool:
     return not isinstance(value, bool) and isinstance(value, int) and 0 <= value < 2**63
-
-
-def _is_telemetry(value) -> bool:
-    """One row of numbers per parameter group, every row as long as the first."""
-    return (isinstance(value, list) and len(value) > 0 and all(_is_numbers(row) and row for row in value)
-            and len({len(row) for row in value}) == 1)
 
 
 # What each field of a trace record must hold (the fields HostRecord.from_dict reads); keep

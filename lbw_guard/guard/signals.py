@@ -48,6 +48,11 @@ def per_group(name: str, values, num_groups: int) -> list:
     return list(values)
 
 
+def resized(values: list, num_groups: int, fill) -> list:
+    """A per-group list cut or padded with ``fill`` to ``num_groups`` entries (groups added)."""
+    return (list(values) + [fill] * num_groups)[:num_groups]
+
+
 _RECORD_KEYS = ("step", "record", "num_groups", "lrs", "scale", "gate", "has_loss", "grad_norm", "now")
 
 

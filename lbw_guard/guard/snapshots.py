@@ -9,7 +9,8 @@ and the kernels' tables stay valid).
 
 How often to snapshot comes from a cost budget: the guard measures what a copy takes and how
 long a step takes, and spaces the snapshots so that copies stay under ``snapshot_budget`` of
-the run's time (between every 5 steps and half the maximal rollback distance).
+the run's time: at least 5 steps apart, and at most half the maximal rollback distance (or 5,
+when that distance is under 10).
 """
 
 from __future__ import annotations
@@ -72,9 +73,6 @@ class SnapshotRing:
 
     def steps(self) -> list[int]:
         return [s.step for s in self.slots if s.step is not None]
-
-    def nbytes(self, optimizer) -> int:
-        return sum(t.numel() * t.element_size() for t in _sources(optimizer))
 
     def clear(self) -> None:
         for s in self.slots:
