@@ -14,8 +14,10 @@ per-layer param groups):
   white-noise level, per matrix: about 1 is gradient noise, well below 1 means successive
   gradients cancel. Over every matrix of the model (geometric mean) it stayed at 0.6-1.9 at
   the best lr for every transformer and schedule and fell to 0.01-0.15 at 10x within 20-40
-  steps; one layer alone dips to ~0.4 at the best lr, so the evidence is pooled over all groups
-  and one decision cuts every group's ceiling in proportion (which also keeps LoRA+ ratios).
+  steps (on the matrix's micro models healthy warmup + cosine runs dip to 0.19-0.25 at the
+  schedule's peak, hence ``omega_low`` 0.15); one layer alone dips to ~0.4 at the best lr, so
+  the evidence is pooled over all groups and one decision cuts every group's ceiling in
+  proportion (which also keeps LoRA+ ratios).
   omega carries the second moment's memory (a run that oscillated keeps a large v for hundreds
   of steps): that holds a 10x run down, but would also keep cutting a run whose cut worked, so
   a further cut needs omega to have fallen further since the last one. An MLP with LayerNorm
