@@ -44,8 +44,11 @@ def _int_list(values) -> list[int]:
     return values if isinstance(values, list) else [int(x) for x in values]
 
 
-def _step(kind: str, params, grads, exp_avgs, exp_avg_sqs, steps, group_ids, kinds, control,
-          tensor_out, record_out, loss, found_inf, grad_scale, grad_norm, accumulate) -> None:
+def _step(kind: str, params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
+          exp_avg_sqs: Sequence[Tensor], steps: Sequence[Tensor], group_ids: Sequence[int], kinds: Sequence[int],
+          control: Tensor, tensor_out: Tensor, record_out: Tensor, *, loss: Tensor | None = None,
+          found_inf: Tensor | None = None, grad_scale: Tensor | None = None, grad_norm: Tensor | None = None,
+          accumulate: bool = False) -> None:
     if loss is not None and not isinstance(loss, Tensor):
         loss = torch.tensor(float(loss), dtype=torch.float64, device=control.device)
     ops(kind).fused_step.default(
@@ -56,55 +59,21 @@ def _step(kind: str, params, grads, exp_avgs, exp_avg_sqs, steps, group_ids, kin
     )
 
 
-def cpu_step(
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    exp_avgs: Sequence[Tensor],
-    exp_avg_sqs: Sequence[Tensor],
-    steps: Sequence[Tensor],
-    group_ids: Sequence[int],
-    kinds: Sequence[int],
-    control: Tensor,
-    tensor_out: Tensor,
-    record_out: Tensor,
-    *,
-    loss: Tensor | None = None,
-    found_inf: Tensor | None = None,
-    grad_scale: Tensor | None = None,
-    grad_norm: Tensor | None = None,
-    accumulate: bool = False,
-) -> None:
-    """One bucket of CPU tensors, in place (see :func:`lbw_kernels.reference.fused_adamw_reference`)."""
-    _step("cpu", params, grads, exp_avgs, exp_avg_sqs, steps, group_ids, kinds, control,
-          tensor_out, record_out, loss, found_inf, grad_scale, grad_norm, accumulate)
+def cpu_step(*args, **kwargs) -> None:
+    """One bucket of CPU tensors, in place (signature of
+    :func:`lbw_kernels.reference.fused_adamw_reference`)."""
+    _step("cpu", *args, **kwargs)
 
 
-def cuda_step(
-    params: Sequence[Tensor],
-    grads: Sequence[Tensor],
-    exp_avgs: Sequence[Tensor],
-    exp_avg_sqs: Sequence[Tensor],
-    steps: Sequence[Tensor],
-    group_ids: Sequence[int],
-    kinds: Sequence[int],
-    control: Tensor,
-    tensor_out: Tensor,
-    record_out: Tensor,
-    *,
-    loss: Tensor | None = None,
-    found_inf: Tensor | None = None,
-    grad_scale: Tensor | None = None,
-    grad_norm: Tensor | None = None,
-    accumulate: bool = False,
-) -> None:
-    """One bucket of tensors on one CUDA device, in place, with no host synchronisation.
+def cuda_step(*args, **kwargs) -> None:
+    """One bucket of tensors on one CUDA device, in place, with no host synchronisation
+    (signature of :func:`lbw_kernels.reference.fused_adamw_reference`).
 
     The device tables are cached per bucket layout (data pointers, sizes, groups, kinds, step
     counters); a call whose layout is cached launches two kernels and nothing else, so it can be
     captured in a CUDA graph (warm up once outside the capture, as torch's optimizers need).
     """
-    _step("cuda", params, grads, exp_avgs, exp_avg_sqs, steps, group_ids, kinds, control,
-          tensor_out, record_out, loss, found_inf, grad_scale, grad_norm, accumulate)
+    _step("cuda", *args, **kwargs)
 
 
 def cpu_grad_norm_sq(grads: Sequence[Tensor]) -> Tensor:

@@ -35,6 +35,12 @@ def key(e):
     return (e.step, e.action, e.detail, e.bound, e.regime)
 
 
+def assert_replay_matches(path, config, live_events):
+    """Replaying the trace at ``path`` with ``config`` decides exactly what the live guard did."""
+    events, *_ = replayed(path, config)
+    assert [key(e) for e in events] == [key(e) for e in live_events]
+
+
 def replayed(path, config, run=None):
     runs = read_runs(str(path))
     lines = runs[-1 if run is None else run - 1].records
@@ -123,8 +129,8 @@ def test_replay_reproduces_a_level_shift_without_notice(tmp_path):
     config = GuardConfig(trace_path=str(path), snapshot_interval=5)
     live = Live(config).run(100, {30: dict(grad_scale=1e5)}, level_shift=60)
     live.guard.close()
-    events, *_ = replayed(path, config)
-    assert [key(e) for e in events] == [key(e) for e in live.guard.events]
+    assert_replay_matches(path, config, live.guard.events)
+    events = live.guard.events
     assert ("rebaseline", "loss_level_shift") in [(e.action, e.detail.get("why")) for e in events]
 
 
@@ -177,8 +183,7 @@ def test_replay_reproduces_a_run_that_gave_up_and_went_on(tmp_path):
     live.run(90, {n: dict(nan_loss=True) for n in range(40, 75)})
     live.guard.close()
     assert calls
-    events, *_ = replayed(path, config)
-    assert [key(e) for e in events] == [key(e) for e in live.guard.events]
+    assert_replay_matches(path, config, live.guard.events)
 
 
 def test_replay_reproduces_a_run_capped_by_the_update_envelope_from_step_one(tmp_path):
@@ -187,8 +192,7 @@ def test_replay_reproduces_a_run_capped_by_the_update_envelope_from_step_one(tmp
     live = Live(config, lr=0.1).run(40)
     live.guard.close()
     assert [(e.step, e.action, e.bound) for e in live.guard.events][:1] == [(1, "cap_scale", "update_envelope")]
-    events, *_ = replayed(path, config)
-    assert [key(e) for e in events] == [key(e) for e in live.guard.events]
+    assert_replay_matches(path, config, live.guard.events)
 
 
 def test_replay_keeps_the_order_of_a_data_change_right_after_a_rollback(tmp_path):
@@ -206,8 +210,7 @@ def test_replay_keeps_the_order_of_a_data_change_right_after_a_rollback(tmp_path
     driver.guard.close()
     live = driver.guard.events
     assert [e.action for e in live if e.action in ("cap_scale", "rebaseline")][:2] == ["cap_scale", "rebaseline"]
-    events, *_ = replayed(path, config)
-    assert [key(e) for e in events] == [key(e) for e in live]
+    assert_replay_matches(path, config, live)
 
 
 def test_replay_uses_the_live_lrs_at_the_end_of_a_trace(tmp_path):
@@ -220,8 +223,7 @@ def test_replay_uses_the_live_lrs_at_the_end_of_a_trace(tmp_path):
     driver.guard.close()
     live = driver.guard.events
     assert [(e.step, e.action, e.bound) for e in live][-1:] == [(21, "cap_scale", "update_envelope")]
-    events, *_ = replayed(path, config)
-    assert [key(e) for e in events] == [key(e) for e in live]
+    assert_replay_matches(path, config, live)
 
 
 def test_replay_of_a_write_jsonl_trace_reproduces_a_rollback(tmp_path):
@@ -233,8 +235,7 @@ def test_replay_of_a_write_jsonl_trace_reproduces_a_rollback(tmp_path):
     driver.guard.write_jsonl(path)
     live = driver.guard.events
     assert [(e.step, e.action) for e in live if e.action.startswith("rollback")] == [(35, "rollback")]
-    events, *_ = replayed(path, config)
-    assert [key(e) for e in events] == [key(e) for e in live]
+    assert_replay_matches(path, config, live)
 
 
 def test_replay_of_a_resumed_run_reproduces_its_decisions(tmp_path):
