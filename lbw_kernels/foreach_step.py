@@ -58,7 +58,7 @@ def fused_adamw_foreach(
                      steps_before, control, gate, invalid, step_ok, loss, grad_norm, accumulate)
         return
     compute = f64 if params[0].dtype == f64 else torch.float32
-    coef = _host_coefficients(control, gids, steps_before, gate, grad_norm, compute)
+    coef = _host_coefficients(control, gids, steps_before, gate, grad_norm, compute, tensor_out)
     tensor_gate = gate[gids]
     gated = [x != 0 for x in tensor_gate.tolist()]
     clamp = [x != 0 for x in control[:-1, C.CLAMP][gids].tolist()]
@@ -84,6 +84,8 @@ def fused_adamw_foreach(
         bound = torch._foreach_mul(sqrt_v, coef["spike_scale"])
         for i, (g, b, v) in enumerate(zip(g_used, bound, v_old)):
             hit = (g.abs() > b) & (v > 0)
+            if coef["spike_floor"][i] > 0:
+                hit &= g.abs() > coef["spike_floor"][i]
             if finite[i] is not None:
                 hit &= finite[i]
             spikes[i] = float(hit.sum())
@@ -168,12 +170,15 @@ def _update(written, params, p_old, g_m, g_v, grown, exp_avgs, exp_avg_sqs, coef
     return out
 
 
-def _host_coefficients(control, gids, steps_before, gate, grad_norm, compute) -> dict[str, list[float]]:
-    """The contract's per-tensor scalars as host floats, rounded once to the compute dtype."""
+def _host_coefficients(control, gids, steps_before, gate, grad_norm, compute, tensor_in) -> dict[str, list[float]]:
+    """The contract's per-tensor scalars as host floats, rounded once to the compute dtype
+    (``tensor_in``: the sums ``tensor_out`` held on entry, for the spike bound's floor)."""
     coef = C.coefficients(control[:-1][gids], steps_before, gate[gids], control[-1, C.MAX_GRAD_NORM], grad_norm,
                           compute)
-    table = torch.stack([coef[k].to(compute) for k in _COEF_KEYS]).tolist()
-    return dict(zip(_COEF_KEYS, table))
+    table = [coef[k].to(compute) for k in _COEF_KEYS]
+    out = dict(zip(_COEF_KEYS, torch.stack(table).tolist()))
+    out["spike_floor"] = C.spike_floor(coef["spike_scale"], tensor_in.to(coef["spike_scale"].device), compute).tolist()
+    return out
 
 
 def _as_compute(x: float, compute: torch.dtype) -> float:

@@ -50,6 +50,7 @@ def fused_adamw_reference(
     steps_before = torch.stack([s.detach().reshape(()).to(torch.float64) for s in steps]) if steps else \
         torch.zeros(0, dtype=torch.float64, device=device)
     sums = torch.zeros(len(params), C.NUM_TENSOR_FIELDS, dtype=torch.float64, device=device)
+    tensor_in = tensor_out.detach().clone()  # the previous step's sums: the spike bound's floor
 
     for i, (p, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
         gid = group_ids[i]
@@ -64,7 +65,8 @@ def fused_adamw_reference(
         g_used = g_raw * c["clip"]
         sqrt_v = v_old.sqrt()
         bound = c["spike_scale"] * sqrt_v
-        spike = finite & (v_old > 0) & (g_used.abs() > bound)
+        floor = C.spike_floor(c["spike_scale"].reshape(1), tensor_in[i:i + 1], compute)[0]
+        spike = finite & (v_old > 0) & (g_used.abs() > bound) & (g_used.abs() > floor)
         g_m = g_used
         if clamp:
             g_m = torch.where(spike, torch.copysign(sqrt_v * c["prev_v"], g_used), g_used)

@@ -430,7 +430,7 @@ def fused_adamw_triton(
     with guard:
         if struct.num_chunks:
             update_kernel[(struct.num_chunks,)](
-                tables.chunks, control, struct.partials,
+                tables.chunks, control, tensor_out, struct.partials,
                 zero if loss is None else loss, found_inf, grad_scale,
                 zero if grad_norm is None else grad_norm, G, flags,
                 P_DTYPE=_P_DTYPES[dtype], ALIGNED=tables.aligned, BLOCK=cfg.block,

@@ -24,6 +24,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from . import contract as C
 from .triton_common import (BETA1, BETA2, CLAMP, CLIP_EPS, EPS, HAS_GRAD_NORM, LR,
                             MASK_NONFINITE, MAX_GRAD_NORM, NUM_CONTROL, SCALE, SPIKE_K, SPIKE_V_GROWTH,
                             WEIGHT_DECAY, group_gate, isfinite, power, round_to, step_ok)
@@ -36,11 +37,15 @@ PARTIAL_FIELDS = 10
 PARTIAL_COLS = 16  # row stride: 128-byte rows
 _PC = tl.constexpr(PARTIAL_COLS)
 _CC = tl.constexpr(CHUNK_COLS)
+_NT = tl.constexpr(C.NUM_TENSOR_FIELDS)
+_CHUNK_TENSOR = tl.constexpr(CHUNK_TENSOR)
+_T_MOMENT2_SUM = tl.constexpr(C.T_MOMENT2_SUM)
+_T_NUMEL = tl.constexpr(C.T_NUMEL)
 
 
 @triton.jit
 def _tile(p_ptrs, g_ptrs, m_ptrs, v_ptrs, inb, gate_v, clamp_v, keep_nonfinite_v,
-          inv_scale, clip, spike_scale, one_minus_beta1, beta2, one_minus_beta2, bc2_sqrt, eps,
+          inv_scale, clip, spike_scale, spike_floor, one_minus_beta1, beta2, one_minus_beta2, bc2_sqrt, eps,
           decay, step_size, prev_m, prev_v,
           a_gsq, a_usq, a_psq, a_gdu, a_gdp, a_dsq, a_msq, a_vsum, a_spk, a_nf,
           P_DTYPE: tl.constexpr, MASKED: tl.constexpr):
@@ -67,7 +72,7 @@ def _tile(p_ptrs, g_ptrs, m_ptrs, v_ptrs, inb, gate_v, clamp_v, keep_nonfinite_v
     g_used = g_raw * clip
     sqrt_v = tl.sqrt_rn(v)
     bound = spike_scale * sqrt_v
-    spike = finite & (v > 0.0) & (tl.abs(g_used) > bound)
+    spike = finite & (v > 0.0) & (tl.abs(g_used) > bound) & (tl.abs(g_used) > spike_floor)
     # An outlier enters m at its typical size sqrt(v_hat) with its sign (copysign on the bits);
     # its v grows by SPIKE_V_GROWTH, so the bound still follows a gradient that really grew.
     clamped = spike & clamp_v
@@ -111,7 +116,7 @@ def _tile(p_ptrs, g_ptrs, m_ptrs, v_ptrs, inb, gate_v, clamp_v, keep_nonfinite_v
 
 
 @triton.jit(do_not_specialize=["num_groups", "flags"])
-def update_kernel(chunks, control, partials, loss_ptr, found_inf_ptr, grad_scale_ptr,
+def update_kernel(chunks, control, tensor_out, partials, loss_ptr, found_inf_ptr, grad_scale_ptr,
                   grad_norm_ptr, num_groups, flags,
                   P_DTYPE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
@@ -155,6 +160,13 @@ def update_kernel(chunks, control, partials, loss_ptr, found_inf_ptr, grad_scale
     prev_v64 = tl.where(first, 1.0, 1.0 / tl.sqrt(bc2_prev))
     prev_v = prev_v64.to(tl.float32)
     spike_scale = tl.where(first, float("inf"), tl.load(crow + SPIKE_K) * prev_v64).to(tl.float32)
+    # The bound's floor from the previous step's sums, which tensor_out still holds (the finish
+    # kernel, launched after this one, overwrites them).
+    t_row = tensor_out + tl.load(row + _CHUNK_TENSOR) * _NT
+    numel_in = tl.load(t_row + _T_NUMEL)
+    rms_in = tl.sqrt(tl.load(t_row + _T_MOMENT2_SUM) / tl.where(numel_in > 0.0, numel_in, 1.0))  # fp64: IEEE
+    spike_floor = spike_scale * rms_in.to(tl.float32)
+    spike_floor = tl.where(isfinite(spike_floor) & (numel_in > 0.0), spike_floor, 0.0)
     # clip_grad_norm_'s coefficient in fp32 (contract.clip_coefficient); 1 without a norm.
     max_norm = tl.load(srow + MAX_GRAD_NORM).to(tl.float32)
     norm = tl.load(grad_norm_ptr).to(tl.float32)
@@ -188,7 +200,7 @@ def update_kernel(chunks, control, partials, loss_ptr, found_inf_ptr, grad_scale
         offs = i * BLOCK + lanes
         (a_gsq, a_usq, a_psq, a_gdu, a_gdp, a_dsq, a_msq, a_vsum, a_spk, a_nf) = _tile(
             p_ptr + offs, g_ptr + offs, m_ptr + offs, v_ptr + offs, gate_v, gate_v, clamp_v,
-            keep_nonfinite_v, inv_scale, clip, spike_scale, one_minus_beta1, beta2,
+            keep_nonfinite_v, inv_scale, clip, spike_scale, spike_floor, one_minus_beta1, beta2,
             one_minus_beta2, bc2_sqrt, eps, decay, step_size, prev_m, prev_v,
             a_gsq, a_usq, a_psq, a_gdu, a_gdp, a_dsq, a_msq, a_vsum, a_spk, a_nf,
             P_DTYPE, False)
@@ -197,7 +209,7 @@ def update_kernel(chunks, control, partials, loss_ptr, found_inf_ptr, grad_scale
         inb = offs < n
         (a_gsq, a_usq, a_psq, a_gdu, a_gdp, a_dsq, a_msq, a_vsum, a_spk, a_nf) = _tile(
             p_ptr + offs, g_ptr + offs, m_ptr + offs, v_ptr + offs, inb, gate_v, clamp_v,
-            keep_nonfinite_v, inv_scale, clip, spike_scale, one_minus_beta1, beta2,
+            keep_nonfinite_v, inv_scale, clip, spike_scale, spike_floor, one_minus_beta1, beta2,
             one_minus_beta2, bc2_sqrt, eps, decay, step_size, prev_m, prev_v,
             a_gsq, a_usq, a_psq, a_gdu, a_gdp, a_dsq, a_msq, a_vsum, a_spk, a_nf,
             P_DTYPE, True)
@@ -219,7 +231,7 @@ def update_kernel(chunks, control, partials, loss_ptr, found_inf_ptr, grad_scale
 # Constexpr and launch options per compiled variant; shared with compile_check.
 def update_signature(p_dtype: str, scalar_dtype: str = "fp32") -> dict[str, str]:
     """Triton signature (name -> type) of :func:`update_kernel` for a param dtype."""
-    return {"chunks": "*i64", "control": "*fp64", "partials": "*fp64",
+    return {"chunks": "*i64", "control": "*fp64", "tensor_out": "*fp64", "partials": "*fp64",
             "loss_ptr": f"*{scalar_dtype}", "found_inf_ptr": f"*{scalar_dtype}",
             "grad_scale_ptr": f"*{scalar_dtype}", "grad_norm_ptr": f"*{scalar_dtype}",
             "num_groups": "i32", "flags": "i32"}

@@ -37,6 +37,7 @@ import torch
 from lbw_kernels import contract as C
 from lbw_kernels.backends import BackendUnavailable
 from lbw_kernels.reference import fused_adamw_reference
+from spike_floor_case import NUM_LOUD, NUM_QUIET, STEP, floor_case
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
@@ -219,12 +220,17 @@ def clone_bucket(bucket):
     return out
 
 
-def run(fn, bucket, control, *, record=None, accumulate=False, **scalars):
-    """One step of ``fn`` on ``bucket`` in place; returns (tensor_out, record_out)."""
+def run(fn, bucket, control, *, record=None, accumulate=False, tensor_in=None, **scalars):
+    """One step of ``fn`` on ``bucket`` in place; returns (tensor_out, record_out).
+    ``tensor_in``: what tensor_out holds on entry (the previous step's sums give the spike bound
+    its floor); by default a value the contract ignores (a negative numel: no floor)."""
     device = control.device
     T = len(bucket["params"])
     G = control.shape[0] - 1
-    tensor_out = torch.full((T, C.NUM_TENSOR_FIELDS), -7.0, dtype=torch.float64, device=device)
+    if tensor_in is None:
+        tensor_out = torch.full((T, C.NUM_TENSOR_FIELDS), -7.0, dtype=torch.float64, device=device)
+    else:
+        tensor_out = tensor_in.to(device, copy=True)
     if record is None:
         record = torch.full((C.record_layout(G).size,), 3.0, dtype=torch.float64, device=device)
     if control.device.type == "cpu" and fn is fused_adamw_reference:
@@ -428,12 +434,12 @@ def assert_telemetry_close(ours, ref, bucket, control, precise: bool, msg: str) 
         torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=f"{msg}: record {part}")
 
 
-def check_step(backend: Backend, bucket, control, msg, **scalars):
+def check_step(backend: Backend, bucket, control, msg, tensor_in=None, **scalars):
     """One step of the backend and of the reference from the same state; compares everything
     and returns both results (the backend's state continues the run)."""
     ref = clone_bucket(bucket)
-    ref_out = run(fused_adamw_reference, ref, control, **scalars)
-    ours_out = run(backend.step, bucket, control, **scalars)
+    ref_out = run(fused_adamw_reference, ref, control, tensor_in=tensor_in, **scalars)
+    ours_out = run(backend.step, bucket, control, tensor_in=tensor_in, **scalars)
     assert_states_equal(bucket, ref, f"{backend.name}: {msg}")
     assert_telemetry_close(ours_out, ref_out, bucket, control, backend.precise, f"{backend.name}: {msg}")
     return ours_out, ref_out
@@ -529,14 +535,34 @@ def test_many_steps(backend, dtype):
                          zero_init=(3,))
     assert bucket["kinds"] == [C.KIND_MATRIX, C.KIND_OTHER, C.KIND_OTHER, C.KIND_ZERO_INIT]
     num_steps = 20 if backend.name != "cuda-emulated" else 6
+    tensor_in = torch.zeros(len(shapes), C.NUM_TENSOR_FIELDS, dtype=torch.float64)
     for k in range(num_steps):
         gate = [1.0, float(k % 3 != 1), 1.0, float(k % 5 != 4)]
         control = make_control(GATE=gate, max_grad_norm=1.0).to(device)
         scalars = scalars_on(device, grad_norm=0.5 + k * 0.1, loss=1.0)
-        check_step(backend, bucket, control, f"seed={seed} step {k}", **scalars)
+        # as the optimizer does: each step finds the previous step's sums (the bound's floor)
+        (tensor_in, _), _ = check_step(backend, bucket, control, f"seed={seed} step {k}", tensor_in=tensor_in,
+                                       **scalars)
         bucket["grads"] = random_grads(bucket["params"], bucket["exp_avg_sqs"], gen, nonfinite=(k % 4 == 0))
     steps = [s.item() for s in bucket["steps"]]
     assert steps[0] == steps[2] == num_steps and steps[1] < num_steps and steps[3] < num_steps
+
+
+@pytest.mark.parametrize("with_history", [True, False], ids=["floor", "no-history"])
+def test_spike_floor(backend, with_history):
+    """The spike bound's floor from the previous step's sums in tensor_out: exact outlier
+    counts (see tests/spike_floor_case.py), every element against the reference."""
+    seed = fresh_seed()
+    device = backend.device
+    p, g, m, v, row = floor_case(seed)
+    bucket = {"params": [p.to(device)], "grads": [g.to(device)], "exp_avgs": [m.to(device)],
+              "exp_avg_sqs": [v.to(device)], "steps": [torch.tensor(STEP, device=device)], "group_ids": [0],
+              "kinds": [C.KIND_MATRIX]}
+    control = make_control(1, SPIKE_K=6.0, CLAMP=1.0).to(device)
+    tensor_in = (row if with_history else torch.zeros_like(row)).reshape(1, -1)
+    (t_ours, _), _ = check_step(backend, bucket, control, f"seed={seed}", tensor_in=tensor_in)
+    expected = NUM_LOUD if with_history else NUM_LOUD + NUM_QUIET
+    assert t_ours[0, C.T_SPIKES].item() == expected
 
 
 def _layout_bucket(dtype, device, seed):

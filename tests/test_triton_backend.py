@@ -39,6 +39,7 @@ from lbw_kernels import triton_adamw  # noqa: E402
 from lbw_kernels.reference import fused_adamw_reference  # noqa: E402
 from lbw_kernels.triton_adamw import fused_adamw_triton  # noqa: E402
 from lbw_kernels.triton_common import round_to  # noqa: E402
+from spike_floor_case import NUM_LOUD, NUM_QUIET, STEP, floor_case  # noqa: E402
 
 # The interpreter runs the kernels in numpy, which warns on inf * 0 (a spike bound on a
 # tensor's first step) and on NaN arithmetic; both are intended.
@@ -233,14 +234,18 @@ def call(fn, b: Bucket, control, out: Outputs, **kw):
            control, out.tensor_out, out.record, **kw)
 
 
-def run_both(b: Bucket, control, config=None, accumulate_into=None, **kw):
+def run_both(b: Bucket, control, config=None, accumulate_into=None, tensor_in=None, **kw):
     """Run the reference on a clone and the Triton backend on ``b``; returns
-    (reference bucket, reference outputs, triton outputs)."""
+    (reference bucket, reference outputs, triton outputs). ``tensor_in``: what tensor_out holds
+    on entry (the previous step's sums: the spike bound's floor); NaN (no floor) by default."""
     G = control.shape[0] - 1
     ref = b.clone()
     device = control.device
     if accumulate_into is None:
         ref_out, got_out = new_outputs(b, G, device), new_outputs(b, G, device)
+        if tensor_in is not None:
+            ref_out.tensor_out.copy_(tensor_in)
+            got_out.tensor_out.copy_(tensor_in)
     else:
         ref_rec, got_rec = accumulate_into
         ref_out = Outputs(torch.full((len(b.params), C.NUM_TENSOR_FIELDS), float("nan"),
@@ -334,10 +339,10 @@ def assert_telemetry(got: Outputs, ref: Outputs, num_groups: int):
         assert_same(got.record[sl], ref.record[sl], part)
 
 
-def check(b: Bucket, control, config=None, **kw):
+def check(b: Bucket, control, config=None, tensor_in=None, **kw):
     """Run both backends and compare everything; returns (ref outputs, triton outputs)."""
     grads_before = [g.clone() for g in b.grads]
-    ref, ref_out, got_out = run_both(b, control, config=config, **kw)
+    ref, ref_out, got_out = run_both(b, control, config=config, tensor_in=tensor_in, **kw)
     assert_same_state(b, ref, grads_before)
     assert_telemetry(got_out, ref_out, control.shape[0] - 1)
     return ref_out, got_out
@@ -527,17 +532,39 @@ def test_many_steps_in_a_row(device):
                     torch.float16, device, gen)
     triton_adamw.clear_caches()
     builds = None
+    tensor_in = None
     for step in range(10):
         for x in b.grads:
             x.copy_((torch.randn(x.shape, generator=gen) * 0.05).to(x.dtype))
         loss = 20.0 if step == 4 else 1.0 / (step + 1)  # step 4 is skipped
         steps_before = [float(s) for s in b.steps]
-        check(b, control, loss=tensor(loss, device))
+        # as the optimizer does: each step finds the previous step's sums (the bound's floor)
+        _, got_out = check(b, control, tensor_in=tensor_in, loss=tensor(loss, device))
+        tensor_in = got_out.tensor_out.clone()
         for s, before in zip(b.steps, steps_before):
             assert float(s) == before + (step != 4)
         if step == 0:
             builds = dict(triton_adamw.cache_stats)
     assert triton_adamw.cache_stats == builds
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("with_history", [True, False], ids=["floor", "no-history"])
+def test_spike_floor(device, with_history):
+    """The spike bound's floor from the previous step's sums in tensor_out: exact outlier
+    counts (see tests/spike_floor_case.py), bit-exact against the reference."""
+    gen = torch.Generator().manual_seed(11)
+    spec = Spec((64, 64), 0)
+    p, g, m, v, row = floor_case(int(torch.randint(0, 2**31 - 1, (), generator=gen)))
+    b = Bucket([spec], [p.to(device)], [g.to(device)], [m.to(device)], [v.to(device)],
+               [torch.tensor(STEP, device=device)], [0], [C.KIND_MATRIX])
+    control = make_control(1, gen, device)
+    control[0, C.SPIKE_K] = 6.0
+    control[0, C.CLAMP] = 1.0
+    tensor_in = (row if with_history else torch.zeros_like(row)).reshape(1, -1).to(device)
+    ref_out, _ = check(b, control, tensor_in=tensor_in)
+    expected = NUM_LOUD if with_history else NUM_LOUD + NUM_QUIET
+    assert ref_out.tensor_out[0, C.T_SPIKES].item() == expected
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -128,7 +128,7 @@ constexpr int kFUnit = RangeFlags::kRangeUnit;    // inv_scale == clip == 1: ski
 
 // The per-tensor scalars, broadcast once per range.
 struct Consts {
-  vf inv_scale, clip, spike_scale, prev_m, prev_v, eps, omb1, beta2, omb2, bc2_sqrt, decay,
+  vf inv_scale, clip, spike_scale, spike_floor, prev_m, prev_v, eps, omb1, beta2, omb2, bc2_sqrt, decay,
       step_size;
 };
 
@@ -176,7 +176,7 @@ __attribute__((always_inline)) inline void vec_body(P* __restrict p, float* __re
   vi grown = splat<vi>(0);
   if (kSpike) {
     const vf bound = c.spike_scale * sv;
-    vi spike = (vi)(vo > 0.0f) & (vi)(vabs(gc) > bound);
+    vi spike = (vi)(vo > 0.0f) & (vi)(vabs(gc) > bound) & (vi)(vabs(gc) > c.spike_floor);
     if (!kFinite) spike &= fin;
     if (kTail) spike &= real;  // (the zero padding has v = 0 and cannot spike anyway)
     if (kFinite ? any_lane(spike) : true) {  // rare: clamp and count
@@ -289,6 +289,7 @@ void range_kernel(const RangeArgs& a, Partials& out) {
   c.inv_scale = splat<vf>(a.inv_scale);
   c.clip = splat<vf>(a.clip);
   c.spike_scale = splat<vf>(a.c.spike_scale);
+  c.spike_floor = splat<vf>(a.spike_floor);
   c.prev_m = splat<vf>(a.c.prev_m);
   c.prev_v = splat<vf>(a.c.prev_v);
   c.eps = splat<vf>(a.c.eps);

@@ -151,6 +151,13 @@ Coeffs coefficients(const double* row, double s, double applied) {
   return c;
 }
 
+// contract.spike_floor: the spike bound's floor from the sums tensor_out held on entry.
+float spike_floor(float spike_scale, double moment2_sum, double numel) {
+  if (!(numel > 0.0)) return 0.0f;
+  const float floor = spike_scale * static_cast<float>(std::sqrt(moment2_sum / numel));
+  return std::isfinite(floor) ? floor : 0.0f;
+}
+
 // clip_grad_norm_'s coefficient in fp32 (contract.clip_coefficient).
 float clip_coefficient(double max_grad_norm, const std::optional<double>& grad_norm) {
   if (!grad_norm) return 1.0f;
@@ -362,6 +369,7 @@ void fused_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
   std::vector<Chunk> chunks;
   std::vector<double> last_step(G, std::numeric_limits<double>::quiet_NaN());
   std::vector<Coeffs> last_coeffs(G);
+  const auto tensor_in = tensor_out.accessor<double, 2>();  // the previous step's sums
   for (int64_t i = 0; i < T; ++i) {
     const int64_t gi = group_ids[i];
     const double* row = ctab + gi * kNumControl;
@@ -377,6 +385,7 @@ void fused_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
     a.v = exp_avg_sqs[i].data_ptr<float>();
     a.n = params[i].numel();
     a.c = last_coeffs[gi];
+    a.spike_floor = spike_floor(a.c.spike_scale, tensor_in[i][kTMoment2Sum], tensor_in[i][kTNumel]);
     a.inv_scale = inv_scale;
     a.clip = clip;
     int flags = 0;

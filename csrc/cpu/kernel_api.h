@@ -30,6 +30,7 @@ struct RangeArgs {
   float* v;
   int64_t n;
   Coeffs c;
+  float spike_floor;  // the spike bound's floor (contract.spike_floor; 0: none)
   float inv_scale;  // GradScaler's 1 / scale (1 without a scaler)
   float clip;       // clip_grad_norm_'s coefficient (1 without clipping)
 };

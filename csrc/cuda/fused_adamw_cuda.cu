@@ -177,13 +177,13 @@ __device__ __forceinline__ double read_step(const TensorDesc& t) {
 
 // The per-tensor fp32 coefficients of contract.coefficients, plus the step-wide ones.
 struct Coef {
-  float step_size, bc2_sqrt, decay, omb1, beta2, omb2, eps, prev_m, prev_v, spike_scale, clip,
-      inv_scale;
+  float step_size, bc2_sqrt, decay, omb1, beta2, omb2, eps, prev_m, prev_v, spike_scale,
+      spike_floor, clip, inv_scale;
   int flags;
 };
 
 // Called by warp 0 of a block: lanes 0-3 evaluate the four powers at once.
-__device__ void compute_coef(const StepArgs& a, const TensorDesc& t, Coef& out) {
+__device__ void compute_coef(const StepArgs& a, const TensorDesc& t, int32_t tensor, Coef& out) {
   const int lane = threadIdx.x & 31;
   const double* row = a.control + int64_t(t.group) * kNumControl;
   const double* srow = a.control + int64_t(a.num_groups) * kNumControl;
@@ -217,6 +217,16 @@ __device__ void compute_coef(const StepArgs& a, const TensorDesc& t, Coef& out) 
   c.prev_v = __double2float_rn(prev_v);
   c.spike_scale = first ? __int_as_float(0x7f800000)
                         : __double2float_rn(__dmul_rn(row[kSpikeK], prev_v));
+  // contract.spike_floor, from the previous step's sums (the finish kernel, launched after
+  // this one, overwrites them).
+  const double* t_in = a.tensor_out + int64_t(tensor) * a.tensor_out_stride0;
+  const double numel_in = t_in[kTNumel * a.tensor_out_stride1];
+  c.spike_floor = 0.0f;
+  if (numel_in > 0.0) {
+    const double rms = __dsqrt_rn(__ddiv_rn(t_in[kTMoment2Sum * a.tensor_out_stride1], numel_in));
+    const float floor = __fmul_rn(c.spike_scale, __double2float_rn(rms));
+    if ((__float_as_uint(floor) & 0x7f800000u) != 0x7f800000u) c.spike_floor = floor;
+  }
   // clip_grad_norm_'s coefficient in fp32 (contract.clip_coefficient).
   c.clip = 1.0f;
   if (a.grad_norm.type != kNone) {
@@ -261,7 +271,7 @@ __device__ __forceinline__ void element(uint32_t& p_bits, uint32_t g_bits, float
   bool grown = false;
   if (c.flags & kFSpike) {  // k * sqrt(v_hat); with an infinite bound nothing can spike
     const float bound = __fmul_rn(c.spike_scale, sv);
-    spike = fin && vo > 0.0f && fabsf(gc) > bound;
+    spike = fin && vo > 0.0f && fabsf(gc) > bound && fabsf(gc) > c.spike_floor;
     if (spike && (c.flags & kFClamp)) {
       gm = copysignf(__fmul_rn(sv, c.prev_v), gc);
       grown = true;
@@ -326,7 +336,7 @@ update_kernel(const StepArgs a) {
   __shared__ Coef s_coef;
   const ChunkDesc ch = a.chunks[blockIdx.x];
   const TensorDesc t = a.tensors[ch.tensor];
-  if (threadIdx.x < 32) compute_coef(a, t, s_coef);  // once per block, not per element
+  if (threadIdx.x < 32) compute_coef(a, t, ch.tensor, s_coef);  // once per block, not per element
   __syncthreads();
   const Coef c = s_coef;
   P* __restrict__ p = static_cast<P*>(t.p);
