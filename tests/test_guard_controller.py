@@ -481,6 +481,36 @@ def test_governor_returns_to_one_when_healthy_and_never_latches():
     assert sim.controller.governor.ceiling == [None]  # no memory of the old cut: a later restart runs free
 
 
+@pytest.mark.parametrize("how", ["notify", "level_shift"])
+def test_a_data_change_restarts_the_governor(how):
+    """Oscillation measured on the old data says nothing of the new: a data change (announced,
+    or a loss level shift with normal gradients) drops the ceilings at once, and a new cut
+    needs new evidence."""
+    config = explicit_config()
+    sim = Sim(config, lag=0)
+    rng = random.Random(3)
+    sim.run(30, lambda n, cmd: healthy(n, rng, omega=1.0))
+    sim.run(60, lambda n, cmd: healthy(n, rng, omega=0.05))
+    low = sim.commands[sim.step].scale[0]
+    assert low < 0.5
+    cuts_before = len([e for e in sim.events if e.action == "decrease_scale"])
+    changed_at = sim.step
+    if how == "notify":
+        sim.controller.notify_data_change(changed_at)
+        new_level = 2.0
+    else:
+        new_level = 3.0  # the loss jumps; the gradients stay normal
+    sim.run(100, lambda n, cmd: healthy(n, rng, omega=1.0, loss=new_level * (1 + 0.01 * (rng.random() - 0.5))))
+    assert sim.controller.governor.ceiling == [None]
+    assert [e for e in sim.events if e.action == "rebaseline"]
+    assert len([e for e in sim.events if e.action == "decrease_scale"]) == cuts_before  # no new evidence, no cut
+    # back to 1 as fast as the issued scale may rise (max_scale_increase per step)
+    released = min(n for n in sim.commands if n > changed_at and sim.commands[n].scale[0] == 1.0)
+    rise = math.ceil((1.0 - low) / config.max_scale_increase)
+    assert released <= changed_at + config.level_shift_records + config.lag + rise + 2
+    assert not [e for e in sim.events if e.action in ("rollback", "give_up")]
+
+
 def test_warm_restart_without_evidence_is_never_capped():
     config = explicit_config(max_update_ratio=0.5)
 

@@ -125,6 +125,7 @@ class Controller:
             self._transition(rec.step, RECOVERING, signals, "rollback")
         elif decision["rebaseline_loss"]:
             self.detectors.rebaseline_loss(sig.loss)
+            self.governor.on_data_change()
         else:
             self.detectors.fold(sig, a)
             if not (a.nonfinite or a.params_bad or a.grad_spike):  # a fault says nothing of the lr
@@ -147,6 +148,7 @@ class Controller:
         """The user says the data changed: the loss and the gradients are at a new level, not
         spiking; their statistics restart."""
         self.detectors.rebaseline()
+        self.governor.on_data_change()
         self.recovery.loss_only_streak = 0
         self._event(step, "rebaseline", detail={"why": "notify_data_change"})
 
