@@ -534,6 +534,31 @@ def test_telemetry_matches_a_direct_computation_of_the_contract(backend, zero_in
         assert list(tel.to_dict())[: C.NUM_GROUP_FIELDS] == list(C.GROUP_FIELDS)
 
 
+def test_spike_bound_floor_comes_from_the_previous_steps_sums(backend):
+    """The optimizer hands each bucket the same tensor_out every step, so the per-element bound
+    has its floor (k times the tensor's RMS sqrt(v) of the previous step): elements that had
+    almost no gradient and now get a legitimate one (a layer waking up) are not outliers; a
+    real spike still is."""
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    p = torch.randn(64, 64, generator=gen).requires_grad_()
+    idx = torch.randperm(p.numel(), generator=gen)
+    quiet, loud = idx[:64], idx[64:80]
+    opt = FusedGuardedAdamW([p], lr=1e-3, backend=backend, guard=GuardConfig(spike_warmup=2))
+    spikes = []
+    for s in range(9):
+        g = torch.randn(p.numel(), generator=gen)
+        g[quiet] = 1e-6 * g[quiet].sign()  # almost nothing: v_hat ~ 1e-12 there
+        if s == 7:
+            g[quiet] = 1e-3 * g[quiet].sign()  # 1000 of their own sigmas, far under k * RMS
+        if s == 8:
+            g[loud] = 1e4 * g[loud].sign()  # a real spike: over the floored bound too
+        p.grad = g.reshape(p.shape)
+        opt.step(loss=torch.tensor(2.0))
+        spikes.append(int(opt.telemetry.per_tensor[0][0, C.T_SPIKES]))
+    assert spikes[7] == 0, spikes
+    assert spikes[8] == len(loud), spikes
+
+
 # --------------------------------------------------------------------------- API
 def test_named_parameters_work_and_record_param_names_like_torch(backend):
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
