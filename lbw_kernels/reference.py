@@ -33,7 +33,8 @@ def fused_adamw_reference(
 ) -> None:
     """Update one bucket in place and write its telemetry.
 
-    ``tensor_out`` ([T, NUM_TENSOR_FIELDS] float64) receives the per-tensor sums;
+    ``tensor_out`` ([T, NUM_TENSOR_FIELDS] float64) receives the per-tensor sums; what it held
+    on entry (the previous step's sums of these tensors, or zeros) floors the spike bound;
     ``record_out`` (the flat record of ``control.shape[0] - 1`` groups) the group fields,
     applied gates, invalid flags and step-wide values. With ``accumulate`` the group fields
     are added to what ``record_out`` holds (a later bucket of the same step).
