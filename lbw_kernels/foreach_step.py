@@ -175,10 +175,9 @@ def _host_coefficients(control, gids, steps_before, gate, grad_norm, compute, te
     (``tensor_in``: the sums ``tensor_out`` held on entry, for the spike bound's floor)."""
     coef = C.coefficients(control[:-1][gids], steps_before, gate[gids], control[-1, C.MAX_GRAD_NORM], grad_norm,
                           compute)
-    table = [coef[k].to(compute) for k in _COEF_KEYS]
-    out = dict(zip(_COEF_KEYS, torch.stack(table).tolist()))
-    out["spike_floor"] = C.spike_floor(coef["spike_scale"], tensor_in.to(coef["spike_scale"].device), compute).tolist()
-    return out
+    floor = C.spike_floor(coef["spike_scale"], tensor_in.to(coef["spike_scale"].device), compute)
+    table = torch.stack([coef[k].to(compute) for k in _COEF_KEYS] + [floor]).tolist()  # one read
+    return dict(zip(_COEF_KEYS + ("spike_floor",), table))
 
 
 def _as_compute(x: float, compute: torch.dtype) -> float:
