@@ -66,7 +66,7 @@ class GuardConfig:
     100 sigma: 3e-5 and 4e-8. Without the floor, tensors waking up early in a run (attention
     weights, steps 13-45 of the matrix's runs) put up to 50% of their elements over the bound
     in one step and the clamp cost GPT-2 3.7% of its loss under warmup + cosine; with it the
-    steps touched fell from 50-65% to 1-5%. A x1e3 or larger spike still crosses the floored
+    steps touched fell from 41-67% to 0-5%. A x1e3 or larger spike still crosses the floored
     bound on 65-95% of the elements (x1e3: final loss within 0.8% of the clean run)."""
     spike_warmup: int = 10
     """Records before the per-element bound applies: early in a run the gradients of some
