@@ -556,7 +556,7 @@ RANGE_EXTRAS = {
     "min_loss_rel_std": [0.0], "z_grad": [0.0], "z_loss": [0.0], "spike_fraction": [0.0, 1.5],
     "warmup_grad_factor": [1.0, 0.5], "level_shift_records": [0], "spike_k": [0.0], "min_scale": [0.0, 1.5],
     "max_update_ratio": [0.0],
-    "early_records": [], "omega_low": [0.0, 0.95], "omega_high": [0.1],
+    "early_records": [], "omega_low": [0.0, 0.95], "omega_high": [0.01],  # below the default omega_low
     "omega_worsening": [0.0, 1.5], "omega_window": [0], "min_evidence": [0], "cut_factor": [0.0, 1.0],
     "cut_interval": [0], "recovery_rate": [0.0, 1.5], "max_scale_increase": [0.0, 1.5],
     "snapshot_interval": [51], "snapshot_budget": [0.0, 1.5], "snapshot_ring": [0],
