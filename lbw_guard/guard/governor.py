@@ -52,9 +52,10 @@ A cut is rate-limited (``cut_interval`` records apart) and bounded by ``min_scal
 evidence the ceilings rise by ``recovery_rate`` per record and are dropped once far above the
 schedule, so nothing latches. A data change (a loss level shift with normal gradients, or
 ``notify_data_change``) drops the ceilings and the evidence: GPT-NeoX at its best lr oscillates
-on prose (omega 0.06-0.13) and was cut there; after the switch to code its omega stayed at
+on prose (omega 0.04-0.15) and was cut there; after the switch to code its omega stayed at
 0.3-0.7, between the cut and the recovery levels, and the old ceiling held the rest of the run
-at 0.35x (+4.8% loss; +2.8% with the restart, which then measures the new data's own omega).
+at 0.35x (measured with ``omega_low`` 0.15: +4.8% loss; +2.8% with the restart, which then
+measures the new data's own omega; +1.2% with ``omega_low`` 0.05).
 """
 
 from __future__ import annotations
