@@ -55,6 +55,8 @@ class StepRecord:
     ranks where parameters are sharded). The guard copies it before the next step overwrites it."""
     lrs: list[float]
     """Each group's commanded lr at this step (host floats; NaN for an lr tensor on a device)."""
+    beta1: list[float] | None = None
+    """Each group's beta1 at this step (host floats; NaN for a tensor on a device)."""
     has_loss: bool = False
     """Whether a loss reached this step (``step(loss=...)``, a closure or ``latest_loss``)."""
     grad_norm: Tensor | None = None

@@ -505,7 +505,8 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
         if self._guard is not None:
             self._note_loss(loss_t is not None)
             self._guard.after_step(StepRecord(step=self.num_steps, record=record, lrs=self._host_lrs(),
-                                              has_loss=loss_t is not None, grad_norm=grad_norm_before_clip))
+                                              beta1=self._host_beta1(), has_loss=loss_t is not None,
+                                              grad_norm=grad_norm_before_clip))
         return closure_loss
 
     # ------------------------------------------------------------------ CUDA graphs
@@ -530,7 +531,7 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
         self.telemetry = Telemetry(record, len(self.param_groups), self.telemetry.per_tensor if self.telemetry else ())
         if self._guard is not None:
             self._guard.after_step(StepRecord(step=self.num_steps, record=record, lrs=self._host_lrs(),
-                                              has_loss=self._graph_has_loss))
+                                              beta1=self._host_beta1(), has_loss=self._graph_has_loss))
 
     def _collect(self) -> list[_Bucket]:
         """Buckets of (device, dtype, dense) with their tensors; validates before any change."""
@@ -710,12 +711,16 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
     def _host_lrs(self) -> list[float]:
         """Scheduler lrs as host floats for the guard. A tensor lr on an accelerator is
         reported as NaN rather than read back (that would synchronise)."""
-        out = []
-        for g in self.param_groups:
-            lr = g["lr"]
-            on_host = not isinstance(lr, Tensor) or lr.device.type == "cpu"
-            out.append(float(lr) if on_host else math.nan)
-        return out
+        return [_host_float(g["lr"]) for g in self.param_groups]
+
+    def _host_beta1(self) -> list[float]:
+        return [_host_float(g["betas"][0]) for g in self.param_groups]
+
+
+def _host_float(x) -> float:
+    """A hyperparameter as a host float; NaN for a tensor on an accelerator (no sync)."""
+    on_host = not isinstance(x, Tensor) or x.device.type == "cpu"
+    return float(x) if on_host else math.nan
 
 
 def is_dense(t: Tensor) -> bool:

@@ -31,11 +31,14 @@ def make_record(step: int, *, groups: int = 1, grad_sq=1.0, param_sq=100.0, nume
                 nonfinite=0.0, omega=1.0, cos=0.0, ratio=None, gdu=-1e-3, gdp=0.0, update_sq=1e-6,
                 applied=None, invalid=None, loss: float | None = 2.0, step_ok: float = 1.0,
                 lrs=1e-3, scale=1.0, gate=1.0, now: int | None = None,
-                grad_norm: float | None = None, matrices: int = 2) -> HostRecord:
+                grad_norm: float | None = None, matrices: int = 2, beta1=0.9, recent=None) -> HostRecord:
     """One host record. Per-group arguments take a scalar (every group) or a list.
 
     ``omega``/``cos``/``ratio``: the group's mean omega (geometric), mean cos and RMS update
     ratio over ``matrices`` matrices; None leaves the signal undefined (count 0).
+    ``recent``: omega_recent, what the momentum energy (``moment1_sq``) reads against the
+    white-noise energy of ``grad_sq`` held steady; None: equal to omega (steady gradients make
+    the two agree), 1 without an omega. ``beta1``: the group's beta1 (None: unknown).
     ``gdu``/``gdp``: grad_dot_update and grad_dot_prev (the governor's secant estimate).
     ``applied`` defaults to the issued gate (the device wrote what the guard let through).
     ``loss=None`` means no loss was given (``has_loss`` False).
@@ -46,7 +49,7 @@ def make_record(step: int, *, groups: int = 1, grad_sq=1.0, param_sq=100.0, nume
     per = {name: _per_group(v, G) for name, v in dict(
         grad_sq=grad_sq, param_sq=param_sq, numel=numel, spikes=spikes, nonfinite=nonfinite, omega=omega,
         cos=cos, ratio=ratio, gdu=gdu, gdp=gdp, update_sq=update_sq, invalid=invalid, lrs=lrs, scale=scale,
-        gate=gate).items()}
+        gate=gate, beta1=beta1, recent=recent).items()}
     if invalid is None:  # the kernel's check of the group's coefficients
         per["invalid"] = [0.0 if math.isfinite(lr * s) and lr * s >= 0 else 1.0
                           for lr, s in zip(per["lrs"], per["scale"])]
@@ -60,7 +63,9 @@ def make_record(step: int, *, groups: int = 1, grad_sq=1.0, param_sq=100.0, nume
         row[C.T_GRAD_DOT_UPDATE] = per["gdu"][g]
         row[C.T_GRAD_DOT_PREV] = per["gdp"][g]
         row[C.T_PREV_SQ] = 1.0
-        row[C.T_MOMENT1_SQ] = 1.0
+        b1 = per["beta1"][g] if per["beta1"][g] is not None else 0.9
+        recent_g = per["recent"][g] if per["recent"][g] is not None else (per["omega"][g] or 1.0)
+        row[C.T_MOMENT1_SQ] = recent_g * (1.0 - b1) ** 2 * per["grad_sq"][g] / (1.0 - b1 * b1)
         row[C.T_MOMENT2_SUM] = 1.0
         row[C.T_SPIKES] = per["spikes"][g]
         row[C.T_NONFINITE] = per["nonfinite"][g]
@@ -84,7 +89,8 @@ def make_record(step: int, *, groups: int = 1, grad_sq=1.0, param_sq=100.0, nume
     values[layout.globals] = glob
     return HostRecord(step=step, record=values, num_groups=G, lrs=[float(x) for x in per["lrs"]],
                       scale=[float(x) for x in per["scale"]], gate=[float(x) for x in per["gate"]],
-                      has_loss=loss is not None, grad_norm=grad_norm, now=now)
+                      has_loss=loss is not None, grad_norm=grad_norm, now=now,
+                      beta1=None if beta1 is None else [float(b) if b is not None else math.nan for b in per["beta1"]])
 
 
 def healthy(step: int, rng=None, **kw) -> dict:
@@ -244,7 +250,7 @@ TUNING = dict(
     z_grad=6.0, z_loss=6.0, spike_fraction=0.05, warmup_grad_factor=100.0, level_shift_records=2,
     spike_k=10.0, spike_warmup=0, clamp_spikes=True, loss_check=True, same_step_grad_skip=False,
     governor="evidence", min_scale=0.1, max_update_ratio=None,
-    early_records=20, omega_low=0.35, omega_high=0.6, omega_worsening=0.7,
+    early_records=20, omega_low=0.35, omega_high=0.6, omega_recent_max=1.0, omega_worsening=0.7,
     omega_window=8,
     min_evidence=3, cut_factor=0.6, cut_interval=4, recovery_rate=0.02, max_scale_increase=0.05,
     snapshots=True, snapshot_interval=5, snapshot_budget=0.02, snapshot_ring=2, snapshot_device="cpu",

@@ -463,6 +463,62 @@ def test_governor_pools_the_evidence_of_every_group():
     assert last.scale[0] == pytest.approx(last.scale[1])
 
 
+def test_governor_does_not_cut_when_v_remembers_larger_gradients_than_the_recent_ones():
+    """omega (m against v) reads low after large early gradients although the gradients do not
+    cancel; omega_recent (m against the recent gradients) tells the two apart."""
+    config = explicit_config()
+    sim = Sim(config).run(120, lambda n, cmd: dict(omega=0.02, recent=1.3))
+    assert not [e for e in sim.events if e.action == "decrease_scale"]
+    assert all(cmd.scale == [1.0] for cmd in sim.commands.values())
+    sim = Sim(config).run(120, lambda n, cmd: dict(omega=0.02, recent=0.5))  # cancelling: cut
+    assert [e for e in sim.events if e.action == "decrease_scale"]
+    sim = Sim(explicit_config(omega_recent_max=None)).run(120, lambda n, cmd: dict(omega=0.02, recent=1.3))
+    assert [e for e in sim.events if e.action == "decrease_scale"]  # None: omega alone decides
+
+
+def test_governor_needs_beta1_to_confirm_a_cut():
+    """Without beta1 (a tensor beta on a device) omega_recent is unknown: no cut rests on it."""
+    sim = Sim(explicit_config()).run(120, lambda n, cmd: dict(omega=0.02, beta1=None))
+    assert not [e for e in sim.events if e.action == "decrease_scale"]
+    sim = Sim(explicit_config(omega_recent_max=None)).run(120, lambda n, cmd: dict(omega=0.02, beta1=None))
+    assert [e for e in sim.events if e.action == "decrease_scale"]
+
+
+def test_omega_recent_is_the_momentum_energy_against_the_recent_gradients_white_noise_energy():
+    from lbw_guard.guard.governor import StepSizeGovernor
+    from lbw_guard.guard.signals import derive
+
+    rng = random.Random(5)
+    betas = [0.9, 0.5]
+    gov = StepSizeGovernor(explicit_config(omega_window=1), 2)
+    energy = [0.0, 0.0]
+    for step in range(1, 8):
+        g_sq = [rng.uniform(0.1, 10.0) for _ in betas]
+        m_sq = [rng.uniform(0.01, 1.0) for _ in betas]
+        rec = make_record(step, groups=2, grad_sq=g_sq, beta1=betas)
+        for g in range(2):
+            rec.record[g * C.NUM_GROUP_FIELDS + C.T_MOMENT1_SQ] = m_sq[g]
+        gov.observe(derive(rec), [1.0, 1.0], [1e-3, 1e-3])
+        if step > 1:  # m before step t against sum_k b1^(2k) |g_{t-1-k}|^2, pooled over the groups
+            expected = sum(m / (1 - b) ** 2 for m, b in zip(m_sq, betas)) / sum(energy)
+            assert gov.log_recent == pytest.approx(math.log(expected), rel=1e-12)
+        energy = [b * b * e + g for b, e, g in zip(betas, energy, g_sq)]
+        assert gov.grad_energy == pytest.approx(energy, rel=1e-12)
+    assert gov.recent_samples == 6
+    restored = StepSizeGovernor(explicit_config(omega_window=1), 2)
+    restored.load_state_dict(gov.state_dict())
+    assert restored.state_dict() == gov.state_dict()
+    gov.on_data_change()  # the evidence restarts; the energy m carries does not
+    assert gov.log_recent is None and gov.grad_energy == pytest.approx(energy)
+    gov.on_rollback([1e-3, 1e-3], [1.0, 1.0])  # the moments are a snapshot's: the energy restarts
+    assert gov.grad_energy == [0.0, 0.0]
+    old = restored.state_dict()
+    for key in ("grad_energy", "log_recent", "recent_samples"):
+        del old[key]
+    restored.load_state_dict(old)  # a state saved before omega_recent existed
+    assert restored.grad_energy == [0.0, 0.0] and restored.log_recent is None
+
+
 def test_governor_returns_to_one_when_healthy_and_never_latches():
     config = explicit_config()
     sim = Sim(config)

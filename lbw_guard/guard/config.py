@@ -102,6 +102,12 @@ class GuardConfig:
     all (Qwen2 5.57 vs 5.45, Llama 5.42 vs 5.31); 0.05 cuts only deep oscillation."""
     omega_high: float = 0.9
     """Recovery needs the filtered omega above this (or none measured)."""
+    omega_recent_max: float | None = 1.0
+    """A cut also needs the filtered omega_recent (Adam's momentum energy against the recent
+    gradients' white-noise level, whole model) below this. omega divides by v, which remembers
+    the gradients of the last ~1/(1-beta2) steps: after large early gradients it reads 0.01 while
+    the gradients themselves do not cancel (omega_recent 1.2-1.5, rsLoRA at 10x), and cutting
+    there left that run 6% worse than AdamW. 1 is the white-noise level; None: omega alone."""
     omega_worsening: float = 0.7
     """A further oscillation cut needs omega below this fraction of its value at the last cut."""
     omega_window: int = 8
@@ -242,6 +248,8 @@ def _validate(c: GuardConfig) -> list[str]:
     low, high = number("omega_low"), number("omega_high")
     check(low > 0.0, f"omega_low must be > 0, got {c.omega_low}")
     check(not low > high, f"omega_low ({c.omega_low}) must not exceed omega_high ({c.omega_high})")
+    if c.omega_recent_max is not None:
+        check(not number("omega_recent_max") <= 0.0, f"omega_recent_max must be > 0 or None, got {c.omega_recent_max}")
     worse = number("omega_worsening")
     check(0.0 < worse <= 1.0, f"omega_worsening must be in (0, 1], got {c.omega_worsening}")
     if c.max_update_ratio is not None:

@@ -151,7 +151,8 @@ class Guard:
         scale, gate = self._issued.pop(now, ([1.0] * self.controller.num_groups, [1.0] * self.controller.num_groups))
         G = self.controller.num_groups
         rec = HostRecord(step=now, record=[], num_groups=G, lrs=[float(x) for x in record.lrs], scale=scale,
-                         gate=gate, has_loss=record.has_loss)
+                         gate=gate, has_loss=record.has_loss,
+                         beta1=None if record.beta1 is None else [float(x) for x in record.beta1])
         self._pending.append(_Pending(rec, self._copies.push(record.record), self._grad_norm_copy(record.grad_norm)))
         while len(self._pending) > self.config.lag:
             pending = self._pending.popleft()

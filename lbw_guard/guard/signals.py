@@ -32,6 +32,8 @@ class HostRecord:
     """The caller's pre-clip global grad norm (``record_grad_norm``), if any."""
     now: int | None = None
     """The latest optimizer step when the record was processed (rollback distances)."""
+    beta1: list[float] | None = None
+    """Each group's Adam beta1 at this step (NaN where it is a tensor on a device)."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -53,7 +55,7 @@ def resized(values: list, num_groups: int, fill) -> list:
     return (list(values) + [fill] * num_groups)[:num_groups]
 
 
-_RECORD_KEYS = ("step", "record", "num_groups", "lrs", "scale", "gate", "has_loss", "grad_norm", "now")
+_RECORD_KEYS = ("step", "record", "num_groups", "lrs", "scale", "gate", "has_loss", "grad_norm", "now", "beta1")
 
 
 @dataclass
@@ -131,6 +133,8 @@ class StepSignals:
     param_sq: float
     step_ok: bool
     grad_dot_update: float
+    beta1: list[float] = field(default_factory=list)
+    """Each group's beta1 (NaN: unknown)."""
     extra: dict = field(default_factory=dict)
 
     @property
@@ -186,4 +190,5 @@ def derive(rec: HostRecord) -> StepSignals:
         param_sq=total[C.T_PARAM_SQ],
         step_ok=glob[C.R_STEP_OK] > 0,
         grad_dot_update=total[C.T_GRAD_DOT_UPDATE],
+        beta1=[float(b) for b in rec.beta1][:G] if rec.beta1 is not None else [math.nan] * G,
     )

@@ -1,0 +1,40 @@
+"""benchmarks/heldout.py: the held-out scenario harness picks the best lr from its own sweep
+and judges the guard against it (a few steps per run; the full run is `python -m benchmarks.heldout`)."""
+
+import json
+
+import pytest
+
+pytest.importorskip("transformers")
+from benchmarks import heldout  # noqa: E402
+
+
+def test_sweep_picks_the_best_lr_and_judges_the_guard_against_it(tmp_path):
+    rows = heldout.run(["opt-const"], seeds=[0], multiples=[1.0, 10.0], steps=3, out=tmp_path, guard_config=None,
+                       backend="torch", workers=1, progress=False)
+    runs = json.loads((tmp_path / "heldout.json").read_text())["runs"]
+    sweep = {lr: runs[heldout.Job("opt-const", "adamw", lr, 0).key]["final_loss"] for lr in heldout.SCENARIOS["opt-const"].sweep}
+    best_lr = min(sweep, key=sweep.get)
+    assert [r["multiple"] for r in rows] == [1.0, 10.0]
+    for r in rows:
+        assert r["lr"] == pytest.approx(best_lr * r["multiple"])
+        guard = runs[heldout.Job("opt-const", "guard", r["lr"], 0).key]
+        assert r["guard"] == guard["final_loss"]
+        assert r["guard_vs_best"] == pytest.approx(guard["final_loss"] / sweep[best_lr])
+        assert r["guard_vs_adamw"] == pytest.approx(guard["final_loss"] / r["adamw"])
+        assert 0.0 <= r["capped_fraction"] <= 1.0 and r["rollbacks"] == 0
+    assert rows[0]["target_met"] == (rows[0]["guard_vs_adamw"] <= 1.01 and rows[0]["capped_fraction"] < 0.01)
+    assert rows[1]["target_met"] == (rows[1]["guard_vs_best"] <= 1.15)
+    assert "| opt-const | 0 |" in (tmp_path / "heldout.md").read_text()
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--scenarios", "nope"], "--scenarios"),
+    (["--steps", "1"], "--steps"),
+    (["--multiples", "0"], "--multiples"),
+    (["--guard-config", '{"omega_low": -1}'], "omega_low"),
+])
+def test_bad_arguments_name_the_option(argv, words, capsys):
+    with pytest.raises(SystemExit):
+        heldout.main(argv)
+    assert words in capsys.readouterr().err
