@@ -24,6 +24,7 @@ import json
 import math
 import os
 import pathlib
+import statistics
 import sysconfig
 from dataclasses import dataclass
 from multiprocessing import Pool
@@ -50,6 +51,7 @@ SCENARIOS = {
     "opt-const": Scenario("opt", "docs", "constant", "full", (3e-4, 1e-3, 3e-3)),
     "mistral-hardrestarts": Scenario("mistral", "src", "hard_restarts", "full", (3e-4, 1e-3, 3e-3)),
     "llama-smallinit-cos": Scenario("llama-smallinit", "docs", "cosine", "full", (1e-3, 3e-3, 1e-2)),
+    "llama-smallinit-const": Scenario("llama-smallinit", "src", "constant", "full", (3e-4, 1e-3, 3e-3)),
     "gemma-poly": Scenario("gemma", "src", "polynomial", "full", (1e-3, 3e-3, 1e-2)),
     "mlp-const": Scenario("mlp", "docs", "constant", "full", (3e-4, 1e-3, 3e-3)),
     "mistral-dora": Scenario("mistral", "docs", "cosine", "dora", (3e-3, 1e-2, 3e-2)),
@@ -237,42 +239,75 @@ def run(names, seeds, multiples, steps, out: pathlib.Path, guard_config, backend
     execute([Job(n, "adamw", lr, s) for n in names for lr in SCENARIOS[n].sweep for s in seeds], "AdamW sweep")
     best = {(n, s): min(SCENARIOS[n].sweep, key=lambda lr: results[Job(n, "adamw", lr, s).key]["final_loss"])
             for n in names for s in seeds}
-    arms = [Job(n, arm, best[n, s] * m, s) for n in names for s in seeds for m in multiples for arm in ("adamw", "guard")]
+    arms = [Job(n, arm, best[n, s] * m, s)
+            for n in names for s in seeds for m in multiples for arm in ("adamw", "guard")]
     execute(arms, "AdamW and guard at multiples of the best lr")
 
     rows = []
     for n in names:
         for s in seeds:
-            b = best[n, s]
-            best_loss = results[Job(n, "adamw", b, s).key]["final_loss"]
+            best_loss = results[Job(n, "adamw", best[n, s], s).key]["final_loss"]
             for m in multiples:
-                adamw = results[Job(n, "adamw", b * m, s).key]["final_loss"]
-                g = results[Job(n, "guard", b * m, s).key]
-                row = {"scenario": n, "seed": s, "multiple": m, "lr": b * m, "best_lr_at_edge": b in (SCENARIOS[n].sweep[0], SCENARIOS[n].sweep[-1]),
-                       "adamw": adamw, "guard": g["final_loss"], "adamw_vs_best": adamw / best_loss,
-                       "guard_vs_best": g["final_loss"] / best_loss, "guard_vs_adamw": g["final_loss"] / adamw,
-                       **{k: g[k] for k in ("capped_fraction", "skipped_fraction", "mean_scale", "rollbacks")}}
-                row["target_met"] = (row["guard_vs_adamw"] <= 1.01 and g["capped_fraction"] < 0.01 and g["rollbacks"] == 0
-                                     if m == 1 else row["guard_vs_best"] <= 1.15 if m == 10 else None)
-                rows.append(row)
+                rows.append(_row(n, s, m, best[n, s], best_loss, results))
     (out / "heldout.md").write_text(render(rows, settings))
     return rows
 
 
+def _row(name: str, seed: int, multiple: float, best_lr: float, best_loss: float, results: dict) -> dict:
+    lr = best_lr * multiple
+    adamw = results[Job(name, "adamw", lr, seed).key]["final_loss"]
+    guard = results[Job(name, "guard", lr, seed).key]
+    row = {"scenario": name, "seed": seed, "multiple": multiple, "lr": lr,
+           "best_lr_at_edge": best_lr in (SCENARIOS[name].sweep[0], SCENARIOS[name].sweep[-1]),
+           "adamw": adamw, "guard": guard["final_loss"], "adamw_vs_best": adamw / best_loss,
+           "guard_vs_best": guard["final_loss"] / best_loss, "guard_vs_adamw": guard["final_loss"] / adamw,
+           **{k: guard[k] for k in ("capped_fraction", "skipped_fraction", "mean_scale", "rollbacks")}}
+    row["target_met"] = judge(row)
+    return row
+
+
+def judge(row: dict) -> bool | None:
+    """Issue 10's targets: 1x within 1% of AdamW, no rollback, < 1% of steps capped; 10x within
+    15% of the best AdamW loss (applied here to every schedule); other multiples: none."""
+    if row["multiple"] == 1:
+        return row["guard_vs_adamw"] <= 1.01 and row["capped_fraction"] < 0.01 and row["rollbacks"] == 0
+    if row["multiple"] == 10:
+        return row["guard_vs_best"] <= 1.15
+    return None
+
+
 def render(rows: list[dict], settings: dict) -> str:
-    lines = [f"# Held-out scenarios ({settings['steps']} steps, guard config {settings['guard_config'] or 'default'})", "",
-             "Loss: final held-out NLL (bytes). x best: against plain AdamW at the best lr of the scenario's sweep "
-             "(* the best lr is at the sweep's edge). Target: 1x within 1% of AdamW, no rollback, < 1% capped; "
-             "10x within 15% of the best.", "",
-             "| scenario | seed | lr | AdamW (x best) | guard (x best) | guard / AdamW | capped | mean scale | rollbacks | target |",
+    config = settings["guard_config"] or "default"
+    lines = [f"# Held-out scenarios ({settings['steps']} steps, guard config {config})", "",
+             "Loss: final held-out NLL (bytes). x best: against plain AdamW at the best lr of the scenario's "
+             "sweep (* the best lr is at the sweep's edge). Target: 1x within 1% of AdamW, no rollback, "
+             "< 1% capped; 10x within 15% of the best.", "",
+             "| scenario | seed | lr | AdamW (x best) | guard (x best) | guard / AdamW | capped | mean scale "
+             "| rollbacks | target |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         met = {True: "met", False: "**missed**", None: "-"}[r["target_met"]]
-        lines.append(f"| {r['scenario']} | {r['seed']} | {r['multiple']:g}x = {r['lr']:.2g}{'*' if r['best_lr_at_edge'] else ''} | "
+        edge = "*" if r["best_lr_at_edge"] else ""
+        lines.append(f"| {r['scenario']} | {r['seed']} | {r['multiple']:g}x = {r['lr']:.2g}{edge} | "
                      f"{r['adamw']:.4f} ({r['adamw_vs_best']:.3f}) | {r['guard']:.4f} ({r['guard_vs_best']:.3f}) | "
-                     f"{r['guard_vs_adamw']:.4f} | {r['capped_fraction']:.1%} | {r['mean_scale']:.2f} | {r['rollbacks']} | {met} |")
+                     f"{r['guard_vs_adamw']:.4f} | {r['capped_fraction']:.1%} | {r['mean_scale']:.2f} | "
+                     f"{r['rollbacks']} | {met} |")
     judged = [r for r in rows if r["target_met"] is not None]
-    lines += ["", f"Targets met: {sum(r['target_met'] for r in judged)} of {len(judged)}."]
+    lines += ["", f"Targets met: {sum(r['target_met'] for r in judged)} of {len(judged)} runs."]
+    seeds = sorted({r["seed"] for r in rows})
+    if len(seeds) > 1:
+        lines += ["", f"## Mean over seeds {seeds}", "",
+                  "| scenario | lr x | AdamW x best | guard x best | guard / AdamW | max capped | targets met |",
+                  "|---|---|---|---|---|---|---|"]
+        cells: dict = {}
+        for r in rows:
+            cells.setdefault((r["scenario"], r["multiple"]), []).append(r)
+        for (name, m), rs in cells.items():
+            mean = lambda k: statistics.fmean(r[k] for r in rs)  # noqa: E731
+            met = [r["target_met"] for r in rs if r["target_met"] is not None]
+            lines.append(f"| {name} | {m:g} | {mean('adamw_vs_best'):.3f} | {mean('guard_vs_best'):.3f} | "
+                         f"{mean('guard_vs_adamw'):.4f} | {max(r['capped_fraction'] for r in rs):.1%} | "
+                         f"{f'{sum(met)}/{len(met)}' if met else '-'} |")
     return "\n".join(lines) + "\n"
 
 

@@ -13,7 +13,8 @@ def test_sweep_picks_the_best_lr_and_judges_the_guard_against_it(tmp_path):
     rows = heldout.run(["opt-const"], seeds=[0], multiples=[1.0, 10.0], steps=3, out=tmp_path, guard_config=None,
                        backend="torch", workers=1, progress=False)
     runs = json.loads((tmp_path / "heldout.json").read_text())["runs"]
-    sweep = {lr: runs[heldout.Job("opt-const", "adamw", lr, 0).key]["final_loss"] for lr in heldout.SCENARIOS["opt-const"].sweep}
+    sweep = {lr: runs[heldout.Job("opt-const", "adamw", lr, 0).key]["final_loss"]
+             for lr in heldout.SCENARIOS["opt-const"].sweep}
     best_lr = min(sweep, key=sweep.get)
     assert [r["multiple"] for r in rows] == [1.0, 10.0]
     for r in rows:
@@ -26,6 +27,15 @@ def test_sweep_picks_the_best_lr_and_judges_the_guard_against_it(tmp_path):
     assert rows[0]["target_met"] == (rows[0]["guard_vs_adamw"] <= 1.01 and rows[0]["capped_fraction"] < 0.01)
     assert rows[1]["target_met"] == (rows[1]["guard_vs_best"] <= 1.15)
     assert "| opt-const | 0 |" in (tmp_path / "heldout.md").read_text()
+
+
+def test_two_seeds_add_a_mean_table(tmp_path):
+    rows = heldout.run(["mlp-const"], seeds=[0, 1], multiples=[10.0], steps=2, out=tmp_path, guard_config=None,
+                       backend="torch", workers=1, progress=False)
+    text = (tmp_path / "heldout.md").read_text()
+    mean = sum(r["guard_vs_best"] for r in rows) / 2
+    assert "## Mean over seeds [0, 1]" in text and "| mlp-const | 10 | " in text
+    assert f"{mean:.3f}" in text.split("## Mean over seeds")[1]
 
 
 @pytest.mark.parametrize("argv, words", [

@@ -95,6 +95,8 @@ BAD_TRACES = [
     ("grad_norm_string", line(rec(grad_norm="high")), 1, "grad_norm"),
     ("grad_norm_list", line(rec(grad_norm=[1.0])), 1, "grad_norm"),
     ("now_float", line(rec(now=2.5)), 1, "now"),
+    ("beta1_string", line(rec(beta1="0.9")), 1, "beta1"),
+    ("beta1_one_short", line(rec(beta1=[0.9])), 1, "beta1"),
     ("snapshot_marker_without_step", good(2) + line({"type": "snapshot"}), 3, "step"),
     ("dropped_marker_bad_lrs", good(2) + line({"type": "dropped", "step": 3, "lrs": "x"}), 3, "lrs"),
     # not UTF-8, too long

@@ -12,8 +12,9 @@ per-layer param groups):
 
 - **oscillation** (omega) is the evidence. Adam's normalised momentum energy against its
   white-noise level, per matrix: about 1 is gradient noise, well below 1 means successive
-  gradients cancel, or that they shrank (see omega_recent). Over every matrix of the model (geometric mean) it stayed at 0.6-1.9 at
-  the best lr for every transformer and schedule and fell to 0.01-0.15 at 10x within 20-40
+  gradients cancel, or that they shrank (see omega_recent). Over every matrix of the model
+  (geometric mean) it stayed at 0.6-1.9 at the best lr for every transformer and schedule and
+  fell to 0.01-0.15 at 10x within 20-40
   steps; one layer alone dips to ~0.4 at the best lr, so the evidence is pooled over all
   groups and one decision cuts every group's ceiling in proportion (which also keeps LoRA+
   ratios). Its level does not separate every healthy run from every harmful one: healthy
@@ -41,7 +42,10 @@ per-layer param groups):
   With a cut needing omega_recent below 1 as well, neither is cut (rsLoRA 1.196, AdamW 1.197;
   the data switch uncapped, +0.04%), nor Qwen2 at 10x under warmup + cosine (1.161 -> 1.149),
   while the held-out cells whose cuts helped (OPT constant, Gemma polynomial, Phi linear at
-  10x) keep them. The cut still lags the damage at 10x under warmup + cosine.
+  10x) keep them. The cut still lags the damage at 10x under warmup + cosine. With the fused
+  clipping (``max_grad_norm``) m holds clipped gradients while ``grad_sq`` is measured before
+  the clip, so omega_recent reads low by the clip factor squared on clipped steps: the
+  confirmation weakens towards omega alone, never the other way.
 - **the update envelope** protects the first steps. No step may move a group's matrices by more
   than ``max_update_ratio`` of their own norm (RMS over matrices of ||u_i|| / ||theta_i||, each
   matrix on its own, zero-initialised ones such as LoRA's B excluded). Adam's first update moves

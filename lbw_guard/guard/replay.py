@@ -172,6 +172,9 @@ def check_record(rec: dict, schema: dict | None = None, what: str = "record") ->
         for key in ("lrs", "scale", "gate"):
             if len(rec[key]) != rec["num_groups"]:
                 raise ValueError(f"record {key!r} has {len(rec[key])} values for {rec['num_groups']} group(s)")
+        beta1 = rec.get("beta1")  # optional: traces written before omega_recent lack it
+        if beta1 is not None and not (_is_numbers(beta1) and len(beta1) == rec["num_groups"]):
+            raise ValueError(f"record 'beta1' must be null or a list of {rec['num_groups']} numbers, got {_short(beta1)}")
 
 
 def read_runs(path: str, on_warning=None) -> list[TraceRun]:
