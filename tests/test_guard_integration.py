@@ -295,6 +295,20 @@ def _mlp_step(model, opt, xs, ys, loss_scale=1.0):
     return loss.item()
 
 
+def test_omega_recent_reads_each_groups_beta1_and_full_batch_gradients_as_consistent():
+    """The optimizer hands each group's beta1 (a float or a CPU tensor) to the governor; full-batch
+    gradients agree from step to step, so omega_recent reads above the white-noise level 1."""
+    model, xs, ys = _mlp()
+    groups = [{"params": model[0].parameters(), "betas": (torch.tensor(0.8), torch.tensor(0.999))},
+              {"params": model[2].parameters()}]
+    opt = FusedGuardedAdamW(groups, lr=1e-3, backend="torch")
+    for _ in range(12):
+        _mlp_step(model, opt, xs, ys)
+    gov = opt.guard.controller.governor
+    assert all(e > 0 for e in gov.grad_energy) and gov.recent_samples >= 8
+    assert gov.log_recent > 0.0
+
+
 def test_nan_lr_tensor_on_a_snapshot_step_touches_nothing_and_does_not_stall():
     model, xs, ys = _mlp()
     config = GuardConfig(snapshot_interval=5)
