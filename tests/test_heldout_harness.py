@@ -38,6 +38,16 @@ def test_two_seeds_add_a_mean_table(tmp_path):
     assert f"{mean:.3f}" in text.split("## Mean over seeds")[1]
 
 
+def test_results_of_other_settings_are_never_overwritten(tmp_path, capsys):
+    heldout.run(["opt-const"], seeds=[0], multiples=[1.0], steps=2, out=tmp_path, guard_config=None,
+                backend="torch", workers=1, progress=False)
+    before = (tmp_path / "heldout.json").read_text()
+    with pytest.raises(SystemExit):
+        heldout.main(["--scenarios", "opt-const", "--steps", "3", "--out", str(tmp_path), "--no-progress"])
+    assert "--out" in capsys.readouterr().err
+    assert (tmp_path / "heldout.json").read_text() == before
+
+
 @pytest.mark.parametrize("argv, words", [
     (["--scenarios", "nope"], "--scenarios"),
     (["--steps", "1"], "--steps"),

@@ -14,16 +14,15 @@ per-layer param groups):
   white-noise level, per matrix: about 1 is gradient noise, well below 1 means successive
   gradients cancel, or that they shrank (see omega_recent). Over every matrix of the model
   (geometric mean) it stayed at 0.6-1.9 at the best lr for every transformer and schedule and
-  fell to 0.01-0.15 at 10x within 20-40
-  steps; one layer alone dips to ~0.4 at the best lr, so the evidence is pooled over all
-  groups and one decision cuts every group's ceiling in proportion (which also keeps LoRA+
-  ratios). Its level does not separate every healthy run from every harmful one: healthy
-  warmup + cosine runs dip to 0.19-0.25 at the schedule's peak, GPT-NeoX on prose at its
-  code-tuned lr reads 0.04-0.15. And it lags: at 10x under warmup + cosine it passes 0.15
-  about 20 steps after the schedule's peak, when the damage is done, and cuts from then on
-  left Qwen2 and Llama worse than no cut at all (5.57 vs 5.45, 5.42 vs 5.31; cutting earlier,
-  at 0.4, worse still: 5.68, 5.59). So ``omega_low`` is 0.05: only deep oscillation cuts,
-  and the first steps are the envelope's job.
+  fell to 0.01-0.15 at 10x within 20-40 steps; one layer alone dips to ~0.4 at the best lr, so
+  the evidence is pooled over all groups and one decision cuts every group's ceiling in
+  proportion (which also keeps LoRA+ ratios). Its level does not separate every healthy run from
+  every harmful one: healthy warmup + cosine runs dip to 0.19-0.25 at the schedule's peak,
+  GPT-NeoX on prose at its code-tuned lr reads 0.04-0.15. And it lags: at 10x under warmup +
+  cosine it passes 0.15 about 20 steps after the schedule's peak, when the damage is done, and
+  cuts from then on left Qwen2 and Llama worse than no cut at all (5.57 vs 5.45, 5.42 vs 5.31;
+  cutting earlier, at 0.4, worse still: 5.68, 5.59). So ``omega_low`` is 0.05: only deep
+  oscillation cuts, and the first steps are the envelope's job.
   omega carries the second moment's memory (a run that oscillated keeps a large v for hundreds
   of steps): that holds a 10x run down, but would also keep cutting a run whose cut worked, so
   a further cut needs omega to have fallen further since the last one. An MLP with LayerNorm
