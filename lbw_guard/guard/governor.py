@@ -67,14 +67,23 @@ per-layer param groups):
   group the best lr's last layer reads 0.7-1.0, as low as 10x, and after the first records
   minibatch noise keeps them near 1 / 0 at every lr. The kernel still reports them.
 
-A cut is rate-limited (``cut_interval`` records apart) and bounded by ``min_scale``; without
-evidence the ceilings rise by ``recovery_rate`` per record and are dropped once far above the
-schedule, so nothing latches. A data change (a loss level shift with normal gradients, or
-``notify_data_change``) drops the ceilings and the evidence: GPT-NeoX at its best lr oscillates
-on prose (omega 0.04-0.15) and was cut there; after the switch to code its omega stayed at
-0.3-0.7, between the cut and the recovery levels, and the old ceiling held the rest of the run
-at 0.35x (measured with ``omega_low`` 0.15: +4.8% loss; +2.8% with the restart, which then
-measures the new data's own omega; +1.2% with ``omega_low`` 0.05).
+A cut is rate-limited (``cut_interval`` records apart) and bounded by ``min_scale``. Without
+evidence the ceilings rise by ``recovery_rate`` (2%) per record and are dropped once far above
+the schedule, so nothing latches. "Without evidence" means omega above ``omega_high`` (0.5),
+under the healthy band: a Llama with init 0.002 at its best lr reads 0.55-0.9 all run, and with
+the recovery at 0.9 the ceiling the envelope set on its first step held every step of the run
+(at 0.5: 38% of the steps, the first records and the climb back). The release is a probe all
+the same: omega also reads 0.5-0.8 in a run the envelope holds at ~3x its best lr under a 10x
+or 30x command, so the ceiling climbs there too, until omega falls again. That costs the 30x
+runs: Qwen2 and Llama under warm restarts end at 1.11 and 1.15 of the best loss instead of 1.04
+and 1.05 (3 seeds; AdamW 1.23, 1.24), and a faster climb (5% per record) cost them more.
+
+A data change (a loss level shift with normal gradients, or ``notify_data_change``) drops the
+ceilings and the evidence: GPT-NeoX at its best lr oscillates on prose (omega 0.04-0.15) and was
+cut there; after the switch to code its omega stayed at 0.3-0.7, between the cut and the
+recovery levels of the time (0.15, 0.9), and the old ceiling held the rest of the run at 0.35x
+(measured with ``omega_low`` 0.15: +4.8% loss; +2.8% with the restart, which then measures the
+new data's own omega; +1.2% with ``omega_low`` 0.05).
 """
 
 from __future__ import annotations
