@@ -14,11 +14,21 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 
 
-def run(args: list[str], cwd: Path, timeout: int = 300) -> str:
+# Seen once in ~15 runs of the 2-rank gloo example on the 2-core CI machine: a rank aborts in
+# torch's gloo teardown after the run itself finished (rank 0 had printed its verified
+# summary). Not the guard's code (it issues only blocking collectives); one retry is allowed
+# for exactly this signature, any other failure fails at once.
+GLOO_TEARDOWN_ABORT = "terminate called without an active exception"
+
+
+def run(args: list[str], cwd: Path, timeout: int = 300, retry_gloo_teardown: bool = False) -> str:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)
+    if proc.returncode != 0 and retry_gloo_teardown and GLOO_TEARDOWN_ABORT in proc.stderr:
+        proc = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                              timeout=timeout)
     assert proc.returncode == 0, f"{args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout + proc.stderr
 
@@ -46,7 +56,7 @@ def test_trainer_lora(tmp_path):
 def test_torchrun_ddp_ranks_agree(tmp_path):
     out = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(EXAMPLES / "torchrun_ddp.py"), "--steps", "8", "--spike-at", "7", "--backend", "torch",
-               "--zero"], tmp_path)
+               "--zero"], tmp_path, retry_gloo_teardown=True)
     summary = json.loads(next(line for line in out.splitlines() if line.startswith("{")))
     assert summary["world"] == 2 and summary["steps"] == 8
     assert summary["identical_event_logs"] is True  # ZeRO: each rank steps its part, all decide alike
