@@ -537,6 +537,27 @@ def test_governor_returns_to_one_when_healthy_and_never_latches():
     assert sim.controller.governor.ceiling == [None]  # no memory of the old cut: a later restart runs free
 
 
+def test_default_envelope_cap_is_released_when_omega_stays_in_the_healthy_band():
+    """The default preset, on a run whose first step the envelope caps (lr 1e-3 would move the
+    matrices by 150%) and whose omega then stays at 0.55-0.9, the low end of what healthy runs
+    read (a Llama with init 0.002 at its best lr): the ceiling climbs back to the commanded lr
+    and is dropped, with no cut on the way."""
+    config = GuardConfig()
+    sim = Sim(config)
+    sim.controller.governor.seed_ratio([1500.0])
+    rng = random.Random(11)
+    sim.run(240, lambda n, cmd: dict(omega=rng.uniform(0.55, 0.9), ratio=1.5 * cmd.scale[0]))
+    scales = [sim.commands[n].scale[0] for n in sorted(sim.commands)]
+    assert scales[0] == pytest.approx(0.5 * config.max_update_ratio / 1.5)  # the envelope's cap
+    assert scales[-1] == 1.0 and sim.controller.governor.ceiling == [None]
+    # held through the early records, then x(1 + recovery_rate) per record: ~55 records to 1x
+    climb = math.ceil(math.log(1.5 / (0.5 * config.max_update_ratio)) / math.log(1 + config.recovery_rate))
+    first_free = scales.index(1.0)
+    assert first_free <= config.early_records + climb + 5
+    assert all(s == 1.0 for s in scales[first_free:])
+    assert not [e for e in sim.events if e.action == "decrease_scale"]
+
+
 @pytest.mark.parametrize("how", ["notify", "level_shift"])
 def test_a_data_change_restarts_the_governor(how):
     """Oscillation measured on the old data says nothing of the new: a data change (announced,
