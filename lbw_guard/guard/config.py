@@ -291,9 +291,9 @@ PRESETS: dict[str, GuardConfig] = {
     # Observe, classify and log what would be done; never touch the run.
     "monitor": GuardConfig(mode="monitor"),
     # Fewer, later interventions, for runs whose telemetry is noisy by nature: spikes must be
-    # larger, the oscillation deeper and the first steps larger before anything acts.
-    "conservative": GuardConfig(z_grad=8.0, z_loss=8.0, spike_k=50.0, omega_low=0.03, omega_high=0.6,
-                                max_update_ratio=2.0),
+    # larger, the oscillation deeper and the first steps larger before anything acts (and a
+    # ceiling recovers at the default level: a higher one would hold it longer).
+    "conservative": GuardConfig(z_grad=8.0, z_loss=8.0, spike_k=50.0, omega_low=0.03, max_update_ratio=2.0),
     # Faults only (spikes, non-finite values, divergence): the lr scale is never touched.
     "faults-only": GuardConfig(governor="off"),
 }
