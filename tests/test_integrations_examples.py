@@ -24,11 +24,11 @@ GLOO_TEARDOWN_ABORT = "terminate called without an active exception"
 def run(args: list[str], cwd: Path, timeout: int = 300, retry_gloo_teardown: bool = False) -> str:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
-    if proc.returncode != 0 and retry_gloo_teardown and GLOO_TEARDOWN_ABORT in proc.stderr:
+    for _ in range(2 if retry_gloo_teardown else 1):
         proc = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
                               timeout=timeout)
+        if proc.returncode == 0 or GLOO_TEARDOWN_ABORT not in proc.stderr:
+            break
     assert proc.returncode == 0, f"{args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout + proc.stderr
 

@@ -208,7 +208,8 @@ class StepSizeGovernor:
         Also folds this record's gradients into each written group's energy."""
         num = den = 0.0
         for g in written:
-            b1, energy = sig.beta1[g] if g < len(sig.beta1) else math.nan, self.grad_energy[g]
+            b1 = sig.beta1[g] if g < len(sig.beta1) else math.nan
+            energy = self.grad_energy[g]
             fields = sig.groups[g].fields
             m_sq, g_sq = fields[C.T_MOMENT1_SQ], fields[C.T_GRAD_SQ]
             if not (_finite(b1) and 0.0 <= b1 < 1.0 and math.isfinite(m_sq) and math.isfinite(g_sq)):
