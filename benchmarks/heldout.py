@@ -13,6 +13,11 @@ and the guard run at 1x and 10x of it. The targets of issue 10 are judged per ru
     python -m benchmarks.heldout                         # every scenario, seed 0 (10-15 min, 2 cores)
     python -m benchmarks.heldout --scenarios opt-const,mlp-const --seeds 0,1 --multiples 1,10,30
     python -m benchmarks.heldout --guard-config '{"omega_recent_max": null}'   # another config
+    python -m benchmarks.heldout --late-cut 5,10,20,40   # how early must a 10x run be cut?
+
+``--late-cut K,...`` adds AdamW runs that take each multiple above 3 for their first K steps
+and 3x the best lr from then on: the loss a governor could reach at best had it cut the run
+to 3x after K steps, which says how early the evidence must come.
 
 Results (resumable) go to ``--out`` (``heldout.json``) with ``heldout.md``.
 """
@@ -35,6 +40,7 @@ from torch import nn
 
 SEQ_LEN, BATCH = 128, 8
 VOCAB = 256  # bytes
+LATE_CUT_TO = 3.0  # the multiple of the best lr a --late-cut run continues at
 
 
 @dataclass(frozen=True)
@@ -168,7 +174,7 @@ def make_schedule(opt, kind: str, steps: int):
 @dataclass(frozen=True)
 class Job:
     scenario: str
-    arm: str  # "adamw" or "guard"
+    arm: str  # "adamw", "guard", or "adamw-cut@K" (--late-cut: the lr times cut_scale from step K on)
     lr: float
     seed: int
 
@@ -176,13 +182,17 @@ class Job:
     def key(self) -> str:
         return f"{self.scenario}|{self.arm}|{self.lr:.6g}|{self.seed}"
 
+    @property
+    def cut_after(self) -> int | None:
+        return int(self.arm.split("@")[1]) if self.arm.startswith("adamw-cut@") else None
 
-def train(job: Job, steps: int, guard_config: dict | None, backend: str) -> dict:
+
+def train(job: Job, steps: int, guard_config: dict | None, backend: str, cut_scale: float = 1.0) -> dict:
     torch.set_num_threads(1)
     s = SCENARIOS[job.scenario]
     model = build_model(s.arch, job.seed) if s.mode == "full" else lora_model(s, job.seed, steps)
     torch.manual_seed(job.seed + 1)
-    if job.arm == "adamw":
+    if job.arm.startswith("adamw"):
         opt = torch.optim.AdamW(param_groups(model), lr=job.lr)
     else:
         from lbw_guard import FusedGuardedAdamW
@@ -196,7 +206,9 @@ def train(job: Job, steps: int, guard_config: dict | None, backend: str) -> dict
         x = next(streams[step * len(parts) // steps])
         loss = model(input_ids=x, labels=x).loss
         loss.backward()
-        if job.arm == "adamw":
+        if job.cut_after is not None and step >= job.cut_after:
+            _step_at_scale(opt, cut_scale)
+        elif job.arm.startswith("adamw"):
             opt.step()
         else:
             opt.step(loss=loss.detach())
@@ -214,13 +226,24 @@ def train(job: Job, steps: int, guard_config: dict | None, backend: str) -> dict
     return out
 
 
+def _step_at_scale(opt, scale: float) -> None:
+    """One step at ``scale`` x each group's lr, the schedule's lr left as it was."""
+    commanded = [group["lr"] for group in opt.param_groups]
+    for group in opt.param_groups:
+        group["lr"] *= scale
+    opt.step()
+    for group, lr in zip(opt.param_groups, commanded):
+        group["lr"] = lr
+
+
 def _train_star(args):
-    job, steps, guard_config, backend = args
-    return job, train(job, steps, guard_config, backend)
+    job, steps, guard_config, backend, cut_scale = args
+    return job, train(job, steps, guard_config, backend, cut_scale)
 
 
 # ------------------------------------------------------------------------------ the sweep
-def run(names, seeds, multiples, steps, out: pathlib.Path, guard_config, backend, workers, progress=True) -> list[dict]:
+def run(names, seeds, multiples, steps, out: pathlib.Path, guard_config, backend, workers, progress=True,
+        late_cuts=()) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     path = out / "heldout.json"
     saved = json.loads(path.read_text()) if path.exists() else {}
@@ -230,14 +253,16 @@ def run(names, seeds, multiples, steps, out: pathlib.Path, guard_config, backend
                          "choose another --out, or remove heldout.json to start again")
     results = saved.get("runs", {})
 
-    def execute(jobs, label):
+    def execute(jobs, label, multiple_of=None):
         todo = [j for j in jobs if j.key not in results]
         if not todo:
             return
         from rich.progress import Progress
         with Progress(disable=not progress) as bar, Pool(workers) as pool:
             task = bar.add_task(f"{label} ({len(todo)} runs)", total=len(todo))
-            for job, result in pool.imap_unordered(_train_star, [(j, steps, guard_config, backend) for j in todo]):
+            args = [(j, steps, guard_config, backend, 1.0 if multiple_of is None else LATE_CUT_TO / multiple_of[j])
+                    for j in todo]
+            for job, result in pool.imap_unordered(_train_star, args):
                 results[job.key] = result
                 path.write_text(json.dumps({"settings": settings, "runs": results}, indent=1))
                 bar.advance(task)
@@ -249,12 +274,21 @@ def run(names, seeds, multiples, steps, out: pathlib.Path, guard_config, backend
             for n in names for s in seeds for m in multiples for arm in ("adamw", "guard")]
     execute(arms, "AdamW and guard at multiples of the best lr")
 
+    cut_multiples = [m for m in multiples if m > LATE_CUT_TO]
+    cut_jobs = {Job(n, f"adamw-cut@{k}", best[n, s] * m, s): m
+                for n in names for s in seeds for m in cut_multiples for k in late_cuts}
+    execute(list(cut_jobs), f"AdamW cut to {LATE_CUT_TO:g}x after K steps", multiple_of=cut_jobs)
+
     rows = []
     for n in names:
         for s in seeds:
             best_loss = results[Job(n, "adamw", best[n, s], s).key]["final_loss"]
             for m in multiples:
-                rows.append(_row(n, s, m, best[n, s], best_loss, results))
+                row = _row(n, s, m, best[n, s], best_loss, results)
+                if m in cut_multiples and late_cuts:
+                    row["late_cut"] = {k: results[Job(n, f"adamw-cut@{k}", row["lr"], s).key]["final_loss"] / best_loss
+                                       for k in late_cuts}
+                rows.append(row)
     (out / "heldout.md").write_text(render(rows, settings))
     return rows
 
@@ -314,6 +348,21 @@ def render(rows: list[dict], settings: dict) -> str:
             lines.append(f"| {name} | {m:g} | {mean('adamw_vs_best'):.3f} | {mean('guard_vs_best'):.3f} | "
                          f"{mean('guard_vs_adamw'):.4f} | {max(r['capped_fraction'] for r in rs):.1%} | "
                          f"{f'{sum(met)}/{len(met)}' if met else '-'} |")
+    cut_rows = [r for r in rows if "late_cut" in r]
+    if cut_rows:
+        ks = list(cut_rows[0]["late_cut"])
+        lines += ["", f"## AdamW at the multiple for its first K steps, then at {LATE_CUT_TO:g}x (x best)", "",
+                  "What a governor could reach at best had it cut the run to "
+                  f"{LATE_CUT_TO:g}x after K steps ({LATE_CUT_TO:g}x throughout: K = 0).", "",
+                  "| scenario | seed | lr x | AdamW | guard | " + " | ".join(f"K = {k}" for k in ks) + " |",
+                  "|---|---|---|---|---|" + "---|" * len(ks)]
+        for r in cut_rows:
+            lines.append(f"| {r['scenario']} | {r['seed']} | {r['multiple']:g} | {r['adamw_vs_best']:.3f} | "
+                         f"{r['guard_vs_best']:.3f} | " + " | ".join(f"{v:.3f}" for v in r["late_cut"].values()) + " |")
+        within = lambda values: f"{sum(v <= 1.15 for v in values)}/{len(values)}"  # noqa: E731
+        lines += ["", "Runs within 15% of the best: AdamW " + within([r["adamw_vs_best"] for r in cut_rows])
+                  + ", guard " + within([r["guard_vs_best"] for r in cut_rows]) + ", "
+                  + ", ".join(f"K = {k} " + within([r["late_cut"][k] for r in cut_rows]) for k in ks) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -326,6 +375,8 @@ def main(argv=None) -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--backend", default="auto")
     p.add_argument("--guard-config", default=None, help="GuardConfig fields as JSON (default: the default preset)")
+    p.add_argument("--late-cut", default="", help="comma list of K: also run AdamW at each multiple above "
+                   f"{LATE_CUT_TO:g} for K steps, then at {LATE_CUT_TO:g}x (0: {LATE_CUT_TO:g}x throughout)")
     p.add_argument("--out", default="benchmarks/results/heldout")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
@@ -338,9 +389,12 @@ def main(argv=None) -> None:
     try:
         seeds = [int(x) for x in a.seeds.split(",")]
         multiples = [float(x) for x in a.multiples.split(",")]
+        late_cuts = [int(x) for x in a.late_cut.split(",")] if a.late_cut else []
         guard_config = json.loads(a.guard_config) if a.guard_config else None
     except ValueError as e:
-        p.error(f"--seeds/--multiples/--guard-config: {e}")
+        p.error(f"--seeds/--multiples/--late-cut/--guard-config: {e}")
+    if any(k < 0 for k in late_cuts):
+        p.error(f"--late-cut must be step counts >= 0, got {a.late_cut}")
     if not all(math.isfinite(m) and m > 0 for m in multiples):
         p.error(f"--multiples must be positive numbers, got {a.multiples}")
     if guard_config is not None:
@@ -351,7 +405,7 @@ def main(argv=None) -> None:
             p.error(f"--guard-config: {e}")
     try:
         rows = run(names, seeds, multiples, a.steps, pathlib.Path(a.out), guard_config, a.backend, max(1, a.workers),
-                   progress=not a.no_progress)
+                   progress=not a.no_progress, late_cuts=late_cuts)
     except ValueError as e:
         p.error(str(e))
     print(render(rows, {"steps": a.steps, "guard_config": guard_config or {}}))

@@ -38,6 +38,25 @@ def test_two_seeds_add_a_mean_table(tmp_path):
     assert f"{mean:.3f}" in text.split("## Mean over seeds")[1]
 
 
+def test_late_cut_runs_are_adamw_at_the_multiple_then_at_3x(tmp_path):
+    """K = 0 is AdamW at 3x from the start; K >= steps is AdamW at the multiple throughout."""
+    steps = 3
+    rows = heldout.run(["opt-const"], seeds=[0], multiples=[3.0, 10.0], steps=steps, out=tmp_path, guard_config=None,
+                       backend="torch", workers=1, progress=False, late_cuts=[0, 1, steps])
+    by_multiple = {r["multiple"]: r for r in rows}
+    assert "late_cut" not in by_multiple[3.0]
+    cut = by_multiple[10.0]["late_cut"]
+    best_loss = by_multiple[10.0]["adamw"] / by_multiple[10.0]["adamw_vs_best"]
+    assert cut[0] * best_loss == pytest.approx(by_multiple[3.0]["adamw"], rel=1e-5)
+    assert cut[steps] * best_loss == pytest.approx(by_multiple[10.0]["adamw"], rel=1e-9)
+    assert cut[1] * best_loss not in (pytest.approx(by_multiple[3.0]["adamw"]), pytest.approx(by_multiple[10.0]["adamw"]))
+    text = (tmp_path / "heldout.md").read_text()
+    assert "then at 3x" in text and f"| opt-const | 0 | 10 | {by_multiple[10.0]['adamw_vs_best']:.3f} |" in text
+    within = lambda v: f"{int(v <= 1.15)}/1"  # noqa: E731
+    assert (f"AdamW {within(by_multiple[10.0]['adamw_vs_best'])}, guard {within(by_multiple[10.0]['guard_vs_best'])}, "
+            f"K = 0 {within(cut[0])}, K = 1 {within(cut[1])}, K = {steps} {within(cut[steps])}.") in text
+
+
 def test_results_of_other_settings_are_never_overwritten(tmp_path, capsys):
     heldout.run(["opt-const"], seeds=[0], multiples=[1.0], steps=2, out=tmp_path, guard_config=None,
                 backend="torch", workers=1, progress=False)
@@ -52,6 +71,8 @@ def test_results_of_other_settings_are_never_overwritten(tmp_path, capsys):
     (["--scenarios", "nope"], "--scenarios"),
     (["--steps", "1"], "--steps"),
     (["--multiples", "0"], "--multiples"),
+    (["--late-cut", "-1"], "--late-cut"),
+    (["--late-cut", "x"], "--late-cut"),
     (["--guard-config", '{"omega_low": -1}'], "omega_low"),
 ])
 def test_bad_arguments_name_the_option(argv, words, capsys):
