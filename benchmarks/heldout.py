@@ -16,8 +16,8 @@ and the guard run at 1x and 10x of it. The targets of issue 10 are judged per ru
     python -m benchmarks.heldout --late-cut 5,10,20,40   # how early must a 10x run be cut?
 
 ``--late-cut K,...`` adds AdamW runs that take each multiple above 3 for their first K steps
-and 3x the best lr from then on: the loss a governor could reach at best had it cut the run
-to 3x after K steps, which says how early the evidence must come.
+and 3x the best lr from then on: the loss a governor would reach had it cut the run to 3x
+after K steps, which says how early the evidence must come.
 
 Results (resumable) go to ``--out`` (``heldout.json``) with ``heldout.md``.
 """
@@ -352,7 +352,7 @@ def render(rows: list[dict], settings: dict) -> str:
     if cut_rows:
         ks = list(cut_rows[0]["late_cut"])
         lines += ["", f"## AdamW at the multiple for its first K steps, then at {LATE_CUT_TO:g}x (x best)", "",
-                  "What a governor could reach at best had it cut the run to "
+                  "What a governor would reach had it cut the run to "
                   f"{LATE_CUT_TO:g}x after K steps ({LATE_CUT_TO:g}x throughout: K = 0).", "",
                   "| scenario | seed | lr x | AdamW | guard | " + " | ".join(f"K = {k}" for k in ks) + " |",
                   "|---|---|---|---|---|" + "---|" * len(ks)]

@@ -251,7 +251,7 @@ TUNING = dict(
     spike_k=10.0, spike_warmup=0, clamp_spikes=True, loss_check=True, same_step_grad_skip=False,
     governor="evidence", min_scale=0.1, max_update_ratio=None,
     early_records=20, omega_low=0.35, omega_high=0.6, omega_recent_max=1.0, omega_worsening=0.7,
-    omega_window=8,
+    omega_window=8, efficiency_records=12, efficiency_window=6, efficiency_low=0.15, efficiency_min_drop=0.3,
     min_evidence=3, cut_factor=0.6, cut_interval=4, recovery_rate=0.02, max_scale_increase=0.05,
     snapshots=True, snapshot_interval=5, snapshot_budget=0.02, snapshot_ring=2, snapshot_device="cpu",
     max_rollback_distance=50, max_rollbacks=3, rollback_window=500, rollback_scale=0.5, freeze_steps=20,

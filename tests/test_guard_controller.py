@@ -63,6 +63,10 @@ def decisions_at(sim, record_step):
         (dict(governor="aimd"), "governor"),
         (dict(lag=1.5), "lag"),
         (dict(snapshots="yes"), "snapshots"),
+        (dict(efficiency_records=-1), "efficiency_records"),
+        (dict(efficiency_window=0), "efficiency_window"),
+        (dict(efficiency_low=0.0), "efficiency_low"),
+        (dict(efficiency_min_drop=math.inf), "efficiency_min_drop"),
     ],
 )
 def test_config_rejects_bad_settings(changes, message):
@@ -429,6 +433,50 @@ def test_governor_cuts_on_sustained_oscillation_rate_limited_within_bounds():
         [("cap_scale", "oscillation")]
 
 
+def _start(loss_fall: float, cos: float, predicted: float, start: int = 1, omega=1.0):
+    """Records from ``start`` on whose steps each predict a loss decrease of ``predicted``; the
+    loss falls by ``loss_fall`` x that per step (with a little noise) and the gradient has cosine
+    ``cos`` with the previous step's direction; omega stays healthy (or undefined: None)."""
+    rng = random.Random(start)
+
+    def spec(n, cmd):
+        if n < start:
+            return dict(omega=omega, loss=4.0 + 0.01 * rng.uniform(-1, 1))
+        loss = 4.0 - loss_fall * predicted * (n - start) + 0.01 * rng.uniform(-1, 1)
+        return dict(omega=omega, gdu=-predicted, gdp=cos, loss=loss)
+    return spec
+
+
+@pytest.mark.parametrize("omega", [1.0, None])
+def test_governor_cuts_a_start_whose_loss_does_not_follow_the_predicted_decrease(omega):
+    config = explicit_config(efficiency_records=30)  # room for more than one cut
+    sim = Sim(config).run(60, _start(loss_fall=0.02, cos=-0.05, predicted=0.5, omega=omega))
+    cuts = [e for e in sim.events if e.action == "decrease_scale"]
+    assert len(cuts) >= 2 and all(e.detail["why"] == "overshoot" and e.detail["cos"] < 0 for e in cuts)
+    # judged once the window is full, only in the first efficiency_records records, rate-limited
+    assert config.efficiency_window + 1 <= cuts[0].step <= config.efficiency_records + config.lag
+    assert all(e.step <= config.efficiency_records + config.lag for e in cuts)
+    # after a cut the window refills with steps taken at the new ceiling before it judges again
+    assert all(b.step - a.step >= config.efficiency_window + 1 for a, b in zip(cuts, cuts[1:]))
+    for e in cuts:
+        assert e.detail["to_lr"] == pytest.approx(max(config.min_scale * 1e-3, e.detail["from_lr"] * config.cut_factor))
+    scales = [sim.commands[n].scale[0] for n in sorted(sim.commands)]
+    assert all(config.min_scale <= s <= 1.0 for s in scales) and min(scales) < 1.0
+    assert scales[-1] > min(scales)  # omega stays healthy: the ceiling climbs back
+
+
+@pytest.mark.parametrize("why, spec", [
+    ("the loss follows the prediction", _start(loss_fall=0.5, cos=-0.05, predicted=0.5)),
+    ("a plateau whose gradients keep agreeing", _start(loss_fall=0.02, cos=0.05, predicted=0.5)),
+    ("the predicted decrease is within the loss noise", _start(loss_fall=0.02, cos=-0.05, predicted=0.05)),
+    ("after the first records", _start(loss_fall=0.02, cos=-0.05, predicted=0.5, start=20)),
+])
+def test_governor_does_not_cut_on_the_loss_efficiency_without_all_its_evidence(why, spec):
+    sim = Sim(explicit_config()).run(60, spec)
+    assert not [e for e in sim.events if e.action in ("decrease_scale", "cap_scale")], why
+    assert all(cmd.scale[0] == 1.0 for cmd in sim.commands.values()), why
+
+
 def test_governor_follows_worsening_oscillation_down_to_min_scale_and_no_further():
     config = explicit_config()
     sim = Sim(config)
@@ -517,6 +565,38 @@ def test_omega_recent_is_the_momentum_energy_against_the_recent_gradients_white_
         del old[key]
     restored.load_state_dict(old)  # a state saved before omega_recent existed
     assert restored.grad_energy == [0.0, 0.0] and restored.log_recent is None
+
+
+def test_loss_efficiency_state_is_the_last_window_and_the_whole_model_cosine():
+    from lbw_guard.guard.governor import StepSizeGovernor
+    from lbw_guard.guard.signals import derive
+
+    rng = random.Random(7)
+    config = explicit_config(omega_window=1)
+    gov = StepSizeGovernor(config, 2)
+    seen = []
+    for step in range(1, 11):
+        loss, gdu = rng.uniform(1.0, 5.0), [-rng.uniform(0.0, 1.0) for _ in range(2)]
+        g_sq = [rng.uniform(0.1, 4.0) for _ in range(2)]
+        gdp = [rng.uniform(0.5, 1.0), rng.uniform(-0.5, 0.0)]  # a cosine >= 0 overall: no cut clears the window
+        rec = make_record(step, groups=2, grad_sq=g_sq, gdu=gdu, gdp=gdp, loss=loss)  # prev_sq 1 per group
+        gov.observe(derive(rec), [1.0, 1.0], [1e-3, 1e-3])
+        seen.append([loss, -sum(gdu)])
+        window = seen[-(config.efficiency_window + 1):]
+        assert len(gov.early_losses) == len(window)
+        assert sum(gov.early_losses, []) == pytest.approx(sum(window, []), rel=1e-12)
+        # one vector over both groups; the filter over one record is the sample itself
+        assert gov.cos == pytest.approx(sum(gdp) / math.sqrt(sum(g_sq) * 2.0), rel=1e-12)
+    restored = StepSizeGovernor(config, 2)
+    restored.load_state_dict(gov.state_dict())
+    assert restored.state_dict() == gov.state_dict()
+    old = gov.state_dict()
+    for key in ("early_losses", "cos", "cos_samples"):
+        del old[key]
+    restored.load_state_dict(old)  # a state saved before the loss efficiency existed
+    assert restored.early_losses == [] and restored.cos is None and restored.cos_samples == 0
+    gov.on_rollback([1e-3, 1e-3], [1.0, 1.0])
+    assert gov.early_losses == []
 
 
 def test_governor_returns_to_one_when_healthy_and_never_latches():

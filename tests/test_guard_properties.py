@@ -117,7 +117,8 @@ def record_kwargs(step: dict, groups: int, numel: list, prev_cmd) -> dict:
     elif kind == "oscillation":
         kw["omega"] = one(0.02, 1.0)
     elif kind == "overshoot" and prev_cmd is not None:
-        kw["gdp"] = -5.0
+        kw["gdp"] = -5.0  # the gradient turned against the last step
+        kw["gdu"] = -5.0  # and the step predicted a decrease the loss does not show
     elif kind == "garbage":
         kw["loss"] = step["loss"]
     return kw

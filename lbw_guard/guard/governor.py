@@ -61,21 +61,35 @@ per-layer param groups):
   envelope predicted from the end of a warm-restart cycle (a tiny lr, large normalised
   updates) would cap the restart itself. An envelope cut sets the ceiling, which holds
   through the first ``early_records``.
+- **the loss efficiency** covers the start the envelope does not see. Where the first step is
+  small against the weights (HF init 0.02), a 10x lr does its harm in the first 5-10 steps, long
+  before omega falls (``python -m benchmarks.heldout --late-cut``: AdamW at 10x cut to 3x after
+  5 steps ends 27 of the 30 held-out runs within 15% of the best, after 10 steps 20, after 40
+  steps 14). The evidence there is the loss: over the last ``efficiency_window`` (6) steps it
+  fell by less than ``efficiency_low`` (0.15) of the decrease the steps predicted to first order
+  (``-sum g.u``, which the kernel reports). In the first 12 records, where judged (below), it
+  read 0.18-0.76 at the best lr of the runs measured (held out and matrix; full, LoRA and LoRA+;
+  most best-lr runs predict too little to be judged) and below 0.1 at 10x (OPT 0.15). A loss
+  plateau also stops following the prediction (GPT-NeoX on prose at its code-tuned lr read
+  0.01-0.06 at records 9-13 on 2 seeds of 3), but its gradients keep agreeing with the last
+  step, so a cut also needs the filtered whole-model cosine of g_t with the previous direction
+  below 0 (the hypergradient's sign: the step overshot). The efficiency is judged only when the
+  steps predicted a decrease of at least ``efficiency_min_drop`` (30%) of the loss, below which
+  two minibatch losses decide, and only in the first ``efficiency_records`` (12): later the
+  schedule moves the lr (the end of a warmup, a restart) and healthy runs read 0.0-0.1 (GPT-2
+  under warm restarts, Gemma under polynomial decay). Its cut is the oscillation cut
+  (``cut_factor``, ``cut_interval`` apart). RESULTS_PENDING
 - **not used**: the secant estimate of the best step along the update (-g_t.u_t over
-  g_{t+1}.u_t - g_t.u_t) and the cosine of g_t with u_{t-1} (the hypergradient). Whole-model,
-  early in a run, they separate the lrs (secant about 2 at the best lr, 0.8 at 10x); per layer
-  group the best lr's last layer reads 0.7-1.0, as low as 10x, and after the first records
-  minibatch noise keeps them near 1 / 0 at every lr. The kernel still reports them.
-  Over the whole model as one vector, the cosine is positive in the first ~20 records at the
-  best lr (+2..+40%, filtered) and below 0 at 10x on every constant-lr full-training run of the
-  matrix and the held-out set, but GPT-2 LoRA reads below 0 at its best lr from the fifth record
-  on. An early brake on it (cut while it is below 0 and omega below 0.5, first 40 records) made
-  the held-out 10x runs worse (seed 0: 1.155 of the best loss on the mean instead of 1.126, 3 of
-  10 within 15% instead of 5), cutting them ~15 records sooner and deeper (mean scale
-  0.18-0.38); one brake to 0.35x and no more, 1.139 and 4 of 10.
-  ``python -m benchmarks.heldout --late-cut`` shows why nothing that needs records can help
-  there: AdamW at 10x cut to 3x after 5 steps ends OPT at 1.115 of the best, after 10 steps at
-  1.19, after 40 at 1.20 (10x throughout 1.235): the damage is done in the first steps.
+  g_{t+1}.u_t - g_t.u_t) and the per-matrix cosine of g_t with u_{t-1} (the hypergradient).
+  Whole-model, early in a run, they separate the lrs (secant about 2 at the best lr, 0.8 at
+  10x); per layer group the best lr's last layer reads 0.7-1.0, as low as 10x, and after the
+  first records minibatch noise keeps them near 1 / 0 at every lr. The kernel still reports
+  them. Over the whole model as one vector the cosine is positive in the first ~20 records at
+  the best lr (+2..+40%, filtered) and below 0 at 10x on every constant-lr full-training run of
+  the matrix and the held-out set, but GPT-2 LoRA reads below 0 at its best lr from the fifth
+  record on: alone it is no evidence (an early brake on it, cutting while it was below 0 and
+  omega below 0.5 in the first 40 records, left the held-out 10x runs at 1.155 of the best loss
+  on the mean instead of 1.126, seed 0), so it only confirms the loss efficiency.
 
 A cut is rate-limited (``cut_interval`` records apart) and bounded by ``min_scale``. Without
 evidence the ceilings rise by ``recovery_rate`` (2%) per record and are dropped once far above
@@ -121,6 +135,9 @@ class StepSizeGovernor:
         self.omega_at_cut: float | None = None  # filtered log omega at the last cut of an episode
         self.log_recent: float | None = None  # filtered log omega_recent (whole model)
         self.recent_samples = 0
+        self.early_losses: list[list[float]] = []  # [loss, predicted decrease] of the last records
+        self.cos: float | None = None  # filtered whole-model cos(g_t, d_{t-1})
+        self.cos_samples = 0
         self.records = 0  # written records seen
         self.num_groups = 0
         self.resize(num_groups)
@@ -195,8 +212,16 @@ class StepSizeGovernor:
         if recent is not None:
             self.log_recent = self._filtered(self.log_recent, recent, self.recent_samples)
             self.recent_samples += 1
-        if self._oscillating() and self.since_cut >= c.cut_interval:
-            return self._cut(lr_eff, lrs)
+        self._fold_loss(sig)
+        cos = self._whole_model_cos(sig, written)
+        if cos is not None:
+            self.cos = self._filtered(self.cos, cos, self.cos_samples)
+            self.cos_samples += 1
+        if self.since_cut >= c.cut_interval:
+            if self._oscillating():
+                return self._cut(lr_eff, lrs, "oscillation")
+            if self._inefficient():
+                return self._cut(lr_eff, lrs, "overshoot")
         if self._healthy():
             self.omega_at_cut = None  # the episode is over
             for g in written:
@@ -242,6 +267,45 @@ class StepSizeGovernor:
             return None
         return min(C.OMEGA_LOG_CLAMP, max(-C.OMEGA_LOG_CLAMP, total / count))
 
+    def _fold_loss(self, sig: StepSignals) -> None:
+        """Keep the loss and the first-order predicted decrease ``-g.u`` of the first records."""
+        c = self.config
+        if self.records > c.efficiency_records:
+            self.early_losses = []
+            return
+        if sig.loss is None or not (math.isfinite(sig.loss) and math.isfinite(sig.grad_dot_update)):
+            self.early_losses = []  # a gap: the loss difference would span an unmeasured step
+            return
+        self.early_losses.append([float(sig.loss), -float(sig.grad_dot_update)])
+        del self.early_losses[:-(c.efficiency_window + 1)]
+
+    @staticmethod
+    def _whole_model_cos(sig: StepSignals, written: list[int]) -> float | None:
+        """cos(g_t, d_{t-1}) with every written group's tensors taken as one vector."""
+        dot = sum(sig.groups[g].fields[C.T_GRAD_DOT_PREV] for g in written)
+        g_sq = sum(sig.groups[g].fields[C.T_GRAD_SQ] for g in written)
+        d_sq = sum(sig.groups[g].fields[C.T_PREV_SQ] for g in written)
+        if not (g_sq > 0 and d_sq > 0 and math.isfinite(dot) and math.isfinite(g_sq * d_sq)):
+            return None
+        return max(-1.0, min(1.0, dot / math.sqrt(g_sq * d_sq)))
+
+    def _inefficient(self) -> bool:
+        """Evidence at the start of a run: over the last ``efficiency_window`` steps the loss fell
+        by less than ``efficiency_low`` of what the steps predicted to first order (and they
+        predicted enough to be judged against the minibatch noise), while the gradient turned
+        against the previous step's direction (the filtered whole-model cosine is below 0). A
+        loss plateau also stops following the prediction, but its gradients keep agreeing."""
+        c = self.config
+        window = self.early_losses
+        if self.records > c.efficiency_records or len(window) < c.efficiency_window + 1:
+            return False
+        if self.cos_samples < c.min_evidence or not self.cos < 0.0:
+            return False
+        predicted = sum(p for _, p in window[:-1])
+        if not predicted > c.efficiency_min_drop * abs(window[0][0]):
+            return False
+        return (window[0][0] - window[-1][0]) < c.efficiency_low * predicted
+
     def _oscillating(self) -> bool:
         """Evidence: omega low over the window, and (after a cut) lower than at the last cut:
         omega keeps the second moment's memory, so a cut that worked leaves it low for a while."""
@@ -261,12 +325,13 @@ class StepSizeGovernor:
             return False
         return self.log_omega is None or self.log_omega > math.log(c.omega_high)
 
-    def _cut(self, lr_eff: dict, lrs: list[float]) -> list[dict]:
+    def _cut(self, lr_eff: dict, lrs: list[float], why: str) -> list[dict]:
         """Every written group's ceiling to cut_factor x its current effective lr: one decision
         for the whole model keeps the user's per-group lr ratios (LoRA+)."""
         c = self.config
         self.since_cut = 0
         self.omega_at_cut = self.log_omega
+        self.early_losses = []  # the loss efficiency judges steps taken at the new ceiling only
         decisions = []
         for g, eff in lr_eff.items():
             floor = c.min_scale * lrs[g]
@@ -274,8 +339,9 @@ class StepSizeGovernor:
                 continue
             before = self.ceiling[g]
             self.ceiling[g] = max(floor, eff * c.cut_factor)
-            decisions.append({"group": g, "from_lr": eff, "to_lr": self.ceiling[g], "why": "oscillation",
-                              "omega": math.exp(self.log_omega), "ceiling_before": before})
+            decisions.append({"group": g, "from_lr": eff, "to_lr": self.ceiling[g], "why": why,
+                              "omega": None if self.log_omega is None else math.exp(self.log_omega),
+                              "cos": self.cos, "ceiling_before": before})
         return decisions
 
     def on_rollback(self, lrs: list[float], scales: list[float]) -> None:
@@ -286,6 +352,7 @@ class StepSizeGovernor:
                 lr_eff = lrs[g] * (scales[g] if g < len(scales) else 1.0)
                 self.ceiling[g] = max(c.min_scale * lrs[g], lr_eff * c.rollback_scale)
         self.since_cut = 0
+        self.early_losses = []
         self._forget_recent(energy=True)  # the moments are the snapshot's now
 
     def on_data_change(self) -> None:
@@ -295,6 +362,9 @@ class StepSizeGovernor:
         self.log_omega = None
         self.omega_samples = 0
         self.omega_at_cut = None
+        self.early_losses = []
+        self.cos = None
+        self.cos_samples = 0
         self._forget_recent(energy=False)  # m still holds the gradients the energy counts
 
     def _forget_recent(self, energy: bool) -> None:
@@ -304,11 +374,13 @@ class StepSizeGovernor:
         self.recent_samples = 0
 
     # ------------------------------------------------------------------ state
-    _SCALARS = ("log_omega", "omega_samples", "since_cut", "omega_at_cut", "records", "log_recent", "recent_samples")
+    _SCALARS = ("log_omega", "omega_samples", "since_cut", "omega_at_cut", "records", "log_recent", "recent_samples",
+                "cos", "cos_samples")
 
     def state_dict(self) -> dict:
         return {"num_groups": self.num_groups, "ceiling": list(self.ceiling), "ratio_per_lr": list(self.ratio_per_lr),
-                "grad_energy": list(self.grad_energy), **{k: getattr(self, k) for k in self._SCALARS}}
+                "grad_energy": list(self.grad_energy), "early_losses": [list(x) for x in self.early_losses],
+                **{k: getattr(self, k) for k in self._SCALARS}}
 
     def load_state_dict(self, state: dict) -> None:
         self.resize(int(state["num_groups"]))
@@ -325,3 +397,7 @@ class StepSizeGovernor:
             self.grad_energy = [float(v) for v in per_group("grad_energy", state["grad_energy"], self.num_groups)]
             self.log_recent = None if state["log_recent"] is None else float(state["log_recent"])
             self.recent_samples = int(state["recent_samples"])
+        # the loss efficiency came later still: a state without it starts its window afresh
+        self.early_losses = [[float(loss), float(drop)] for loss, drop in state.get("early_losses", [])]
+        self.cos = None if state.get("cos") is None else float(state["cos"])
+        self.cos_samples = int(state.get("cos_samples", 0))
