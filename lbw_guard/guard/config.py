@@ -113,9 +113,16 @@ class GuardConfig:
     the gradients of the last ~1/(1-beta2) steps: after large early gradients it reads 0.01 while
     the gradients themselves do not cancel (omega_recent 1.2-1.5, rsLoRA at 10x), and cutting
     there left that run 6% worse than AdamW. 1 is the white-noise level; None: omega alone."""
-    efficiency_records: int = 12
-    """Records at the start of a run in which the loss efficiency can cut (0: never). Later the
-    schedule moves the lr (the end of a warmup, a restart) and healthy runs read 0.0-0.1."""
+    efficiency_records: int = 0
+    """Records at the start of a run in which the loss efficiency can cut; 0 (the default):
+    never. 12 is the measured setting (later the schedule moves the lr and healthy runs read
+    0.0-0.1). Off by default for two measured costs: it capped a held-out MLP language model at
+    its best lr on 93% of its steps (+5.6%), and the ceiling's climb back undoes its cut (a tiny
+    Qwen2 at 15x its lr, tests/test_guard_integration.py, was cut at record 7 to 0.006 where
+    plain AdamW is best at 0.0036, then released to 12x by step 120; without the cut, late
+    oscillation cuts held it at 4.5x). On the matrix it helped (3 seeds, 30x warmup + cosine
+    1.22, 1.26, 1.18 -> 1.15, 1.21, 1.14 of the best loss; no 1x cell moved) and held out at 10x
+    15 of 30 runs ended within 15% instead of 12; see :mod:`lbw_guard.guard.governor`."""
     efficiency_window: int = 6
     """Steps over which the loss efficiency is measured: the loss's fall against the first-order
     decrease the steps predicted (``-sum g.u``). After a cut the window starts again, so it
