@@ -226,8 +226,8 @@ class StepSizeGovernor:
             self.log_recent = self._filtered(self.log_recent, recent, self.recent_samples)
             self.recent_samples += 1
         self._fold_loss(sig)
-        cos = self._whole_model_cos(sig, written)
-        if cos is not None:
+        cos = self._whole_model_cos(sig, written) if self.records <= c.efficiency_records else None
+        if cos is not None:  # only the loss efficiency reads it
             self.cos = self._filtered(self.cos, cos, self.cos_samples)
             self.cos_samples += 1
         if self.since_cut >= c.cut_interval:
