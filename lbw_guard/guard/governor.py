@@ -225,11 +225,7 @@ class StepSizeGovernor:
         if recent is not None:
             self.log_recent = self._filtered(self.log_recent, recent, self.recent_samples)
             self.recent_samples += 1
-        self._fold_loss(sig)
-        cos = self._whole_model_cos(sig, written) if self.records <= c.efficiency_records else None
-        if cos is not None:  # only the loss efficiency reads it
-            self.cos = self._filtered(self.cos, cos, self.cos_samples)
-            self.cos_samples += 1
+        self._fold_efficiency(sig, written)
         if self.since_cut >= c.cut_interval:
             if self._oscillating():
                 return self._cut(lr_eff, lrs, "oscillation")
@@ -280,12 +276,18 @@ class StepSizeGovernor:
             return None
         return min(C.OMEGA_LOG_CLAMP, max(-C.OMEGA_LOG_CLAMP, total / count))
 
-    def _fold_loss(self, sig: StepSignals) -> None:
-        """Keep the loss and the first-order predicted decrease ``-g.u`` of the first records."""
+    def _fold_efficiency(self, sig: StepSignals, written: list[int]) -> None:
+        """In the first ``efficiency_records`` only (no work otherwise): keep the loss and the
+        first-order predicted decrease ``-g.u`` of the last records, and filter the whole-model
+        cosine; afterwards the window is empty, so the loss efficiency cannot cut."""
         c = self.config
         if self.records > c.efficiency_records:
             self.early_losses = []
             return
+        cos = self._whole_model_cos(sig, written)
+        if cos is not None:
+            self.cos = self._filtered(self.cos, cos, self.cos_samples)
+            self.cos_samples += 1
         if sig.loss is None or not (math.isfinite(sig.loss) and math.isfinite(sig.grad_dot_update)):
             self.early_losses = []  # a gap: the loss difference would span an unmeasured step
             return
@@ -310,7 +312,7 @@ class StepSizeGovernor:
         loss plateau also stops following the prediction, but its gradients keep agreeing."""
         c = self.config
         window = self.early_losses
-        if self.records > c.efficiency_records or len(window) < c.efficiency_window + 1:
+        if len(window) < c.efficiency_window + 1:  # also empty after the first records
             return False
         if self.cos_samples < c.min_evidence or not self.cos < 0.0:
             return False
