@@ -67,6 +67,10 @@ def decisions_at(sim, record_step):
         (dict(efficiency_window=0), "efficiency_window"),
         (dict(efficiency_low=0.0), "efficiency_low"),
         (dict(efficiency_min_drop=math.inf), "efficiency_min_drop"),
+        (dict(release_drop=1.0), "release_drop"),
+        (dict(release_drop=math.nan), "release_drop"),
+        (dict(release_loss_z=-1.0), "release_loss_z"),
+        (dict(release_loss_z="1"), "release_loss_z"),
     ],
 )
 def test_config_rejects_bad_settings(changes, message):
@@ -447,6 +451,17 @@ def _start(loss_fall: float, cos: float, predicted: float, start: int = 1, omega
     return spec
 
 
+def _catapult(n, cmd):
+    """A start whose second step overshoots (the loss rises, against a large predicted fall)
+    and whose later steps recover all of it and more, with gradients turning against the last
+    step (as an MLP language model at its best lr did): since the start, the loss follows the
+    prediction well enough; a window of the last steps alone would not."""
+    losses = [5.7, 3.7, 4.7, 3.5, 3.5, 3.2, 3.3, 3.05, 2.55, 2.8, 2.85, 2.65, 2.65, 2.45]
+    predicted = [2.6, 2.0, 5.7, 0.55, 0.3, 0.4, 0.3, 0.4, 0.25, 0.15, 0.15, 0.15, 0.15, 0.15]
+    k = min(n - 1, len(losses) - 1)
+    return dict(omega=1.0, gdu=-predicted[k], gdp=-0.02, loss=losses[k] if n <= len(losses) else 2.4)
+
+
 @pytest.mark.parametrize("omega", [1.0, None])
 def test_governor_cuts_a_start_whose_loss_does_not_follow_the_predicted_decrease(omega):
     config = explicit_config(efficiency_records=30)  # room for more than one cut
@@ -470,6 +485,7 @@ def test_governor_cuts_a_start_whose_loss_does_not_follow_the_predicted_decrease
     ("a plateau whose gradients keep agreeing", _start(loss_fall=0.02, cos=0.05, predicted=0.5)),
     ("the predicted decrease is within the loss noise", _start(loss_fall=0.02, cos=-0.05, predicted=0.05)),
     ("after the first records", _start(loss_fall=0.02, cos=-0.05, predicted=0.5, start=20)),
+    ("a first step that overshoots and is recovered from", _catapult),
 ])
 def test_governor_does_not_cut_on_the_loss_efficiency_without_all_its_evidence(why, spec):
     sim = Sim(explicit_config()).run(60, spec)
@@ -567,7 +583,7 @@ def test_omega_recent_is_the_momentum_energy_against_the_recent_gradients_white_
     assert restored.grad_energy == [0.0, 0.0] and restored.log_recent is None
 
 
-def test_loss_efficiency_state_is_the_last_window_and_the_whole_model_cosine():
+def test_loss_efficiency_state_is_every_record_since_the_start_and_the_whole_model_cosine():
     from lbw_guard.guard.governor import StepSizeGovernor
     from lbw_guard.guard.signals import derive
 
@@ -575,18 +591,23 @@ def test_loss_efficiency_state_is_the_last_window_and_the_whole_model_cosine():
     config = explicit_config(omega_window=1)
     gov = StepSizeGovernor(config, 2)
     seen = []
-    for step in range(1, 11):
+    for step in range(1, config.efficiency_records + 4):
         loss, gdu = rng.uniform(1.0, 5.0), [-rng.uniform(0.0, 1.0) for _ in range(2)]
         g_sq = [rng.uniform(0.1, 4.0) for _ in range(2)]
         gdp = [rng.uniform(0.5, 1.0), rng.uniform(-0.5, 0.0)]  # a cosine >= 0 overall: no cut clears the window
         rec = make_record(step, groups=2, grad_sq=g_sq, gdu=gdu, gdp=gdp, loss=loss)  # prev_sq 1 per group
         gov.observe(derive(rec), [1.0, 1.0], [1e-3, 1e-3])
         seen.append([loss, -sum(gdu)])
-        window = seen[-(config.efficiency_window + 1):]
-        assert len(gov.early_losses) == len(window)
-        assert sum(gov.early_losses, []) == pytest.approx(sum(window, []), rel=1e-12)
+        if step > config.efficiency_records:  # judged in the first records only: nothing kept
+            assert gov.early_losses == []
+            continue
+        assert len(gov.early_losses) == len(seen)
+        assert sum(gov.early_losses, []) == pytest.approx(sum(seen, []), rel=1e-12)
         # one vector over both groups; the filter over one record is the sample itself
         assert gov.cos == pytest.approx(sum(gdp) / math.sqrt(sum(g_sq) * 2.0), rel=1e-12)
+        if step == config.efficiency_records - 1:
+            saved = gov.state_dict()
+    gov.load_state_dict(saved)
     restored = StepSizeGovernor(config, 2)
     restored.load_state_dict(gov.state_dict())
     assert restored.state_dict() == gov.state_dict()
@@ -615,6 +636,96 @@ def test_governor_returns_to_one_when_healthy_and_never_latches():
     assert all(b >= a - 1e-12 for a, b in zip(scales, scales[1:]))  # no cut without evidence
     assert [e.action for e in sim.events if e.action in ("cap_scale", "release_cap")][-1] == "release_cap"
     assert sim.controller.governor.ceiling == [None]  # no memory of the old cut: a later restart runs free
+
+
+def _climb_after_a_cut(config, during_climb, lrs=None) -> tuple:
+    """A healthy start, oscillation that cuts, then the records ``during_climb(n, cmd, s_cut)``
+    while the ceiling climbs back (``s_cut``: the scale the cuts left). Returns the sim and s_cut."""
+    sim = Sim(config)
+    sim.run(30, lambda n, cmd: dict(omega=1.0))
+    sim.run(20, lambda n, cmd: dict(omega=0.05))
+    s_cut = sim.commands[sim.step].scale[0]
+    sim.run(200, lambda n, cmd: during_climb(n, cmd, s_cut), lrs=lrs)
+    return sim, s_cut
+
+
+def _omega_falls_as_the_lr_rises(n, cmd, s_cut):
+    return dict(omega=2.0 * min(1.0, s_cut / cmd.scale[0]))  # healthy at the cut's lr, lower above it
+
+
+def _loss_rises_as_the_lr_rises(seed):
+    rng = random.Random(seed)
+
+    def spec(n, cmd, s_cut):  # omega healthy throughout; the loss noisy as before, higher above 1.5 s_cut
+        excess = max(0.0, cmd.scale[0] / (1.5 * s_cut) - 1.0)
+        return dict(omega=1.0, loss=2.0 + 0.05 * rng.gauss(0.0, 1.0) + 0.5 * excess)
+    return spec
+
+
+def test_governor_backs_off_a_climb_that_makes_omega_fall():
+    """The climb back is a probe: when omega falls to ``release_drop`` of the highest it read
+    since the climb began, after the effective lr rose past where it began, the ceiling goes
+    back there, and the probe starts again."""
+    config = explicit_config()
+    sim, s_cut = _climb_after_a_cut(config, _omega_falls_as_the_lr_rises)
+    assert s_cut < 0.5
+    backs = [e for e in sim.events if e.action == "decrease_scale" and e.detail["why"] == "release_overshoot"]
+    assert len(backs) >= 2 and all(b.step - a.step >= config.cut_interval for a, b in zip(backs, backs[1:]))
+    scales = [sim.commands[n].scale[0] for n in sorted(sim.commands)]
+    assert all(config.min_scale <= x <= 1.0 for x in scales)
+    for e in backs:  # each climb began at the last cut's ceiling, the lowest the run had
+        assert e.detail["omega"] < config.release_drop * e.detail["omega_peak"]
+        assert e.detail["from_lr"] > 1.1 * e.detail["to_lr"]
+        assert e.detail["to_lr"] == pytest.approx(min(scales) * 1e-3, rel=1e-9)
+    # without the probe the climb goes on until omega leaves the healthy band, far higher
+    free, _ = _climb_after_a_cut(explicit_config(release_drop=None), _omega_falls_as_the_lr_rises)
+    assert not [e for e in free.events if e.detail.get("why") == "release_overshoot"]
+    assert max(free.commands[n].scale[0] for n in sorted(free.commands)[60:]) > 1.25 * max(scales[60:])
+
+
+def test_governor_does_not_back_off_when_the_lr_does_not_rise():
+    """omega falling, or the loss rising, while the schedule decays under the ceiling is not the
+    climb's doing."""
+    config = explicit_config()
+    decaying = lambda n: [1e-3 if n <= 50 else 3e-5 * 0.99 ** (n - 50)]  # from under the cuts' ceilings
+    sim, _ = _climb_after_a_cut(config, lambda n, cmd, s_cut: dict(omega=max(0.7, 2.0 * 0.98 ** max(0, n - 50)),
+                                                                  loss=2.0 + 0.01 * max(0, n - 50)), lrs=decaying)
+    assert not [e for e in sim.events if e.detail.get("why") == "release_overshoot"]
+    assert sim.commands[sim.step].scale[0] == 1.0
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_governor_backs_off_a_climb_that_makes_the_loss_rise(seed):
+    """omega stays healthy, but the loss rises above where the climb began: back there."""
+    config = explicit_config()
+    sim, s_cut = _climb_after_a_cut(config, _loss_rises_as_the_lr_rises(seed))
+    backs = [e for e in sim.events if e.detail.get("why") == "release_overshoot"]
+    scales = [sim.commands[n].scale[0] for n in sorted(sim.commands)]
+    assert backs and all(e.detail["evidence"] == "loss" for e in backs)
+    for e in backs:
+        assert e.detail["loss_mean"] > e.detail["loss_at_start"]
+        assert e.detail["from_lr"] > 1.1 * e.detail["to_lr"]
+        assert e.detail["to_lr"] <= 1.5 * s_cut * 1e-3  # where the loss had not risen yet
+    assert all(config.min_scale <= x <= 1.0 for x in scales) and max(scales[60:]) < 3.0 * s_cut
+    free, _ = _climb_after_a_cut(explicit_config(release_loss_z=None), _loss_rises_as_the_lr_rises(seed))
+    assert not [e for e in free.events if e.detail.get("why") == "release_overshoot"]
+    assert free.commands[free.step].scale[0] == 1.0  # without the probe: back to the commanded lr
+
+
+def test_climb_probe_state_round_trips_and_loads_without_it():
+    config = explicit_config()
+    sim, _ = _climb_after_a_cut(config, _loss_rises_as_the_lr_rises(3))
+    gov = sim.controller.governor
+    assert gov.climb_peak is not None and gov.climb_lr and gov.loss_var > 0
+    from lbw_guard.guard.governor import StepSizeGovernor
+    restored = StepSizeGovernor(config, 1)
+    restored.load_state_dict(gov.state_dict())
+    assert restored.state_dict() == gov.state_dict()
+    old = gov.state_dict()
+    for key in ("climb_peak", "climb_lr", "climb_loss", "loss_mean", "loss_var"):
+        del old[key]
+    restored.load_state_dict(old)  # a state saved before the probe existed: it begins afresh
+    assert restored.climb_peak is None and restored.climb_lr == {} and restored.loss_mean is None
 
 
 def test_default_envelope_cap_is_released_when_omega_stays_in_the_healthy_band():

@@ -113,25 +113,22 @@ class GuardConfig:
     the gradients of the last ~1/(1-beta2) steps: after large early gradients it reads 0.01 while
     the gradients themselves do not cancel (omega_recent 1.2-1.5, rsLoRA at 10x), and cutting
     there left that run 6% worse than AdamW. 1 is the white-noise level; None: omega alone."""
-    efficiency_records: int = 0
-    """Records at the start of a run in which the loss efficiency can cut; 0 (the default):
-    never. 12 is the measured setting (later the schedule moves the lr and healthy runs read
-    0.0-0.1). Off by default for two measured costs: it capped a held-out MLP language model at
-    its best lr on 93% of its steps (+5.6%), and the ceiling's climb back undoes its cut (a tiny
-    Qwen2 at 15x its lr, tests/test_guard_integration.py, was cut at record 7 to 0.006 where
-    plain AdamW is best at 0.0036, then released to 12x by step 120; without the cut, late
-    oscillation cuts held it at 4.5x). On the matrix it helped (3 seeds, 30x warmup + cosine
-    1.22, 1.26, 1.18 -> 1.15, 1.21, 1.14 of the best loss; no 1x cell moved) and held out at 10x
-    15 of 30 runs ended within 15% instead of 12; see :mod:`lbw_guard.guard.governor`."""
+    efficiency_records: int = 12
+    """Records at the start of a run in which the loss efficiency can cut (0: never). Later the
+    schedule moves the lr (the end of a warmup, a restart) and healthy runs read 0.0-0.1;
+    reaching to the end of a 24-step warmup (30) cut a held-out Gemma at 10x late and left it
+    worse than no cut. See :mod:`lbw_guard.guard.governor`."""
     efficiency_window: int = 6
-    """Steps over which the loss efficiency is measured: the loss's fall against the first-order
-    decrease the steps predicted (``-sum g.u``). After a cut the window starts again, so it
-    judges steps taken at the new ceiling only."""
+    """Steps the loss efficiency needs before it is judged: the loss's fall since the start of
+    the run (or the last cut) against the first-order decrease the steps predicted
+    (``-sum g.u``). Since the start, not over the last steps only: a run that overshoots on one
+    early step and recovers (an MLP language model at its best lr) is no too-high lr."""
     efficiency_low: float = 0.15
     """Overshoot at the start of a run: cut while the loss efficiency is below this and the
     filtered whole-model cosine of g_t with the previous step's direction is below 0. Measured
-    in the first 12 records: 0.18-0.76 at the best lr where judged, below 0.1 at 10x (OPT 0.15);
-    a loss plateau reads as low, but its gradients keep agreeing with the last step."""
+    in the first 12 records where judged: 0.21-0.84 at the best lr, -0.06-0.06 at 10x on a
+    constant lr (OPT 0.13-0.15); a loss plateau reads as low, but its gradients keep agreeing
+    with the last step."""
     efficiency_min_drop: float = 0.3
     """The efficiency is judged only when the steps predicted a decrease of at least this
     fraction of the loss: below it the minibatch noise of two losses decides."""
@@ -155,6 +152,15 @@ class GuardConfig:
     freed the small-init Llama sooner (capped 23% of its steps instead of 38%), but released the
     30x runs the envelope holds: Llama at 30x constant ended 5.50 instead of 4.99 (3 seeds;
     AdamW 5.89)."""
+    release_drop: float | None = 0.5
+    """The climb back is a probe: once the effective lr rose more than 10% past where the climb
+    began, the filtered omega falling below this fraction of the highest it read since sends
+    the ceilings back there (None: not omega). Without it a tiny Qwen2 at 15x its lr, cut to
+    1.7x its best lr at the start, climbed back to 12x while omega fell from 1.29 to 0.14."""
+    release_loss_z: float | None = 1.0
+    """... as does the loss, filtered over ``omega_window`` records, rising above where it was
+    when the climb began by this many standard deviations of one step's loss (None: not the
+    loss). GPT-NeoX LoRA at 10x climbed with omega at 0.5-0.6 while its loss rose 6%."""
     max_scale_increase: float = 0.05
     """Largest increase of the issued scale from one step to the next."""
 
@@ -283,6 +289,11 @@ def _validate(c: GuardConfig) -> list[str]:
     low, high = number("omega_low"), number("omega_high")
     check(low > 0.0, f"omega_low must be > 0, got {c.omega_low}")
     check(not low > high, f"omega_low ({c.omega_low}) must not exceed omega_high ({c.omega_high})")
+    if c.release_drop is not None:
+        drop = number("release_drop")
+        check(not (drop <= 0.0 or drop >= 1.0), f"release_drop must be in (0, 1) or None, got {c.release_drop}")
+    if c.release_loss_z is not None:
+        check(not number("release_loss_z") < 0.0, f"release_loss_z must be >= 0 or None, got {c.release_loss_z}")
     if c.omega_recent_max is not None:
         check(not number("omega_recent_max") <= 0.0, f"omega_recent_max must be > 0 or None, got {c.omega_recent_max}")
     integer("efficiency_records", 0)

@@ -61,37 +61,33 @@ per-layer param groups):
   envelope predicted from the end of a warm-restart cycle (a tiny lr, large normalised
   updates) would cap the restart itself. An envelope cut sets the ceiling, which holds
   through the first ``early_records``.
-- **the loss efficiency** (opt-in: ``efficiency_records=12``; off by default, see the end)
-  covers the start the envelope does not see. Where the first step is small against the weights
-  (HF init 0.02), a 10x lr does its harm in the first 5-10 steps, long before omega falls
-  (``python -m benchmarks.heldout --late-cut``: AdamW at 10x cut to 3x after 5 steps ends 27 of
-  the 30 held-out runs within 15% of the best, after 10 steps 20, after 40 steps 14). The
-  evidence there is the loss: over the last ``efficiency_window`` (6) steps it fell by less than
-  ``efficiency_low`` (0.15) of the decrease the steps predicted to first order (``-sum g.u``,
-  which the kernel reports). In the first 12 records, where judged (below), it read 0.18-0.76 at
-  the best lr of the runs traced (held out and matrix; full, LoRA and LoRA+; most best-lr runs
-  predict too little to be judged) and below 0.1 at 10x (OPT 0.15). A loss plateau also stops
-  following the prediction (GPT-NeoX on prose at its code-tuned lr read 0.01-0.06 at records
-  9-13 on 2 seeds of 3), but its gradients keep agreeing with the last step, so a cut also needs
-  the filtered whole-model cosine of g_t with the previous direction below 0 (the
-  hypergradient's sign: the step overshot). The efficiency is judged only when the steps
-  predicted a decrease of at least ``efficiency_min_drop`` (30%) of the loss, below which two
-  minibatch losses decide, and only in the first ``efficiency_records``: later the schedule
-  moves the lr (the end of a warmup, a restart) and healthy runs read 0.0-0.1 (GPT-2 under warm
-  restarts, Gemma under polynomial decay). Its cut is the oscillation cut (``cut_factor``); the
-  window then refills with steps taken at the new ceiling (judging steps from before a cut cut
-  twice where once was due). Measured with it on (12): every matrix target still met and no 1x
-  matrix cell moved; 3 seeds at 30x, warmup + cosine 1.221, 1.257, 1.178 -> 1.151, 1.212, 1.139
-  of the best loss and OneCycle 1.230, 1.267 -> 1.097, 1.139 (Qwen2, Llama, GPT-2); "AdamW at
-  the guard's mean lr" beat the guard in 10 of 32 cells instead of 14; held out at 10x, 15 of 30
-  runs within 15% instead of 12. It is off by default for two measured costs. At 1x it capped
-  the held-out MLP language model at its best lr (seed 2, 3e-3, the sweep's edge) on 93% of its
-  steps, +5.6% (27 of 30 held-out 1x runs met instead of 28). And the release undoes it: after
-  its cut nothing shows trouble, so the ceiling climbs back by 2% per record; a tiny Qwen2 on
-  Markov data at 15x its lr (``test_sustained_high_lr_is_held_down``) was cut at record 7 to
-  0.006 (plain AdamW is best there at 0.0036) and released to 12x by step 120, where without the
-  cut late oscillation cuts held it at 4.5x; GPT-NeoX LoRA constant at 10x ended 1.138 of the
-  best instead of 1.057. A release that remembers why a ceiling was set is the missing part.
+- **the loss efficiency** covers the start the envelope does not see. Where the first step is
+  small against the weights (HF init 0.02), a 10x lr does its harm in the first 5-10 steps,
+  long before omega falls (``python -m benchmarks.heldout --late-cut``: AdamW at 10x cut to 3x
+  after 5 steps ends 27 of the 30 held-out runs within 15% of the best, after 10 steps 20,
+  after 40 steps 14). The evidence there is the loss: since the start of the run (or the last
+  cut), over at least ``efficiency_window`` (6) steps, it fell by less than ``efficiency_low``
+  (0.15) of the decrease the steps predicted to first order (``-sum g.u``, which the kernel
+  reports). Where judged (below) in the first 12 records of the runs traced (held out and
+  matrix, seed 0), it read 0.21-0.84 at the best lr and -0.06-0.06 at 10x on a constant lr
+  (OPT 0.13-0.15); under a warmup a 10x run still reads 0.3-0.8 there (its lr is still small).
+  Since the start, not over the last 6 steps: an MLP language model at its best lr (held out,
+  seed 2, 3e-3) overshot on its second step (the loss rose by 1.0 where the step predicted a
+  fall of 5.7) and had recovered all of it by the eighth; the last 6 steps read 0.07 at record
+  7, and that window cut it and capped it on 93% of its steps (+5.6%); since the start it read
+  0.21-0.26. A loss plateau also stops following the prediction (GPT-NeoX on prose at its
+  code-tuned lr read 0.01-0.06 at records 9-13 on 2 seeds of 3), but its gradients keep
+  agreeing with the last step, so a cut also needs the filtered whole-model cosine of g_t with
+  the previous direction below 0 (the hypergradient's sign: the step overshot). The efficiency
+  is judged only when the steps predicted a decrease of at least ``efficiency_min_drop`` (30%)
+  of the loss, below which two minibatch losses decide, and only in the first
+  ``efficiency_records`` (12): later the schedule moves the lr (the end of a warmup, a restart)
+  and healthy runs read 0.0-0.1 (GPT-2 under warm restarts, Gemma under polynomial decay).
+  Reaching to the end of a 24-step warmup (30 records, the last 6 steps with the last 3 also
+  below 0.3 of their prediction) cut Gemma under polynomial decay at 10x at record 18 and it
+  ended worse than uncut (1.194 of the best loss against 1.174; seed 0, the held-out 10x mean
+  1.126 against 1.117-1.120 with 12 records), so it stays at the start. Its cut is the oscillation
+  cut (``cut_factor``), and the efficiency then starts again from the new ceiling.
 - **not used**: the secant estimate of the best step along the update (-g_t.u_t over
   g_{t+1}.u_t - g_t.u_t) and the per-matrix cosine of g_t with u_{t-1} (the hypergradient).
   Whole-model, early in a run, they separate the lrs (secant about 2 at the best lr, 0.8 at
@@ -109,11 +105,24 @@ evidence the ceilings rise by ``recovery_rate`` (2%) per record and are dropped 
 the schedule, so nothing latches. "Without evidence" means omega above ``omega_high`` (0.5),
 under the healthy band: a Llama with init 0.002 at its best lr reads 0.55-0.9 all run, and with
 the recovery at 0.9 the ceiling the envelope set on its first step held every step of the run
-(at 0.5: 38% of the steps, the first records and the climb back). The release is a probe all
-the same: omega also reads 0.5-0.8 in a run the envelope holds at ~3x its best lr under a 10x
-or 30x command, so the ceiling climbs there too, until omega falls again. That costs the 30x
-runs: Qwen2 and Llama under warm restarts end at 1.11 and 1.15 of the best loss instead of 1.04
-and 1.05 (3 seeds; AdamW 1.23, 1.24), and a faster climb (5% per record) cost them more.
+(at 0.5: 38% of the steps, the first records and the climb back).
+
+The climb back is a probe, and the governor remembers where it began. Once the effective lr
+has risen more than 10% past that point, either of two answers sends the ceilings back there,
+and the climb begins again (as it does after a pause, omega under ``omega_high``):
+omega falling below ``release_drop`` (0.5) of the highest it read since, or the loss, filtered
+over ``omega_window`` records, rising above where it was by ``release_loss_z`` (1) standard
+deviations of one step's loss. Without them the climb undid the cuts, because a too-high lr
+shows late and omega reads 0.5-0.8 in a run held at ~3x its best lr:
+- a tiny Qwen2 on Markov data at 15x its lr (``test_sustained_high_lr_is_held_down``) was cut
+  by the loss efficiency at record 7 to 0.006 (plain AdamW is best there at 0.0036), then
+  climbed to 12x by step 120 while omega fell from 1.29 to 0.14 (loss 1.073 of the clean run).
+  omega sent it back at record 82 (0.64 against 1.29), and it ended at 3.7x, 0.923 of the clean
+  run;
+- GPT-NeoX LoRA at 10x under a constant lr (matrix, seed 0), cut at record 6 to 1.8x its best
+  lr, climbed from record 165 while omega sat at 0.5-0.6 and its training loss rose from 4.80
+  to 5.10; it ended at 1.138 of the best loss. The loss sent it back 45 records into the climb,
+  and it ended at 1.049.
 
 A data change (a loss level shift with normal gradients, or ``notify_data_change``) drops the
 ceilings and the evidence: GPT-NeoX at its best lr oscillates on prose (omega 0.04-0.15) and was
@@ -152,6 +161,12 @@ class StepSizeGovernor:
         self.cos: float | None = None  # filtered whole-model cos(g_t, d_{t-1})
         self.cos_samples = 0
         self.records = 0  # written records seen
+        self.climb_peak: float | None = None  # highest filtered log omega since a climb began
+        self.climb_lr: dict[int, float] = {}  # each group's effective lr where it began
+        self.climb_loss: float | None = None  # the filtered loss where it began
+        self.climb_evidence = ""  # what ended the last climb (for its event)
+        self.loss_mean: float | None = None  # the loss filtered over omega_window records
+        self.loss_var: float | None = None  # the variance of one record's loss about it
         self.num_groups = 0
         self.resize(num_groups)
 
@@ -226,6 +241,7 @@ class StepSizeGovernor:
             self.log_recent = self._filtered(self.log_recent, recent, self.recent_samples)
             self.recent_samples += 1
         self._fold_efficiency(sig, written)
+        self._fold_loss(sig.loss)
         if self.since_cut >= c.cut_interval:
             if self._oscillating():
                 return self._cut(lr_eff, lrs, "oscillation")
@@ -233,12 +249,75 @@ class StepSizeGovernor:
                 return self._cut(lr_eff, lrs, "overshoot")
         if self._healthy():
             self.omega_at_cut = None  # the episode is over
+            if self._climb_overshot(lr_eff, written):
+                return self._back_off(lr_eff, lrs)
             for g in written:
                 if self.ceiling[g] is not None:
                     self.ceiling[g] *= 1.0 + c.recovery_rate
                     if _finite(lrs[g]) and self.ceiling[g] >= lrs[g] * 4.0:
                         self.ceiling[g] = None  # far above the schedule: no ceiling any more
+        else:
+            self.climb_peak, self.climb_lr = None, {}  # the climb paused: it begins again from here
         return []
+
+    def _fold_loss(self, loss: float | None) -> None:
+        """The loss filtered over ``omega_window`` records, and the variance of one step's loss
+        about it (over twice as many), for the climb's probe."""
+        if loss is None or not math.isfinite(loss):
+            return
+        if self.loss_mean is None:
+            self.loss_mean = float(loss)
+            return
+        dev = float(loss) - self.loss_mean
+        window = self.config.omega_window
+        self.loss_mean += dev / window
+        self.loss_var = dev * dev if self.loss_var is None else self.loss_var + (dev * dev - self.loss_var) / (2 * window)
+
+    def _climb_overshot(self, lr_eff: dict, written: list[int]) -> bool:
+        """The climb back is a probe: after the effective lr rose past where the climb began,
+        omega falling below ``release_drop`` of the highest it read since, or the filtered loss
+        rising above where it was by ``release_loss_z`` standard deviations of one step's loss,
+        says it went too far."""
+        c = self.config
+        climbing = [g for g in written if self.ceiling[g] is not None and g in lr_eff]
+        if (c.release_drop is None and c.release_loss_z is None) or self.log_omega is None or not climbing:
+            self.climb_peak, self.climb_lr = None, {}
+            return False
+        if self.climb_peak is None:  # the climb begins (at the ceiling: this record may predate it)
+            self.climb_peak = self.log_omega
+            self.climb_loss = self.loss_mean
+            self.climb_lr = {g: min(lr_eff[g], self.ceiling[g]) for g in climbing}
+            return False
+        if self.log_omega >= self.climb_peak:
+            self.climb_peak = self.log_omega
+        if self.since_cut < c.cut_interval:
+            return False
+        omega_fell = c.release_drop is not None and self.log_omega < self.climb_peak + math.log(c.release_drop)
+        loss_rose = (c.release_loss_z is not None and self.climb_loss is not None and self.loss_var is not None
+                     and self.loss_mean > self.climb_loss + c.release_loss_z * math.sqrt(self.loss_var))
+        if not (omega_fell or loss_rose):
+            return False
+        self.climb_evidence = "omega" if omega_fell else "loss"
+        # 10% above where it began: the probe judges the climb, not a schedule's small moves
+        return any(lr_eff[g] > 1.1 * self.climb_lr.get(g, math.inf) for g in climbing)
+
+    def _back_off(self, lr_eff: dict, lrs: list[float]) -> list[dict]:
+        """Ceilings back to the effective lr where the climb began; the probe starts again."""
+        c = self.config
+        self.since_cut = 0
+        decisions = []
+        for g, eff in lr_eff.items():
+            back = self.climb_lr.get(g)
+            if back is None or not eff > back:
+                continue
+            before = self.ceiling[g]
+            self.ceiling[g] = max(c.min_scale * lrs[g], back)
+            decisions.append({"group": g, "from_lr": eff, "to_lr": self.ceiling[g], "why": "release_overshoot",
+                              "evidence": self.climb_evidence, "omega": math.exp(self.log_omega),
+                              "omega_peak": math.exp(self.climb_peak), "loss_mean": self.loss_mean,
+                              "loss_at_start": self.climb_loss, "ceiling_before": before})
+        self.climb_peak, self.climb_lr = None, {}
+        return decisions
 
     def _filtered(self, value: float | None, sample: float, samples: int) -> float:
         """EMA over ``omega_window`` records (a plain mean while fewer have been seen)."""
@@ -278,8 +357,9 @@ class StepSizeGovernor:
 
     def _fold_efficiency(self, sig: StepSignals, written: list[int]) -> None:
         """In the first ``efficiency_records`` only (no work otherwise): keep the loss and the
-        first-order predicted decrease ``-g.u`` of the last records, and filter the whole-model
-        cosine; afterwards the window is empty, so the loss efficiency cannot cut."""
+        first-order predicted decrease ``-g.u`` of every record since the start (or the last
+        cut), and filter the whole-model cosine; afterwards the list is empty, so the loss
+        efficiency cannot cut."""
         c = self.config
         if self.records > c.efficiency_records:
             self.early_losses = []
@@ -292,7 +372,6 @@ class StepSizeGovernor:
             self.early_losses = []  # a gap: the loss difference would span an unmeasured step
             return
         self.early_losses.append([float(sig.loss), -float(sig.grad_dot_update)])
-        del self.early_losses[:-(c.efficiency_window + 1)]
 
     @staticmethod
     def _whole_model_cos(sig: StepSignals, written: list[int]) -> float | None:
@@ -305,11 +384,12 @@ class StepSizeGovernor:
         return max(-1.0, min(1.0, dot / math.sqrt(g_sq * d_sq)))
 
     def _inefficient(self) -> bool:
-        """Evidence at the start of a run: over the last ``efficiency_window`` steps the loss fell
-        by less than ``efficiency_low`` of what the steps predicted to first order (and they
-        predicted enough to be judged against the minibatch noise), while the gradient turned
-        against the previous step's direction (the filtered whole-model cosine is below 0). A
-        loss plateau also stops following the prediction, but its gradients keep agreeing."""
+        """Evidence at the start of a run: since the start (or the last cut), over at least
+        ``efficiency_window`` steps, the loss fell by less than ``efficiency_low`` of what the
+        steps predicted to first order (and they predicted enough to be judged against the
+        minibatch noise), while the gradient turned against the previous step's direction (the
+        filtered whole-model cosine is below 0). A loss plateau also stops following the
+        prediction, but its gradients keep agreeing."""
         c = self.config
         window = self.early_losses
         if len(window) < c.efficiency_window + 1:  # also empty after the first records
@@ -347,6 +427,7 @@ class StepSizeGovernor:
         self.since_cut = 0
         self.omega_at_cut = self.log_omega
         self.early_losses = []  # the loss efficiency judges steps taken at the new ceiling only
+        self.climb_peak, self.climb_lr = None, {}
         decisions = []
         for g, eff in lr_eff.items():
             floor = c.min_scale * lrs[g]
@@ -368,6 +449,8 @@ class StepSizeGovernor:
                 self.ceiling[g] = max(c.min_scale * lrs[g], lr_eff * c.rollback_scale)
         self.since_cut = 0
         self.early_losses = []
+        self.climb_peak, self.climb_lr = None, {}
+        self.loss_mean = self.loss_var = None
         self._forget_recent(energy=True)  # the moments are the snapshot's now
 
     def on_data_change(self) -> None:
@@ -380,6 +463,8 @@ class StepSizeGovernor:
         self.early_losses = []
         self.cos = None
         self.cos_samples = 0
+        self.climb_peak, self.climb_lr = None, {}
+        self.loss_mean = self.loss_var = None  # a new level
         self._forget_recent(energy=False)  # m still holds the gradients the energy counts
 
     def _forget_recent(self, energy: bool) -> None:
@@ -390,11 +475,12 @@ class StepSizeGovernor:
 
     # ------------------------------------------------------------------ state
     _SCALARS = ("log_omega", "omega_samples", "since_cut", "omega_at_cut", "records", "log_recent", "recent_samples",
-                "cos", "cos_samples")
+                "cos", "cos_samples", "climb_peak", "climb_loss", "loss_mean", "loss_var")
 
     def state_dict(self) -> dict:
         return {"num_groups": self.num_groups, "ceiling": list(self.ceiling), "ratio_per_lr": list(self.ratio_per_lr),
                 "grad_energy": list(self.grad_energy), "early_losses": [list(x) for x in self.early_losses],
+                "climb_lr": [[g, lr] for g, lr in sorted(self.climb_lr.items())],
                 **{k: getattr(self, k) for k in self._SCALARS}}
 
     def load_state_dict(self, state: dict) -> None:
@@ -416,3 +502,8 @@ class StepSizeGovernor:
         self.early_losses = [[float(loss), float(drop)] for loss, drop in state.get("early_losses", [])]
         self.cos = None if state.get("cos") is None else float(state["cos"])
         self.cos_samples = int(state.get("cos_samples", 0))
+        # and the climb's probe later again: without it the probe starts at the next healthy record
+        for k in ("climb_peak", "climb_loss", "loss_mean", "loss_var"):
+            setattr(self, k, None if state.get(k) is None else float(state[k]))
+        self.climb_lr = {int(g): float(lr) for g, lr in state.get("climb_lr", [])
+                         if 0 <= int(g) < self.num_groups}
