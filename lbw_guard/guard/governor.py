@@ -164,7 +164,6 @@ class StepSizeGovernor:
         self.climb_peak: float | None = None  # highest filtered log omega since a climb began
         self.climb_lr: dict[int, float] = {}  # each group's effective lr where it began
         self.climb_loss: float | None = None  # the filtered loss where it began
-        self.climb_evidence = ""  # what ended the last climb (for its event)
         self.loss_mean: float | None = None  # the loss filtered over omega_window records
         self.loss_var: float | None = None  # the variance of one record's loss about it
         self.num_groups = 0
@@ -249,8 +248,9 @@ class StepSizeGovernor:
                 return self._cut(lr_eff, lrs, "overshoot")
         if self._healthy():
             self.omega_at_cut = None  # the episode is over
-            if self._climb_overshot(lr_eff, written):
-                return self._back_off(lr_eff, lrs)
+            evidence = self._climb_overshot(lr_eff, written)
+            if evidence:
+                return self._back_off(lr_eff, lrs, evidence)
             for g in written:
                 if self.ceiling[g] is not None:
                     self.ceiling[g] *= 1.0 + c.recovery_rate
@@ -271,37 +271,38 @@ class StepSizeGovernor:
         dev = float(loss) - self.loss_mean
         window = self.config.omega_window
         self.loss_mean += dev / window
-        self.loss_var = dev * dev if self.loss_var is None else self.loss_var + (dev * dev - self.loss_var) / (2 * window)
+        var = dev * dev if self.loss_var is None else self.loss_var
+        self.loss_var = var + (dev * dev - var) / (2 * window)
 
-    def _climb_overshot(self, lr_eff: dict, written: list[int]) -> bool:
+    def _climb_overshot(self, lr_eff: dict, written: list[int]) -> str | None:
         """The climb back is a probe: after the effective lr rose past where the climb began,
         omega falling below ``release_drop`` of the highest it read since, or the filtered loss
         rising above where it was by ``release_loss_z`` standard deviations of one step's loss,
-        says it went too far."""
+        says it went too far. Returns which of them did (None: neither)."""
         c = self.config
         climbing = [g for g in written if self.ceiling[g] is not None and g in lr_eff]
         if (c.release_drop is None and c.release_loss_z is None) or self.log_omega is None or not climbing:
             self.climb_peak, self.climb_lr = None, {}
-            return False
+            return None
         if self.climb_peak is None:  # the climb begins (at the ceiling: this record may predate it)
             self.climb_peak = self.log_omega
             self.climb_loss = self.loss_mean
             self.climb_lr = {g: min(lr_eff[g], self.ceiling[g]) for g in climbing}
-            return False
+            return None
         if self.log_omega >= self.climb_peak:
             self.climb_peak = self.log_omega
         if self.since_cut < c.cut_interval:
-            return False
+            return None
         omega_fell = c.release_drop is not None and self.log_omega < self.climb_peak + math.log(c.release_drop)
         loss_rose = (c.release_loss_z is not None and self.climb_loss is not None and self.loss_var is not None
                      and self.loss_mean > self.climb_loss + c.release_loss_z * math.sqrt(self.loss_var))
-        if not (omega_fell or loss_rose):
-            return False
-        self.climb_evidence = "omega" if omega_fell else "loss"
         # 10% above where it began: the probe judges the climb, not a schedule's small moves
-        return any(lr_eff[g] > 1.1 * self.climb_lr.get(g, math.inf) for g in climbing)
+        rose = any(lr_eff[g] > 1.1 * self.climb_lr.get(g, math.inf) for g in climbing)
+        if not (rose and (omega_fell or loss_rose)):
+            return None
+        return "omega" if omega_fell else "loss"
 
-    def _back_off(self, lr_eff: dict, lrs: list[float]) -> list[dict]:
+    def _back_off(self, lr_eff: dict, lrs: list[float], evidence: str) -> list[dict]:
         """Ceilings back to the effective lr where the climb began; the probe starts again."""
         c = self.config
         self.since_cut = 0
@@ -313,7 +314,7 @@ class StepSizeGovernor:
             before = self.ceiling[g]
             self.ceiling[g] = max(c.min_scale * lrs[g], back)
             decisions.append({"group": g, "from_lr": eff, "to_lr": self.ceiling[g], "why": "release_overshoot",
-                              "evidence": self.climb_evidence, "omega": math.exp(self.log_omega),
+                              "evidence": evidence, "omega": math.exp(self.log_omega),
                               "omega_peak": math.exp(self.climb_peak), "loss_mean": self.loss_mean,
                               "loss_at_start": self.climb_loss, "ceiling_before": before})
         self.climb_peak, self.climb_lr = None, {}
