@@ -86,8 +86,8 @@ per-layer param groups):
   Reaching to the end of a 24-step warmup (30 records, the last 6 steps with the last 3 also
   below 0.3 of their prediction) cut Gemma under polynomial decay at 10x at record 18 and it
   ended worse than uncut (1.194 of the best loss against 1.174; seed 0, the held-out 10x mean
-  1.126 against 1.117-1.120 with 12 records), so it stays at the start. Its cut is the oscillation
-  cut (``cut_factor``), and the efficiency then starts again from the new ceiling.
+  1.126 against 1.117-1.120 with 12 records), so it stays at the start. Its cut is the
+  oscillation cut (``cut_factor``), and the efficiency then starts again from the new ceiling.
 - **not used**: the secant estimate of the best step along the update (-g_t.u_t over
   g_{t+1}.u_t - g_t.u_t) and the per-matrix cosine of g_t with u_{t-1} (the hypergradient).
   Whole-model, early in a run, they separate the lrs (secant about 2 at the best lr, 0.8 at
@@ -122,7 +122,12 @@ shows late and omega reads 0.5-0.8 in a run held at ~3x its best lr:
 - GPT-NeoX LoRA at 10x under a constant lr (matrix, seed 0), cut at record 6 to 1.8x its best
   lr, climbed from record 165 while omega sat at 0.5-0.6 and its training loss rose from 4.80
   to 5.10; it ended at 1.138 of the best loss. The loss sent it back 45 records into the climb,
-  and it ended at 1.049.
+  and it ended at 1.047.
+
+The probe's measured cost: omega also falls after an early peak in a healthy run. A Llama with
+init 0.002 at its best lr (held out, seed 2), whose first steps the envelope caps, read 1.23 at
+record 40, early in its climb, and 0.62 at record 77; the probe sent it back once, and it was
+capped on 67% of its steps instead of 38% (loss 2.520 instead of 2.467; AdamW 2.606).
 
 A data change (a loss level shift with normal gradients, or ``notify_data_change``) drops the
 ceilings and the evidence: GPT-NeoX at its best lr oscillates on prose (omega 0.04-0.15) and was
