@@ -262,7 +262,7 @@ class StepSizeGovernor:
                     if _finite(lrs[g]) and self.ceiling[g] >= lrs[g] * 4.0:
                         self.ceiling[g] = None  # far above the schedule: no ceiling any more
         else:
-            self.climb_peak, self.climb_lr = None, {}  # the climb paused: it begins again from here
+            self._end_climb()  # the climb paused: it begins again from here
         return []
 
     def _fold_loss(self, loss: float | None) -> None:
@@ -287,7 +287,7 @@ class StepSizeGovernor:
         c = self.config
         climbing = [g for g in written if self.ceiling[g] is not None and g in lr_eff]
         if (c.release_drop is None and c.release_loss_z is None) or self.log_omega is None or not climbing:
-            self.climb_peak, self.climb_lr = None, {}
+            self._end_climb()
             return None
         if self.climb_peak is None:  # the climb begins (at the ceiling: this record may predate it)
             self.climb_peak = self.log_omega
@@ -307,6 +307,10 @@ class StepSizeGovernor:
             return None
         return "omega" if omega_fell else "loss"
 
+    def _end_climb(self) -> None:
+        """No climb under way: the next healthy record with a ceiling begins one."""
+        self.climb_peak, self.climb_lr, self.climb_loss = None, {}, None
+
     def _back_off(self, lr_eff: dict, lrs: list[float], evidence: str) -> list[dict]:
         """Ceilings back to the effective lr where the climb began; the probe starts again."""
         c = self.config
@@ -322,7 +326,7 @@ class StepSizeGovernor:
                               "evidence": evidence, "omega": math.exp(self.log_omega),
                               "omega_peak": math.exp(self.climb_peak), "loss_mean": self.loss_mean,
                               "loss_at_start": self.climb_loss, "ceiling_before": before})
-        self.climb_peak, self.climb_lr = None, {}
+        self._end_climb()
         return decisions
 
     def _filtered(self, value: float | None, sample: float, samples: int) -> float:
@@ -433,7 +437,7 @@ class StepSizeGovernor:
         self.since_cut = 0
         self.omega_at_cut = self.log_omega
         self.early_losses = []  # the loss efficiency judges steps taken at the new ceiling only
-        self.climb_peak, self.climb_lr = None, {}
+        self._end_climb()
         decisions = []
         for g, eff in lr_eff.items():
             floor = c.min_scale * lrs[g]
@@ -455,7 +459,7 @@ class StepSizeGovernor:
                 self.ceiling[g] = max(c.min_scale * lrs[g], lr_eff * c.rollback_scale)
         self.since_cut = 0
         self.early_losses = []
-        self.climb_peak, self.climb_lr = None, {}
+        self._end_climb()
         self.loss_mean = self.loss_var = None
         self._forget_recent(energy=True)  # the moments are the snapshot's now
 
@@ -469,7 +473,7 @@ class StepSizeGovernor:
         self.early_losses = []
         self.cos = None
         self.cos_samples = 0
-        self.climb_peak, self.climb_lr = None, {}
+        self._end_climb()
         self.loss_mean = self.loss_var = None  # a new level
         self._forget_recent(energy=False)  # m still holds the gradients the energy counts
 
