@@ -2,8 +2,10 @@
 and judges the guard against it (a few steps per run; the full run is `python -m benchmarks.heldout`)."""
 
 import json
+import math
 
 import pytest
+import torch
 
 pytest.importorskip("transformers")
 from benchmarks import heldout  # noqa: E402
@@ -79,3 +81,63 @@ def test_bad_arguments_name_the_option(argv, words, capsys):
     with pytest.raises(SystemExit):
         heldout.main(argv)
     assert words in capsys.readouterr().err
+
+
+def test_the_sets_partition_the_scenarios():
+    first, second = heldout.SETS["first"], heldout.SETS["second"]
+    assert len(first) == len(second) == 10 and not set(first) & set(second)
+    assert first + second == heldout.SETS["all"] == list(heldout.SCENARIOS)
+
+
+@pytest.mark.parametrize("name", heldout.SETS["second"])
+def test_every_scenario_of_the_second_set_trains(name):
+    """Two steps each: the model, the adapters, the groups and the schedule are built and step."""
+    result = heldout.train(heldout.Job(name, "adamw", heldout.SCENARIOS[name].sweep[1], 0), steps=2,
+                           guard_config=None, backend="torch")
+    assert math.isfinite(result["final_loss"]) and 0.0 < result["final_loss"] < 10.0
+
+
+def test_loraplus_groups_put_only_the_b_matrices_at_16x_the_lr():
+    import peft
+    model = peft.get_peft_model(heldout.build_model("gpt2", 0), peft.LoraConfig(
+        r=4, target_modules=["c_attn"], fan_in_fan_out=True))
+    a_group, b_group = heldout.param_groups(model, "lora+", 2e-4)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert a_group["lr"] == 2e-4 and b_group["lr"] == pytest.approx(2e-4 * heldout.LORAPLUS_RATIO)
+    assert a_group["params"] and all("lora_A" in names[id(p)] for p in a_group["params"])
+    assert b_group["params"] and all("lora_B" in names[id(p)] for p in b_group["params"])
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert len(a_group["params"]) + len(b_group["params"]) == len(trainable)
+
+
+@pytest.mark.parametrize("kind, expected", [
+    # lr multipliers at steps 0, 30, 60, 80 and 200 of a 240-step run (warm-up: 24 steps)
+    ("cyclic", [0.1, 1.0, 0.1, 0.7, 0.7]),
+    ("inv_sqrt", [0.0, (24 / 30) ** 0.5, (24 / 60) ** 0.5, (24 / 80) ** 0.5, (24 / 200) ** 0.5]),
+    ("wsd", [0.0, 1.0, 1.0, 1.0, 0.5 * (1 + math.cos(math.pi * 8 / 48))]),
+    ("steplr", [1.0, 1.0, 1.0, 0.3, 0.09]),
+    ("torch_restarts", [1.0, 0.5, 1.0, 0.5 * (1 + math.cos(math.pi * 20 / 60)), 0.5 * (1 + math.cos(math.pi * 20 / 60))]),
+    ("exponential", [1.0, 0.99 ** 30, 0.99 ** 60, 0.99 ** 80, 0.99 ** 200]),
+])
+def test_the_second_sets_schedules(kind, expected):
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = heldout.make_schedule(opt, kind, 240)
+    seen = {}
+    for step in range(201):
+        seen[step] = opt.param_groups[0]["lr"]
+        opt.step()
+        schedule.step()
+    assert [seen[s] for s in (0, 30, 60, 80, 200)] == pytest.approx(expected, abs=1e-6)
+
+
+def test_each_set_writes_to_its_own_folder(monkeypatch):
+    """A run of other scenarios never replaces a set's committed table."""
+    seen = []
+    monkeypatch.setattr(heldout, "run", lambda names, seeds, multiples, steps, out, *args, **kwargs:
+                        seen.append((names, str(out))) or [])
+    for argv in ([], ["--scenarios", "second"], ["--scenarios", "opt-const"], ["--scenarios", "all"],
+                 ["--scenarios", "second", "--out", "elsewhere"]):
+        heldout.main(argv)
+    assert seen == [(heldout.SETS["first"], heldout.OUT["first"]), (heldout.SETS["second"], heldout.OUT["second"]),
+                    (["opt-const"], heldout.OTHER_OUT), (heldout.SETS["all"], heldout.OTHER_OUT),
+                    (heldout.SETS["second"], "elsewhere")]
