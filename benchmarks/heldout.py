@@ -132,8 +132,7 @@ def build_model(arch: str, seed: int):
         return tf.GemmaForCausalLM(tf.GemmaConfig(intermediate_size=384, num_key_value_heads=1, head_dim=32, **small))
     if arch == "mlp":
         return ContextMLP()
-    layers = dict(num_hidden_layers=2, num_attention_heads=4)
-    llama_like = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=384, max_position_embeddings=SEQ_LEN, **layers)
+    llama_like = dict(intermediate_size=384, **small)
     gpt_like = dict(vocab_size=VOCAB, n_embd=128, n_layer=2, n_head=4, n_positions=SEQ_LEN)
     second = {  # the second set
         "bloom": lambda: tf.BloomForCausalLM(tf.BloomConfig(vocab_size=VOCAB, hidden_size=128, n_layer=2, n_head=4)),
@@ -141,7 +140,8 @@ def build_model(arch: str, seed: int):
         "stablelm": lambda: tf.StableLmForCausalLM(tf.StableLmConfig(num_key_value_heads=4, **llama_like)),
         "mixtral": lambda: tf.MixtralForCausalLM(tf.MixtralConfig(
             num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, **{**llama_like, "intermediate_size": 192})),
-        "falcon": lambda: tf.FalconForCausalLM(tf.FalconConfig(vocab_size=VOCAB, hidden_size=128, **layers)),
+        "falcon": lambda: tf.FalconForCausalLM(tf.FalconConfig(vocab_size=VOCAB, hidden_size=128, num_hidden_layers=2,
+                                                                   num_attention_heads=4)),
         "gpt2": lambda: tf.GPT2LMHeadModel(tf.GPT2Config(**gpt_like)),
         "qwen2": lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(num_key_value_heads=2, **llama_like)),
         "bigcode": lambda: tf.GPTBigCodeForCausalLM(tf.GPTBigCodeConfig(**gpt_like)),
