@@ -196,7 +196,7 @@ def lora_model(s: Scenario, seed: int, steps: int):
     return peft.get_peft_model(model, config)
 
 
-def param_groups(model, mode: str = "full", lr: float = 1e-3) -> list[dict]:
+def param_groups(model, mode: str, lr: float) -> list[dict]:
     """The usual split: weight decay on matrices, none on norms and biases. LoRA+: the A matrices
     at the lr and the B matrices at ``LORAPLUS_RATIO`` x it, no weight decay."""
     if mode == "lora+":
