@@ -244,7 +244,7 @@ def _match_snapshot(found: list[tuple], layout: list, at: str) -> None:
 # torch.distributed.checkpoint (``get_optimizer_state_dict`` / ``set_optimizer_state_dict``, the
 # FSDP2 checkpoints of Accelerate and the HF Trainer) keeps only "state" and "param_groups" of an
 # optimizer state dict, with every non-"params" key of each group. So ``state_dict()`` also packs
-# ``num_steps`` and the guard state (its snapshots excepted: they are per-rank tensors) into one
+# ``num_steps`` and the guard state (its snapshots and start excepted: per-rank tensors) into one
 # opaque bytes value of the first group: DCP saves a bytes value as one item, and loads it into a
 # template whatever its length. Loading prefers the top-level entries when they are there.
 
@@ -253,7 +253,7 @@ def pack_section(num_steps: int, guard_state: dict | None) -> bytes | None:
     """``num_steps`` and the guard state as compressed JSON (None if the state is not JSON)."""
     guard = None
     if guard_state is not None:
-        guard = {k: v for k, v in guard_state.items() if k != "snapshots"}
+        guard = {k: v for k, v in guard_state.items() if k not in ("snapshots", "start")}
     try:
         text = json.dumps({"version": SECTION_VERSION, "num_steps": num_steps, "guard": guard})
     except (TypeError, ValueError):  # a guard state that is not JSON: carried top-level only

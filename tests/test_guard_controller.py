@@ -317,6 +317,88 @@ def test_rollback_respects_the_distance_and_without_a_snapshot_gives_up_with_evi
         assert [e.bound for e in ctl.events if e.action == "rollback_refused"] == [bound]
 
 
+def _from_start(ctl, losses, first=1):
+    """Records ``first``, ``first + 1``, ... with these losses (lag 0); the decisions."""
+    out = []
+    for n, loss in enumerate(losses, start=first):
+        ctl.command(n, [1e-3])
+        out.append(ctl.observe(make_record(n, loss=loss), n))
+    return out
+
+
+@pytest.mark.parametrize("losses", [[2.0, 2.5, 2.5], [2.0, 2.5, 2.1, 2.6], [2.0, 1.0, 2.5, 1.9, 2.5]])
+def test_two_of_three_records_above_the_start_roll_back_to_it(losses):
+    """The first record's loss is the start's; two of the last three records above it by
+    start_rise (of its size) go back to the start (step 0), at rollback_scale of the lr."""
+    config = explicit_config(start_rise=0.2)
+    ctl = Controller(config, 1)
+    ctl.start_taken()
+    decisions = _from_start(ctl, losses)
+    assert [d["rollback_to"] for d in decisions] == [None] * (len(losses) - 1) + [0]
+    (rollback,) = [e for e in ctl.events if e.action == "rollback"]
+    assert rollback.detail["why"] == "diverged_from_start" and rollback.detail["to_step"] == 0
+    assert rollback.detail["loss_at_start"] == losses[0]
+    assert ctl.accounting.rollbacks == 1 and ctl.regime == "recovering"
+    assert ctl.command(len(losses) + 1, [1e-3]).scale == [pytest.approx(config.rollback_scale)]
+    assert ctl.recovery.start_held  # the restarted run is judged against the same start
+    assert ctl.recovery.start_records == 0 and ctl.recovery.start_above == []
+
+
+@pytest.mark.parametrize("case", ["healthy", "one above", "no start", "off", "non-finite", "data change"])
+def test_no_rollback_to_the_start_without_two_of_three_above_it(case):
+    config = explicit_config(start_rise=None if case == "off" else 0.2)
+    ctl = Controller(config, 1)
+    if case != "no start":
+        ctl.start_taken()
+    if case == "data change":  # the user said so: the start's loss was measured on the old data
+        _from_start(ctl, [2.0])
+        ctl.notify_data_change(1)
+        assert not ctl.recovery.start_held
+    losses = {"one above": [2.0, 2.5, 2.3, 2.3, 2.5, 2.0, 2.0], "non-finite": [2.0, math.nan, 2.5, math.inf, 2.1],
+              "data change": [3.0, 3.0, 3.0]}
+    first = 2 if case == "data change" else 1
+    decisions = _from_start(ctl, losses.get(case, [2.0, 2.39, 2.39, 2.3, 1.9, 1.8]), first=first)
+    assert all(d["rollback_to"] is None for d in decisions)
+    assert not [e for e in ctl.events if e.detail.get("why") == "diverged_from_start"]
+
+
+def test_the_start_is_let_go_after_early_records_and_when_the_budget_is_spent():
+    config = explicit_config(early_records=5, max_rollbacks=1)
+    ctl = Controller(config, 1)
+    ctl.start_taken()
+    decisions = _from_start(ctl, [2.0, 1.9, 1.8, 1.7, 1.6, 1.5])
+    assert [d["release_start"] for d in decisions] == [False] * 5 + [True]
+    assert not ctl.recovery.start_held
+    assert all(d["rollback_to"] is None for d in _from_start(ctl, [9.0, 9.0, 9.0], first=7))
+
+    ctl = Controller(config, 1)
+    ctl.start_taken()
+    first = _from_start(ctl, [2.0, 3.0, 3.0])
+    assert first[-1]["rollback_to"] == 0
+    again = _from_start(ctl, [2.0, 3.0, 3.0], first=4)  # it diverges again: no rollback left
+    assert [d["rollback_to"] for d in again] == [None] * 3 and again[-1]["release_start"]
+    refused = [e for e in ctl.events if e.action == "rollback_refused"]
+    assert [(e.detail["why"], e.bound) for e in refused] == [("diverged_from_start", "max_rollbacks")]
+    assert not ctl.recovery.start_held
+
+
+def test_the_start_round_trips_through_the_controller_state():
+    config = explicit_config()
+    ctl = Controller(config, 1)
+    ctl.start_taken()
+    _from_start(ctl, [2.0, 2.5])
+    twin = Controller(config, 1)
+    twin.load_state_dict(json.loads(json.dumps(ctl.state_dict())))
+    assert twin.recovery.start_held and twin.recovery.start_loss == 2.0 and twin.recovery.start_above == [1]
+    assert _from_start(twin, [2.5], first=3)[-1]["rollback_to"] == 0
+    old = ctl.state_dict()
+    for k in ("start_held", "start_loss", "start_records", "start_above"):
+        del old["recovery"][k]  # a state saved before the start existed
+    twin = Controller(config, 1)
+    twin.load_state_dict(old)
+    assert not twin.recovery.start_held and twin.recovery.start_loss is None
+
+
 def test_a_loss_spike_right_after_an_applied_gradient_spike_rolls_back():
     config = explicit_config()
     sim = Sim(config, snapshot_every=5)
@@ -964,3 +1046,13 @@ def test_a_huge_finite_loss_does_not_poison_the_loss_limit():
         ctl.observe(make_record(n, loss=loss), n)
     limit = ctl.command(7, [1e-3]).loss_limit
     assert not math.isnan(limit)
+
+
+def test_whole_model_cosine_survives_norms_whose_product_underflows():
+    """|g|^2 and |d|^2 of 1e-200 each: their product is 0.0 in floats, their norms' is not."""
+    from lbw_guard.guard.governor import StepSizeGovernor
+    from lbw_guard.guard.signals import derive
+
+    rec = make_record(5, grad_sq=1e-200, gdp=-5e-201)
+    rec.record[C.T_PREV_SQ] = 1e-200
+    assert StepSizeGovernor._whole_model_cos(derive(rec), [0]) == pytest.approx(-0.5)

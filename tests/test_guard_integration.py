@@ -435,6 +435,64 @@ def test_rollback_restores_params_and_state_exactly():
     assert finite(model) and losses[-1] < losses[0]
 
 
+def test_a_run_worse_than_its_start_goes_back_to_it_at_a_lower_lr():
+    """The first steps made the loss worse than it began: the guard restores the parameters
+    it began from, in place, with the moments back to zero (as a fresh optimizer has them)."""
+    model, xs, ys = _mlp()
+    config = GuardConfig(start_rise=0.2)
+    opt = FusedGuardedAdamW(model.parameters(), lr=1e-3, guard=config, backend=BACKEND)
+    params = list(model.parameters())
+    start = [p.detach().clone() for p in params]
+    keys = ("step", "exp_avg", "exp_avg_sq")
+    for loss_scale in (1.0, 2.0, 2.0):  # the loss the guard reads doubles after the first step
+        _mlp_step(model, opt, xs, ys, loss_scale)
+    ids = [id(p) for p in params] + [id(opt.state[p][k]) for p in params for k in keys]
+    assert not any(torch.equal(p, s) for p, s in zip(params, start))
+    _mlp_step(model, opt, xs, ys)  # step 4 processes record 3: two of three above the start
+    (rollback,) = [e for e in opt.guard.events if e.action == "rollback"]
+    assert rollback.detail["why"] == "diverged_from_start" and rollback.detail["to_step"] == 0
+    for p, s in zip(params, start):
+        assert torch.equal(p.detach(), s)
+        for k in keys:
+            assert not opt.state[p][k].any()
+    assert ids == [id(p) for p in params] + [id(opt.state[p][k]) for p in params for k in keys]
+    losses = [_mlp_step(model, opt, xs, ys)]
+    assert opt.guard.scale[0] == pytest.approx(config.rollback_scale)
+    losses += [_mlp_step(model, opt, xs, ys) for _ in range(config.early_records + 2)]
+    assert losses[-1] < losses[0] and opt.guard.summary()["rollbacks"] == 1
+    # past the first early_records records the start is let go (its copy freed)
+    assert opt.guard._ring.start.buffers == [] and not opt.guard.controller.recovery.start_held
+
+
+def test_a_healthy_start_is_let_go_and_a_checkpoint_carries_it_only_while_held():
+    model, xs, ys = _mlp()
+    start = [p.detach().clone() for p in model.parameters()]
+    opt = FusedGuardedAdamW(model.parameters(), lr=1e-3, guard=GuardConfig(), backend=BACKEND)
+    _mlp_step(model, opt, xs, ys)
+    assert opt.guard._ring.start.step == 0 and opt.guard.controller.recovery.start_held
+    early = _save_load(opt.state_dict())
+    held = early["guard"]["start"]["buffers"]  # the parameters (and their moments, still zero)
+    assert [b.shape for b in held[:: len(held) // len(start)]] == [p.shape for p in start]
+    for _ in range(GuardConfig().early_records + 3):
+        _mlp_step(model, opt, xs, ys)
+    assert opt.guard._ring.start.buffers == [] and not opt.guard.controller.recovery.start_held
+    assert not [e for e in opt.guard.events if e.action.startswith("rollback")]
+    assert "start" not in opt.state_dict()["guard"]  # let go: checkpoints are back to their size
+
+    # A run resumed from the early checkpoint can still go back to the start it began from.
+    model2, _, _ = _mlp(seed=9)
+    opt2 = FusedGuardedAdamW(model2.parameters(), lr=1e-3, guard=GuardConfig(), backend=BACKEND)
+    _mlp_step(model2, opt2, xs, ys)  # the state gets its moments, as the saved run's had
+    opt2.load_state_dict(early)
+    assert opt2.guard.controller.recovery.start_held and opt2.guard._ring.start.step == 0
+    for loss_scale in (3.0, 3.0, 1.0):
+        _mlp_step(model2, opt2, xs, ys, loss_scale)
+    (rollback,) = [e for e in opt2.guard.events if e.action == "rollback"]
+    assert rollback.detail["why"] == "diverged_from_start"
+    for p, s in zip(model2.parameters(), start):
+        assert torch.equal(p.detach(), s) and not opt2.state[p]["exp_avg"].any()
+
+
 def test_freeze_gates_only_the_troubled_group():
     torch.manual_seed(3)
     big, small = torch.nn.Linear(64, 64), torch.nn.Linear(8, 8)

@@ -72,6 +72,7 @@ def scenarios(draw, mode="act"):
         recovery_rate=draw(st.floats(0.01, 0.5)),
         max_scale_increase=draw(st.floats(0.01, 0.5)),
         rollback_scale=draw(st.floats(0.1, 1.0)),
+        start_rise=draw(st.one_of(st.none(), st.floats(0.01, 1.0))),
         snapshot_interval=draw(st.integers(1, min(distance, 8))),
         snapshot_ring=draw(st.integers(1, 3)),
         max_rollback_distance=distance,
@@ -143,6 +144,8 @@ class Checked:
 
     def step(self, n: int, step: dict, check: bool = True) -> None:
         c, ctl = self.config, self.ctl
+        if n == 1 and c.acts and c.snapshots and c.start_rise is not None and c.early_records > 0:
+            ctl.start_taken()  # Guard._maybe_take_start's policy
         lrs = [lr * f for lr, f in zip(self.base_lr, step["lr_factor"])]
         before = list(ctl.last_scale)
         cmd = ctl.command(n, lrs)
@@ -158,7 +161,7 @@ class Checked:
         self.pending.append(rec)
         while len(self.pending) > c.lag:
             rec = self.pending.pop(0)
-            verified = list(ctl.recovery.verified_snapshots)
+            verified = list(ctl.recovery.verified_snapshots) + ([0] if ctl.recovery.start_held else [])
             decision = ctl.observe(rec, n)
             self.log.append(("decision", rec.step, (decision["rollback_to"], decision["give_up"] is not None)))
             if check:
@@ -212,7 +215,8 @@ class Checked:
             return
         if target is not None:
             assert target in verified_before  # never a pending (unverified) snapshot
-            assert now - target <= c.max_rollback_distance
+            # the start (0) is held only through early_records records (check_memory)
+            assert target == 0 or now - target <= c.max_rollback_distance
             self.rollbacks.append(now)
             assert len([s for s in self.rollbacks if s > now - c.rollback_window]) <= c.max_rollbacks
         if decision["give_up"] is not None:
@@ -230,6 +234,8 @@ class Checked:
         assert len(self.pending) <= c.lag
         assert len(rec.rollback_steps) <= c.max_rollbacks
         assert len(rec.recent_reasons) <= 8
+        assert len(rec.start_above) <= 3
+        assert not rec.start_held or rec.start_records <= c.early_records
         for e in ctl.events:
             assert e.applied is False or c.acts
 

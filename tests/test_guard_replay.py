@@ -226,6 +226,17 @@ def test_replay_uses_the_live_lrs_at_the_end_of_a_trace(tmp_path):
     assert_replay_matches(path, config, live)
 
 
+def test_replay_reproduces_rollbacks_to_the_start(tmp_path):
+    path = tmp_path / "trace.jsonl"
+    config = GuardConfig(trace_path=str(path))
+    live = Live(config).run(40, level_shift=2)  # the loss the guard reads jumps after step 1
+    live.guard.close()
+    assert [line["type"] for line in read_jsonl(path)][:3] == ["run_start", "seed", "start"]
+    starts = [e for e in live.guard.events if e.detail.get("why") == "diverged_from_start"]
+    assert [e.action for e in starts] == ["rollback"] * config.max_rollbacks + ["rollback_refused"]
+    assert_replay_matches(path, config, live.guard.events)
+
+
 def test_replay_of_a_write_jsonl_trace_reproduces_a_rollback(tmp_path):
     config = explicit_config(keep_trace=1000, snapshot_interval=5)
     driver = GuardDriver(config)

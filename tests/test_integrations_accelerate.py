@@ -44,7 +44,7 @@ def model_and_data(seed: int = 0):
 
 
 def losses_seen(opt) -> dict[int, float]:
-    return {r["step"]: r["signals"]["loss"] for r in opt.guard.records}
+    return {r["step"]: r["signals"]["loss"] for r in opt.guard.records if r["type"] == "record"}
 
 
 def run(accum: int, mixed_precision: str, how: str = "step_loss"):
@@ -135,6 +135,6 @@ def test_skipped_steps_reach_accelerate_and_its_scheduler_and_pre_clip_norms_rea
         wrapped.zero_grad()
     assert skipped == [k == 3 for k in range(1, 9)]
     assert sched.scheduler.last_epoch == 7  # 8 steps, one skipped
-    for r in opt.guard.records:  # the guard judged the norms before the clip, not <= 0.01
+    for r in (r for r in opt.guard.records if r["type"] == "record"):  # the norms before the clip
         assert r["signals"]["grad_norm"] == pytest.approx(norms[r["step"] - 1], rel=1e-6)
     assert min(norms) > 0.01

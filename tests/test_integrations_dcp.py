@@ -50,14 +50,17 @@ def train(model, opt, steps: int = STEPS, start: int = 0) -> None:
 
 
 def guard_json(opt) -> str:
-    """The guard state less what refers to its snapshots (per-rank tensors that DCP's copy
-    leaves out: after a load the guard takes new ones)."""
+    """The guard state less what refers to its snapshots and its start (per-rank tensors that
+    DCP's copy leaves out: after a load the guard takes new snapshots, and holds no start)."""
     state = opt.guard.state_dict()
     state.pop("last_snapshot", None)
     state.pop("snapshots", None)
+    state.pop("start", None)
     recovery = state["controller"]["recovery"]
     recovery.pop("verified_snapshots", None)
     recovery.pop("pending_snapshots", None)
+    for key in ("start_held", "start_records", "start_above"):
+        recovery.pop(key, None)
     return json.dumps(state, sort_keys=True)
 
 

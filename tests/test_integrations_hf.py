@@ -62,7 +62,7 @@ def train_logs(history: list[dict]) -> dict[int, dict]:
 
 
 def signals(opt) -> dict[int, dict]:
-    return {r["step"]: r["signals"] for r in opt.guard.records}
+    return {r["step"]: r["signals"] for r in opt.guard.records if r["type"] == "record"}  # not markers
 
 
 def test_plain_trainer_with_callback_feeds_loss_and_reports_honest_accounting(tmp_path):

@@ -150,7 +150,12 @@ class Controller:
         self.detectors.rebaseline()
         self.governor.on_data_change()
         self.recovery.loss_only_streak = 0
+        self.recovery.start_held = False  # the start's loss was measured on the old data
         self._event(step, "rebaseline", detail={"why": "notify_data_change"})
+
+    def start_taken(self) -> None:
+        """The guard holds the state the run began from (see ``GuardConfig.start_rise``)."""
+        self.recovery.start_taken()
 
     def snapshot_taken(self, step: int) -> None:
         """The guard took a snapshot of the state step ``step`` left (to be verified)."""

@@ -389,9 +389,10 @@ class StepSizeGovernor:
         dot = sum(sig.groups[g].fields[C.T_GRAD_DOT_PREV] for g in written)
         g_sq = sum(sig.groups[g].fields[C.T_GRAD_SQ] for g in written)
         d_sq = sum(sig.groups[g].fields[C.T_PREV_SQ] for g in written)
-        if not (g_sq > 0 and d_sq > 0 and math.isfinite(dot) and math.isfinite(g_sq * d_sq)):
+        norms = math.sqrt(g_sq) * math.sqrt(d_sq) if g_sq > 0 and d_sq > 0 else 0.0  # no underflow
+        if not (norms > 0 and math.isfinite(dot) and math.isfinite(norms)):
             return None
-        return max(-1.0, min(1.0, dot / math.sqrt(g_sq * d_sq)))
+        return max(-1.0, min(1.0, dot / norms))
 
     def _inefficient(self) -> bool:
         """Evidence at the start of a run: since the start (or the last cut), over at least

@@ -140,6 +140,7 @@ class Guard:
             raise RuntimeError("Guard.before_step called before bind(optimizer)")
         if self.config.acts:
             self._ring.before_step()  # the last snapshot copy must have read p, m, v
+            self._maybe_take_start()
         command = self.controller.command(step, self.optimizer._host_lrs())
         self._issued[step] = (list(command.scale), list(command.gate))
         self._flush_events()
@@ -160,6 +161,8 @@ class Guard:
             decision = self.controller.observe(rec, now)
             self._trace_record(rec, decision["signals"])
             self._flush_events()
+            if decision["release_start"]:
+                self._ring.release_start()
             if decision["rollback_to"] is not None:
                 self._rollback(decision["rollback_to"], now)
                 break
@@ -231,6 +234,19 @@ class Guard:
         self.on_give_up(exc)
         self.controller.accept_give_up()
 
+    def _maybe_take_start(self) -> None:
+        """Before the first step the guard sees, hold the state the run begins from."""
+        c = self.config
+        if not (c.snapshots and c.start_rise is not None and c.early_records > 0):
+            return
+        if self.controller.processed or self._pending or self._ring.start.step is not None:
+            return
+        if self.controller.recovery.start_held or self._last_snapshot is not None:
+            return
+        self._ring.take_start(self.optimizer)
+        self.controller.start_taken()
+        self._trace_line({"type": "start"})
+
     def _maybe_snapshot(self, now: int) -> None:
         c = self.config
         if not (c.snapshots and c.acts) or self.controller.regime != STABLE:
@@ -254,6 +270,7 @@ class Guard:
         """Tell the guard the data changed on purpose: a loss at a new level is not a spike."""
         step = self.optimizer.num_steps if self.optimizer is not None else 0
         self.controller.notify_data_change(step)
+        self._ring.release_start()
         self._trace_line({"type": "data_change", "step": step})
         self._flush_events()
 
@@ -360,6 +377,9 @@ class Guard:
         }
         if self.config.snapshots_in_state_dict:
             state["snapshots"] = self._ring.state_dict()
+        start = self._ring.start_state_dict()
+        if start is not None:  # held through the first records only (a copy of the parameters)
+            state["start"] = start
         return state
 
     def check_state_dict(self, state: dict, num_steps: int) -> None:
@@ -389,6 +409,12 @@ class Guard:
             snaps = state.get("snapshots")
             if snaps is not None and not isinstance(snaps, dict):
                 raise TypeError("state_dict['guard']['snapshots'] must be a dict")
+            start = state.get("start")
+            if start is not None and not (isinstance(start, dict) and isinstance(start.get("params_only"), bool)
+                                          and isinstance(start.get("buffers"), list)
+                                          and all(isinstance(b, Tensor) for b in start["buffers"])):
+                raise TypeError("state_dict['guard']['start'] must be a dict with 'params_only' (a bool) and "
+                                "'buffers' (a list of tensors)")
         except (KeyError, AttributeError, TypeError, ValueError, OverflowError) as exc:
             kind = TypeError if isinstance(exc, TypeError) else ValueError
             raise kind(f"state_dict['guard'] is malformed: {type(exc).__name__}: {exc}") from None
@@ -404,10 +430,14 @@ class Guard:
             self._pending.append(_Pending(HostRecord.from_dict(r), None, None))
         self._last_snapshot = state.get("last_snapshot")
         self._ring.clear()
+        held = self.optimizer is not None and self._ring.load_start(state.get("start"), self.optimizer)
         if "snapshots" in state and self.optimizer is not None:
             self._ring.load_state_dict(state["snapshots"], self.optimizer)
         kept = set(self._ring.steps())
         rec = self.controller.recovery
+        rec.start_held = rec.start_held and held  # a start whose tensors did not come is let go
+        if not rec.start_held:
+            self._ring.release_start()
         rec.verified_snapshots = [s for s in rec.verified_snapshots if s in kept]
         rec.pending_snapshots = [s for s in rec.pending_snapshots if s in kept]
         self._logged_events = sum(self.controller.events.counts.values())

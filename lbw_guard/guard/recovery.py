@@ -13,12 +13,18 @@ The policy answers faults, not level changes, and never harms a healthy run:
   after a gradient spike was applied (the step did the damage); or when trouble persists for
   ``min(8, give_up_after)`` records in a row. The target is the newest *verified* snapshot
   (taken, then confirmed by two clean records), within distance and budget;
+- divergence from the start rolls back to the start: before the detectors have statistics,
+  the run's first loss is the reference, and two of three records above it by ``start_rise``
+  in the first ``early_records`` say the first steps made the model worse than it began (a
+  too-high lr in a fine-tune does it within 2-4 steps, and Adam's second moment then keeps
+  those gradients for the rest of the run). The state the run began from is held until then;
 - trouble that persists with no rollback left ends in :class:`GuardGaveUp` (or the user's
   hook) with the evidence, never in skipping forever.
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
 
 from .config import GuardConfig
@@ -50,6 +56,10 @@ class Recovery:
         self.pending_snapshots: list[int] = []  # taken, not yet confirmed by two clean records
         self.verified_snapshots: list[int] = []
         self.recent_reasons: deque[tuple[int, list[str]]] = deque(maxlen=8)
+        self.start_held = False  # the guard holds the state the run began from
+        self.start_loss: float | None = None  # the loss of that state (the first record's)
+        self.start_records = 0  # records judged against it since the start (or a rollback to it)
+        self.start_above: list[int] = []  # of the last 3 records, which were above it by start_rise
         self.num_groups = 0
         self.resize(num_groups)
 
@@ -93,13 +103,16 @@ class Recovery:
         """Fold one assessed record in; returns the decision as a dict of actions."""
         c = self.config
         step = sig.step
-        decision: dict = {"events": [], "rollback_to": None, "give_up": None, "rebaseline_loss": False}
+        decision: dict = {"events": [], "rollback_to": None, "give_up": None, "rebaseline_loss": False,
+                          "release_start": False}
         for g, gs in enumerate(sig.groups):
             if gs.numel > 0:
                 self.numel[g] = gs.numel
         self._release_frozen(now, decision)
         trouble = a.trouble
         decision["events"].extend(self._confirm_snapshots(step, trouble))
+        if self._diverged_from_start(sig, decision) and self._rollback_to_start(now, decision):
+            return decision
         written = any(gs.written for gs in sig.groups)
         if a.grad_spike and written:
             self.grad_spike_applied_at = step
@@ -132,15 +145,68 @@ class Recovery:
             decision["rebaseline_loss"] = True
             decision["events"].append({"action": "rebaseline", "why": "loss_level_shift",
                                        "records": self.loss_only_streak})
+            if self.start_held:  # the start's loss was measured on the old data
+                self._release_start(decision)
             self.loss_only_streak = 0
             self.consecutive_trouble = 0
         self._freeze(a, now, issued_gate, decision)
         return decision
 
+    # ------------------------------------------------------------------ the start
+    def start_taken(self) -> None:
+        """The guard holds the state the run began from (before its first step)."""
+        self.start_held = True
+        self.start_records, self.start_above = 0, []
+
+    def _diverged_from_start(self, sig: StepSignals, decision: dict) -> bool:
+        """Two of the last three records with a loss above the first record's by ``start_rise``
+        (of its size), within ``early_records`` of the start; past them the start is let go."""
+        c = self.config
+        if not self.start_held:
+            return False
+        self.start_records += 1
+        if self.start_records > c.early_records or c.start_rise is None:
+            self._release_start(decision)
+            return False
+        loss = sig.loss
+        if loss is None or not math.isfinite(loss):
+            return False  # a non-finite loss is a fault, answered as one
+        if self.start_loss is None:
+            self.start_loss = float(loss)
+            return False
+        above = loss - self.start_loss > c.start_rise * abs(self.start_loss)
+        self.start_above = (self.start_above + [int(above)])[-3:]
+        return sum(self.start_above) >= 2
+
+    def _release_start(self, decision: dict) -> None:
+        self.start_held = False
+        decision["release_start"] = True
+
+    def _rollback_to_start(self, now: int, decision: dict) -> bool:
+        c = self.config
+        self._expire_rollbacks(now)
+        if len(self.rollback_steps) >= c.max_rollbacks:
+            decision["events"].append({"action": "rollback_refused", "why": "diverged_from_start",
+                                       "bound": "max_rollbacks", "now": now})
+            self._release_start(decision)
+            return False
+        decision["rollback_to"] = 0
+        decision["events"].append({"action": "rollback", "why": "diverged_from_start", "to_step": 0, "now": now,
+                                   "distance": now, "loss_at_start": self.start_loss})
+        self.rollback_steps.append(now)
+        self.verified_snapshots, self.pending_snapshots = [], []
+        self.consecutive_trouble = self.loss_only_streak = 0
+        self.grad_spike_applied_at = None
+        self.start_records, self.start_above = 0, []  # the restarted run is judged afresh
+        return True
+
+    def _expire_rollbacks(self, now: int) -> None:
+        while self.rollback_steps and self.rollback_steps[0] <= now - self.config.rollback_window:
+            self.rollback_steps.popleft()
+
     def _rollback(self, step: int, now: int, why: str, decision: dict) -> bool:
         c = self.config
-        while self.rollback_steps and self.rollback_steps[0] <= now - c.rollback_window:
-            self.rollback_steps.popleft()
+        self._expire_rollbacks(now)
         candidates = [s for s in self.verified_snapshots if now - s <= c.max_rollback_distance]
         bound = None
         if not c.snapshots:
@@ -223,6 +289,10 @@ class Recovery:
             "freeze_until": list(self.freeze_until),
             "hot_streak": list(self.hot_streak),
             "numel": list(self.numel),
+            "start_held": self.start_held,
+            "start_loss": self.start_loss,
+            "start_records": self.start_records,
+            "start_above": list(self.start_above),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -239,6 +309,11 @@ class Recovery:
         self.freeze_until = [int(x) for x in per_group("freeze_until", state["freeze_until"], G)]
         self.hot_streak = [int(x) for x in per_group("hot_streak", state["hot_streak"], G)]
         self.numel = [float(x) for x in per_group("numel", state["numel"], G)]
+        # the start came later: a state saved without it holds none
+        self.start_held = bool(state.get("start_held", False))
+        self.start_loss = None if state.get("start_loss") is None else float(state["start_loss"])
+        self.start_records = int(state.get("start_records", 0))
+        self.start_above = [int(bool(x)) for x in state.get("start_above", [])][-3:]
 
 
 __all__ = ["GuardGaveUp", "Recovery"]

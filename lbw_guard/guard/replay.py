@@ -141,6 +141,7 @@ _STEP = (_is_step, "a non-negative integer")
 _LRS = (_is_numbers, "a list of numbers")
 MARKERS = {
     "snapshot": {"step": _STEP},
+    "start": {},
     "data_change": {"step": _STEP},
     "dropped": {"step": _STEP, "lrs": _LRS},
     "issued": {"step": _STEP, "lrs": _LRS},
@@ -246,6 +247,7 @@ def replay(records: list[dict], config: GuardConfig):
     flagged = []
     issued = 0
     seed: list[float] = []
+    start = False  # the live guard held the run's start before its first record
     lrs_by_step = {r["step"]: r["lrs"] for r in records
                    if r.get("type", "record") in ("record", "dropped", "issued")}
 
@@ -254,6 +256,8 @@ def replay(records: list[dict], config: GuardConfig):
         if controller is None:
             controller = Controller(config, num_groups)
             controller.governor.seed_ratio(seed)
+            if start:
+                controller.start_taken()
         elif num_groups != controller.num_groups:
             controller.resize(num_groups)
         return controller
@@ -284,6 +288,10 @@ def replay(records: list[dict], config: GuardConfig):
             seed = [decode_float(x) for x in line["ratio"]]
             if controller is not None:
                 controller.governor.seed_ratio(seed)
+        elif kind == "start":
+            start = True
+            if controller is not None:
+                controller.start_taken()
         elif kind == "resume":
             ensure(int(line["controller"].get("num_groups", 1))).load_state_dict(decode_floats(line["controller"]))
             issued = line["step"]

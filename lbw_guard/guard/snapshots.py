@@ -7,6 +7,10 @@ keeps the ring on the GPU instead (fast, costs device memory). Rollback copies b
 so no parameter or state tensor changes identity (DDP/FSDP hooks, references held by the user
 and the kernels' tables stay valid).
 
+Beside the ring, the *start*: the state the run began from, held through its first records so
+that a run whose first steps made it worse than it began can start again (the moments, not yet
+created then, go back to zero).
+
 How often to snapshot comes from a cost budget: the guard measures what a copy takes and how
 long a step takes, and spaces the snapshots so that copies stay under ``snapshot_budget`` of
 the run's time: at least 5 steps apart, and at most half the maximal rollback distance (or 5,
@@ -70,6 +74,8 @@ class SnapshotRing:
         self.last_copy_seconds: float | None = None
         self._timing = None  # (start event, end event) of the last GPU copy, read later
         self.pending_wait = None  # event the next optimizer step must wait for
+        self.start = Slot()  # the state before the first step (step 0), or no buffers
+        self.start_params = 0  # how many parameters the start holds (its moments did not exist)
 
     def steps(self) -> list[int]:
         return [s.step for s in self.slots if s.step is not None]
@@ -91,8 +97,26 @@ class SnapshotRing:
         slot = next((s for s in self.slots if s.step is None or s.step not in keep), None)
         if slot is None:
             return
-        slot.wait()
+        self._copy_into(slot, _sources(optimizer))
+        slot.step = step
+
+    def take_start(self, optimizer) -> None:
+        """Hold the state before the first step: the parameters, and whatever state exists (none
+        for a fresh optimizer: its moments start at zero)."""
+        params = _params(optimizer)
         sources = _sources(optimizer)
+        self.start_params = len(params) if len(sources) == len(params) else 0
+        self._copy_into(self.start, sources, timed=False)
+        self.start.step = 0
+
+    def release_start(self) -> None:
+        self.start.wait()
+        self.start.step = None
+        self.start.buffers = []
+
+    def _copy_into(self, slot: Slot, sources: list[Tensor], timed: bool = True) -> None:
+        """Copy ``sources`` into ``slot``; ``timed``: the copy's time sets the snapshot interval."""
+        slot.wait()
         if not slot.fits(sources):
             slot.buffers = [self._buffer_like(t) for t in sources]
         device = next((t.device for t in sources if t.device.type == "cuda"), None)
@@ -100,17 +124,17 @@ class SnapshotRing:
         if device is None:
             with torch.no_grad():
                 torch._foreach_copy_(slot.buffers, sources)
-            self.last_copy_seconds = time.perf_counter() - started
+            if timed:
+                self.last_copy_seconds = time.perf_counter() - started
         else:
-            self._copy_on_side_stream(slot, sources, device)
-        slot.step = step
+            self._copy_on_side_stream(slot, sources, device, timed)
 
     def _buffer_like(self, t: Tensor) -> Tensor:
         if t.device.type == "cuda" and self.where == "cpu":
             return torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
         return torch.empty_like(t, memory_format=torch.preserve_format)
 
-    def _copy_on_side_stream(self, slot: Slot, sources: list[Tensor], device) -> None:
+    def _copy_on_side_stream(self, slot: Slot, sources: list[Tensor], device, timed: bool) -> None:
         self._read_timing()
         if self._stream is None:
             self._stream = torch.cuda.Stream(device=device)
@@ -126,7 +150,8 @@ class SnapshotRing:
             s.record_stream(self._stream)
         slot.event = end
         self.pending_wait = end
-        self._timing = (start, end)
+        if timed:
+            self._timing = (start, end)
 
     def _read_timing(self) -> None:
         if self._timing is not None and self._timing[1].query():
@@ -141,16 +166,25 @@ class SnapshotRing:
 
     # ------------------------------------------------------------------ restoring
     def restore(self, step: int, optimizer) -> None:
-        """Copy snapshot ``step`` back into the optimizer's tensors, in place."""
-        slot = next((s for s in self.slots if s.step == step), None)
-        if slot is None:
+        """Copy snapshot ``step`` (0: the start) back into the optimizer's tensors, in place."""
+        slot = self.start if step == 0 else next((s for s in self.slots if s.step == step), None)
+        if slot is None or slot.step != step:
             raise KeyError(f"no snapshot of step {step} (have {self.steps()})")
         slot.wait()
         sources = _sources(optimizer)
+        zeroed = []
+        if slot is self.start and self.start_params and len(sources) != self.start_params:
+            # The moments did not exist at the start: back to zero, as a fresh optimizer has them.
+            params = _params(optimizer)
+            zeroed = [local_tensor(optimizer.state[p][k]) for p in params
+                      for k in STATE_KEYS if k in optimizer.state.get(p, {})]
+            sources = [local_tensor(p.detach()) for p in params]
         if not slot.fits(sources):
             raise RuntimeError("the parameters or their state changed shape since the snapshot was taken")
         with torch.no_grad():
             torch._foreach_copy_(sources, slot.buffers)
+            for t in zeroed:
+                t.zero_()
         device = next((t.device for t in sources if t.device.type == "cuda"), None)
         if device is not None:  # the host buffers must outlive the copies out of them
             slot.event = torch.cuda.Event()
@@ -175,6 +209,34 @@ class SnapshotRing:
             s.wait()
             out.append({"step": s.step, "buffers": [b.detach().cpu().clone() for b in s.buffers]})
         return {"capacity": self.capacity, "slots": out}
+
+    def start_state_dict(self) -> dict | None:
+        """The start's tensors (None when none is held): a checkpoint saved in the first records
+        resumes able to go back to it."""
+        if self.start.step is None:
+            return None
+        self.start.wait()
+        return {"params_only": bool(self.start_params),
+                "buffers": [b.detach().cpu().clone() for b in self.start.buffers]}
+
+    def load_start(self, state: dict | None, optimizer) -> bool:
+        """Hold the saved start if its tensors match the optimizer's; whether it is held."""
+        self.release_start()
+        if not state:
+            return False
+        params, sources = _params(optimizer), _sources(optimizer)
+        expected = [local_tensor(p.detach()) for p in params] if state["params_only"] else sources
+        buffers = state["buffers"]
+        if len(buffers) != len(expected) or any(
+                tuple(b.shape) != tuple(s.shape) or b.dtype != s.dtype for b, s in zip(buffers, expected)):
+            return False
+        self.start.buffers = [self._buffer_like(s) for s in expected]
+        with torch.no_grad():
+            for dst, src in zip(self.start.buffers, buffers):
+                dst.copy_(src)
+        self.start_params = len(params) if state["params_only"] else 0
+        self.start.step = 0
+        return True
 
     def load_state_dict(self, state: dict, optimizer) -> None:
         """Restore saved snapshots whose tensors match the optimizer's (others are dropped)."""
