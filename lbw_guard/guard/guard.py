@@ -139,8 +139,8 @@ class Guard:
         if self.controller is None:
             raise RuntimeError("Guard.before_step called before bind(optimizer)")
         if self.config.acts:
+            self._maybe_take_start()  # before the wait below: the step must not write p under the copy
             self._ring.before_step()  # the last snapshot copy must have read p, m, v
-            self._maybe_take_start()
         command = self.controller.command(step, self.optimizer._host_lrs())
         self._issued[step] = (list(command.scale), list(command.gate))
         self._flush_events()
