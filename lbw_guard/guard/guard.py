@@ -239,10 +239,8 @@ class Guard:
         c = self.config
         if not (c.snapshots and c.start_rise is not None and c.early_records > 0):
             return
-        if self.controller.processed or self._pending or self._ring.start.step is not None:
-            return
-        if self.controller.recovery.start_held or self._last_snapshot is not None:
-            return
+        if self.controller.processed or self._pending or self.controller.recovery.start_held:
+            return  # not the run's first step, or the start is held already
         self._ring.take_start(self.optimizer)
         self.controller.start_taken()
         self._trace_line({"type": "start"})

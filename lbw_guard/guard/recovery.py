@@ -190,13 +190,8 @@ class Recovery:
                                        "bound": "max_rollbacks", "now": now})
             self._release_start(decision)
             return False
-        decision["rollback_to"] = 0
-        decision["events"].append({"action": "rollback", "why": "diverged_from_start", "to_step": 0, "now": now,
-                                   "distance": now, "loss_at_start": self.start_loss})
-        self.rollback_steps.append(now)
-        self.verified_snapshots, self.pending_snapshots = [], []
-        self.consecutive_trouble = self.loss_only_streak = 0
-        self.grad_spike_applied_at = None
+        self._roll_back_to(0, now, decision)
+        decision["events"][-1]["loss_at_start"] = self.start_loss
         self.start_records, self.start_above = 0, []  # the restarted run is judged afresh
         return True
 
@@ -218,18 +213,21 @@ class Recovery:
         if bound is not None:
             decision["events"].append({"action": "rollback_refused", "why": why, "bound": bound, "now": now})
             return False
-        target = max(candidates)
+        self._roll_back_to(max(candidates), now, decision, why)
+        return True
+
+    def _roll_back_to(self, target: int, now: int, decision: dict, why: str = "diverged_from_start") -> None:
+        """Decide the rollback to snapshot ``target`` (0: the start) and forget the abandoned
+        trajectory: its snapshots (those after the target) and its trouble."""
         decision["rollback_to"] = target
         decision["events"].append({"action": "rollback", "why": why, "to_step": target, "now": now,
                                    "distance": now - target})
         self.rollback_steps.append(now)
-        # Snapshots after the target describe the abandoned trajectory.
         self.verified_snapshots = [s for s in self.verified_snapshots if s <= target]
         self.pending_snapshots = []
         self.consecutive_trouble = 0
         self.loss_only_streak = 0
         self.grad_spike_applied_at = None
-        return True
 
     def _evidence(self, sig: StepSignals, a: Assessment, why: str) -> dict:
         return {"step": sig.step, "why": why, "reasons": a.reasons,
