@@ -90,10 +90,15 @@ def get_extensions(with_cuda: bool | None = None) -> list:
     def rel(paths):
         return [os.path.relpath(os.path.join(CSRC, s), root) for s in paths]
 
+    # Shared headers, by absolute path: ninja compiles from its own directory. (The on-demand
+    # build stages them beside the sources instead.)
+    common = [os.path.join(CSRC, "common")]
+
     exts = [
         CppExtension(
             "lbw_kernels._C_cpu",
             rel(CPU_SOURCES),
+            include_dirs=common,
             extra_compile_args=_cpu_cflags(),
             extra_link_args=_openmp_flags(),
         )
@@ -105,6 +110,7 @@ def get_extensions(with_cuda: bool | None = None) -> list:
             CUDAExtension(
                 "lbw_kernels._C_cuda",
                 rel(CUDA_SOURCES),
+                include_dirs=common,
                 extra_compile_args={"cxx": ["-O3"], "nvcc": _cuda_flags()},
             )
         )

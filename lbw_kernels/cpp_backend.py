@@ -290,10 +290,17 @@ def _check_cuda_toolchain() -> None:
 
 
 def _source_files(sources: list[str]) -> list[str]:
-    """The sources, then the headers next to them (which ``sources`` does not list)."""
+    """The sources, then the headers next to them and in ``csrc/common`` (which ``sources``
+    does not list). Staging puts them all in one directory, where the sources find them."""
     src_dir = os.path.dirname(sources[0])
-    headers = sorted(f for f in os.listdir(src_dir) if f.endswith(_HEADER_SUFFIXES))
-    return list(sources) + [os.path.join(src_dir, f) for f in headers]
+    header_dirs = [src_dir, os.path.join(os.path.dirname(src_dir), "common")]
+    return list(sources) + [
+        os.path.join(d, f)
+        for d in header_dirs
+        if os.path.isdir(d)
+        for f in sorted(os.listdir(d))
+        if f.endswith(_HEADER_SUFFIXES)
+    ]
 
 
 def _fingerprint(kind: str, args: dict) -> str:

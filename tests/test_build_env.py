@@ -323,9 +323,10 @@ def test_default_constructor_falls_back_when_extensions_dir_is_unusable(
 
 
 def _checkout(tmp_path, name: str) -> dict:
-    """Build arguments for a copy of csrc/cpu at another place."""
+    """Build arguments for a copy of csrc/cpu (and the shared csrc/common) at another place."""
     src = tmp_path / name / "csrc" / "cpu"
-    shutil.copytree(os.path.join(_build.CSRC, "cpu"), src)
+    for part in ("cpu", "common"):
+        shutil.copytree(os.path.join(_build.CSRC, part), tmp_path / name / "csrc" / part)
     args = _build.cpu_build_args()
     args["sources"] = [str(src / os.path.basename(s)) for s in args["sources"]]
     return args

@@ -21,6 +21,7 @@
 #include <string>
 #include <vector>
 
+#include "check_message.h"  // csrc/common: LBW_CHECK
 #include "kernel_api.h"
 
 namespace lbw_cpu {
@@ -203,8 +204,8 @@ void tensor_extra(const double* sums, int64_t kind, double s, double b1, double 
 // ----------------------------------------------------------------- validation helpers
 // The value of a one-element tensor as a double (loss, found_inf, grad_scale, grad_norm).
 double scalar_value(const at::Tensor& t, const char* what) {
-  TORCH_CHECK(t.numel() == 1, "lbw-guard cpu backend: ", what, " must have one element, got ",
-              t.numel());
+  LBW_CHECK(t.numel() == 1, "lbw-guard cpu backend: ", what, " must have one element, got ",
+            t.numel());
   if (t.device().is_cpu()) {
     switch (t.scalar_type()) {
       case at::kDouble: return *t.const_data_ptr<double>();
@@ -257,27 +258,27 @@ void check_lists(at::TensorList params, at::TensorList grads, at::TensorList exp
                  at::IntArrayRef kinds, const at::Tensor& control, const at::Tensor& tensor_out,
                  const at::Tensor& record_out, const char* who) {
   const size_t T = params.size();
-  TORCH_CHECK(grads.size() == T && exp_avgs.size() == T && exp_avg_sqs.size() == T &&
-                  steps.size() == T && group_ids.size() == T && kinds.size() == T,
-              "lbw-guard ", who, " backend: params, grads, exp_avgs, exp_avg_sqs, steps, "
-              "group_ids and kinds must have the same length (", T, " params)");
-  TORCH_CHECK(control.dim() == 2 && control.size(0) >= 1 && control.size(1) == kNumControl &&
-                  control.scalar_type() == at::kDouble,
-              "lbw-guard ", who, " backend: control must be a float64 tensor of shape "
-              "[num_groups + 1, ", int(kNumControl), "], got ", control.scalar_type(), " ",
-              control.sizes());
+  LBW_CHECK(grads.size() == T && exp_avgs.size() == T && exp_avg_sqs.size() == T &&
+                steps.size() == T && group_ids.size() == T && kinds.size() == T,
+            "lbw-guard ", who, " backend: params, grads, exp_avgs, exp_avg_sqs, steps, "
+            "group_ids and kinds must have the same length (", T, " params)");
+  LBW_CHECK(control.dim() == 2 && control.size(0) >= 1 && control.size(1) == kNumControl &&
+                control.scalar_type() == at::kDouble,
+            "lbw-guard ", who, " backend: control must be a float64 tensor of shape "
+            "[num_groups + 1, ", int(kNumControl), "], got ", control.scalar_type(), " ",
+            control.sizes());
   const int64_t G = control.size(0) - 1;
-  TORCH_CHECK(tensor_out.dim() == 2 && tensor_out.size(0) == static_cast<int64_t>(T) &&
-                  tensor_out.size(1) == kNumTensorFields && tensor_out.scalar_type() == at::kDouble,
-              "lbw-guard ", who, " backend: tensor_out must be a float64 tensor of shape [", T,
-              ", ", int(kNumTensorFields), "], got ", tensor_out.scalar_type(), " ",
-              tensor_out.sizes());
+  LBW_CHECK(tensor_out.dim() == 2 && tensor_out.size(0) == static_cast<int64_t>(T) &&
+                tensor_out.size(1) == kNumTensorFields && tensor_out.scalar_type() == at::kDouble,
+            "lbw-guard ", who, " backend: tensor_out must be a float64 tensor of shape [", T,
+            ", ", int(kNumTensorFields), "], got ", tensor_out.scalar_type(), " ",
+            tensor_out.sizes());
   const int64_t record_size = G * (kNumGroupFields + 2) + kNumGlobalFields;
-  TORCH_CHECK(record_out.dim() == 1 && record_out.size(0) == record_size &&
-                  record_out.scalar_type() == at::kDouble,
-              "lbw-guard ", who, " backend: record_out must be a flat float64 tensor of ",
-              record_size, " elements (contract.record_layout(", G, ")), got ",
-              record_out.scalar_type(), " ", record_out.sizes());
+  LBW_CHECK(record_out.dim() == 1 && record_out.size(0) == record_size &&
+                record_out.scalar_type() == at::kDouble,
+            "lbw-guard ", who, " backend: record_out must be a flat float64 tensor of ",
+            record_size, " elements (contract.record_layout(", G, ")), got ",
+            record_out.scalar_type(), " ", record_out.sizes());
 }
 
 // ----------------------------------------------------------------- the fused step
@@ -292,48 +293,48 @@ void fused_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
               record_out, "cpu");
   const int64_t T = static_cast<int64_t>(params.size());
   const int64_t G = control.size(0) - 1;
-  TORCH_CHECK(control.device().is_cpu() && tensor_out.device().is_cpu() &&
-                  record_out.device().is_cpu(),
-              "lbw-guard cpu backend: control, tensor_out and record_out must be CPU tensors");
-  TORCH_CHECK(T < (int64_t(1) << 31), "lbw-guard cpu backend: too many tensors");
+  LBW_CHECK(control.device().is_cpu() && tensor_out.device().is_cpu() &&
+                record_out.device().is_cpu(),
+            "lbw-guard cpu backend: control, tensor_out and record_out must be CPU tensors");
+  LBW_CHECK(T < (int64_t(1) << 31), "lbw-guard cpu backend: too many tensors");
 
   // Validate everything before anything is modified.
   DType dtype = DType::kFloat32;
   std::vector<double> step_before(T);
   for (int64_t i = 0; i < T; ++i) {
     const at::Tensor &p = params[i], &g = grads[i], &m = exp_avgs[i], &v = exp_avg_sqs[i];
-    TORCH_CHECK(p.defined() && g.defined() && m.defined() && v.defined(),
-                "lbw-guard cpu backend: tensor ", i, ": param, grad or state is undefined");
-    TORCH_CHECK(p.device().is_cpu() && g.device().is_cpu() && m.device().is_cpu() &&
-                    v.device().is_cpu(),
-                "lbw-guard cpu backend: tensor ", i, " is not on the CPU");
+    LBW_CHECK(p.defined() && g.defined() && m.defined() && v.defined(),
+              "lbw-guard cpu backend: tensor ", i, ": param, grad or state is undefined");
+    LBW_CHECK(p.device().is_cpu() && g.device().is_cpu() && m.device().is_cpu() &&
+                  v.device().is_cpu(),
+              "lbw-guard cpu backend: tensor ", i, " is not on the CPU");
     const auto dt = to_dtype(p.scalar_type());
-    TORCH_CHECK(dt.has_value(), "lbw-guard cpu backend: tensor ", i,
-                ": params must be float32, bfloat16 or float16, got ", p.scalar_type());
+    LBW_CHECK(dt.has_value(), "lbw-guard cpu backend: tensor ", i,
+              ": params must be float32, bfloat16 or float16, got ", p.scalar_type());
     if (i == 0) dtype = *dt;
-    TORCH_CHECK(*dt == dtype, "lbw-guard cpu backend: tensor ", i, " is ", p.scalar_type(),
-                " but tensor 0 is ", params[0].scalar_type(), ": one bucket has one param dtype");
-    TORCH_CHECK(g.scalar_type() == p.scalar_type(), "lbw-guard cpu backend: tensor ", i,
-                ": the grad is ", g.scalar_type(), ", the param ", p.scalar_type());
-    TORCH_CHECK(m.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
-                "lbw-guard cpu backend: tensor ", i, ": exp_avg and exp_avg_sq must be float32");
-    TORCH_CHECK(same_layout(p, g) && same_layout(p, m) && same_layout(p, v),
-                "lbw-guard cpu backend: tensor ", i, ": param, grad, exp_avg and exp_avg_sq "
-                "must have the same sizes and strides (param ", p.sizes(), " ", p.strides(),
-                ", grad ", g.sizes(), " ", g.strides(), ")");
-    TORCH_CHECK(p.is_non_overlapping_and_dense(), "lbw-guard cpu backend: tensor ", i,
-                ": the param must be non-overlapping and dense (sizes ", p.sizes(), ", strides ",
-                p.strides(), ")");
-    TORCH_CHECK(group_ids[i] >= 0 && group_ids[i] < G, "lbw-guard cpu backend: tensor ", i,
-                ": group id ", group_ids[i], " out of range [0, ", G, ")");
-    TORCH_CHECK(kinds[i] == kKindOther || kinds[i] == kKindMatrix || kinds[i] == kKindZeroInit,
-                "lbw-guard cpu backend: tensor ", i, ": kind must be 0, 1 or 2 (KIND_OTHER, "
-                "KIND_MATRIX, KIND_ZERO_INIT), got ", kinds[i]);
+    LBW_CHECK(*dt == dtype, "lbw-guard cpu backend: tensor ", i, " is ", p.scalar_type(),
+              " but tensor 0 is ", params[0].scalar_type(), ": one bucket has one param dtype");
+    LBW_CHECK(g.scalar_type() == p.scalar_type(), "lbw-guard cpu backend: tensor ", i,
+              ": the grad is ", g.scalar_type(), ", the param ", p.scalar_type());
+    LBW_CHECK(m.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
+              "lbw-guard cpu backend: tensor ", i, ": exp_avg and exp_avg_sq must be float32");
+    LBW_CHECK(same_layout(p, g) && same_layout(p, m) && same_layout(p, v),
+              "lbw-guard cpu backend: tensor ", i, ": param, grad, exp_avg and exp_avg_sq "
+              "must have the same sizes and strides (param ", p.sizes(), " ", p.strides(),
+              ", grad ", g.sizes(), " ", g.strides(), ")");
+    LBW_CHECK(p.is_non_overlapping_and_dense(), "lbw-guard cpu backend: tensor ", i,
+              ": the param must be non-overlapping and dense (sizes ", p.sizes(), ", strides ",
+              p.strides(), ")");
+    LBW_CHECK(group_ids[i] >= 0 && group_ids[i] < G, "lbw-guard cpu backend: tensor ", i,
+              ": group id ", group_ids[i], " out of range [0, ", G, ")");
+    LBW_CHECK(kinds[i] == kKindOther || kinds[i] == kKindMatrix || kinds[i] == kKindZeroInit,
+              "lbw-guard cpu backend: tensor ", i, ": kind must be 0, 1 or 2 (KIND_OTHER, "
+              "KIND_MATRIX, KIND_ZERO_INIT), got ", kinds[i]);
     const at::Tensor& s = steps[i];
-    TORCH_CHECK(s.defined() && s.device().is_cpu() && s.numel() == 1 &&
-                    (s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble),
-                "lbw-guard cpu backend: tensor ", i, ": its step must be a one-element float32 "
-                "CPU tensor");
+    LBW_CHECK(s.defined() && s.device().is_cpu() && s.numel() == 1 &&
+                  (s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble),
+              "lbw-guard cpu backend: tensor ", i, ": its step must be a one-element float32 "
+              "CPU tensor");
     step_before[i] = s.scalar_type() == at::kFloat ? double(*s.const_data_ptr<float>())
                                                    : *s.const_data_ptr<double>();
   }
@@ -395,7 +396,7 @@ void fused_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
     if (mask_nonfinite) flags |= kRangeMask;
     if (inv_scale == 1.0f && clip == 1.0f) flags |= kRangeUnit;
     fns[i] = select_kernel(dtype, flags);
-    TORCH_CHECK(fns[i] != nullptr, "lbw-guard cpu backend: no kernel for this instruction set");
+    LBW_CHECK(fns[i] != nullptr, "lbw-guard cpu backend: no kernel for this instruction set");
     for (int64_t off = 0; off < a.n; off += kChunk)
       chunks.push_back({static_cast<int32_t>(i), off, std::min(kChunk, a.n - off)});
   }
@@ -487,15 +488,15 @@ at::Tensor grad_norm_sq_cpu(at::TensorList grads) {
   std::vector<Chunk> chunks;
   for (int64_t i = 0; i < T; ++i) {
     const at::Tensor& g = grads[i];
-    TORCH_CHECK(g.defined() && g.device().is_cpu(), "lbw-guard cpu grad_norm_sq: grad ", i,
-                " is not a CPU tensor");
+    LBW_CHECK(g.defined() && g.device().is_cpu(), "lbw-guard cpu grad_norm_sq: grad ", i,
+              " is not a CPU tensor");
     const auto dt = to_dtype(g.scalar_type());
-    TORCH_CHECK(dt.has_value(), "lbw-guard cpu grad_norm_sq: grad ", i,
-                " must be float32, bfloat16 or float16, got ", g.scalar_type());
+    LBW_CHECK(dt.has_value(), "lbw-guard cpu grad_norm_sq: grad ", i,
+              " must be float32, bfloat16 or float16, got ", g.scalar_type());
     // A dense tensor is read as a flat array over its storage; anything else is copied.
     dense[i] = g.is_non_overlapping_and_dense() ? g : g.contiguous();
     fns[i] = select_squares(*dt);
-    TORCH_CHECK(fns[i] != nullptr, "lbw-guard cpu backend: no kernel for this instruction set");
+    LBW_CHECK(fns[i] != nullptr, "lbw-guard cpu backend: no kernel for this instruction set");
     for (int64_t off = 0; off < g.numel(); off += kChunk)
       chunks.push_back({static_cast<int32_t>(i), off, std::min(kChunk, g.numel() - off)});
   }
@@ -527,7 +528,7 @@ std::string get_isa() { return isa_name(g_isa); }
 // Use a narrower instruction set than detected ("base", "avx2", "avx512"); returns the one
 // now in use. Results are bit-identical across ISAs; this exists to test exactly that.
 std::string set_isa(const std::string& name) {
-  TORCH_CHECK(name == "avx512" || name == "avx2" || name == "base", "unknown isa ", name);
+  LBW_CHECK(name == "avx512" || name == "avx2" || name == "base", "unknown isa ", name);
   const Isa want = name == "avx512" ? Isa::kAvx512 : name == "avx2" ? Isa::kAvx2 : Isa::kBase;
   g_isa = static_cast<int>(want) <= static_cast<int>(kDetected) ? want : kDetected;
   return isa_name(g_isa);

@@ -21,6 +21,7 @@
 #include <utility>
 #include <vector>
 
+#include "check_message.h"  // csrc/common: LBW_CHECK
 #include "fused_adamw_cuda.h"
 
 namespace lbw_cuda_binding {
@@ -86,11 +87,11 @@ std::unique_ptr<CacheEntry> build_entry(std::vector<int64_t> key,
                                         const std::vector<TensorDesc>& descs,
                                         const at::Device& device, cudaStream_t stream) {
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-  TORCH_CHECK(cudaStreamIsCapturing(stream, &capture) == cudaSuccess &&
-                  capture == cudaStreamCaptureStatusNone,
-              "lbw-guard cuda backend: this bucket's device tables are not cached yet, and they "
-              "cannot be built during CUDA graph capture: run one step outside the capture first "
-              "(warm-up), then capture");
+  LBW_CHECK(cudaStreamIsCapturing(stream, &capture) == cudaSuccess &&
+                capture == cudaStreamCaptureStatusNone,
+            "lbw-guard cuda backend: this bucket's device tables are not cached yet, and they "
+            "cannot be built during CUDA graph capture: run one step outside the capture first "
+            "(warm-up), then capture");
   auto entry = std::make_unique<CacheEntry>();
   entry->key = std::move(key);
   const int64_t T = static_cast<int64_t>(descs.size());
@@ -101,7 +102,7 @@ std::unique_ptr<CacheEntry> build_entry(std::vector<int64_t> key,
     tensors[i].chunk_begin = static_cast<int32_t>(chunks.size());
     for (int64_t off = 0; off < tensors[i].n; off += lbw_cuda::kChunkElems) {
       chunks.push_back({off, static_cast<int32_t>(i), 0});
-      TORCH_CHECK(chunks.size() < (size_t(1) << 31), "lbw-guard cuda backend: too many chunks");
+      LBW_CHECK(chunks.size() < (size_t(1) << 31), "lbw-guard cuda backend: too many chunks");
     }
     tensors[i].chunk_end = static_cast<int32_t>(chunks.size());
     group_of[i] = tensors[i].group;
@@ -174,8 +175,8 @@ lbw_cuda::Scalar device_scalar(const std::optional<at::Tensor>& t, const at::Dev
                                const char* what, std::vector<at::Tensor>& keep_alive) {
   lbw_cuda::Scalar s{nullptr, lbw_cuda::kNone, 0};
   if (!t || !t->defined()) return s;
-  TORCH_CHECK(t->numel() == 1, "lbw-guard cuda backend: ", what, " must have one element, got ",
-              t->numel());
+  LBW_CHECK(t->numel() == 1, "lbw-guard cuda backend: ", what, " must have one element, got ",
+            t->numel());
   at::Tensor x = *t;
   if (x.device() != device) {  // e.g. a Python float made a CPU tensor: one (blocking) copy
     x = x.to(device);
@@ -191,7 +192,7 @@ lbw_cuda::Scalar device_scalar(const std::optional<at::Tensor>& t, const at::Dev
     case at::kByte:
     case at::kBool: s.type = lbw_cuda::kU8; break;
     default:
-      TORCH_CHECK(false, "lbw-guard cuda backend: ", what, " has unsupported dtype ", x.scalar_type());
+      LBW_CHECK(false, "lbw-guard cuda backend: ", what, " has unsupported dtype ", x.scalar_type());
   }
   s.ptr = x.const_data_ptr();
   return s;
@@ -205,31 +206,31 @@ void fused_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
                      const std::optional<at::Tensor>& grad_scale,
                      const std::optional<at::Tensor>& grad_norm, bool accumulate) {
   const size_t T = params.size();
-  TORCH_CHECK(grads.size() == T && exp_avgs.size() == T && exp_avg_sqs.size() == T &&
-                  steps.size() == T && group_ids.size() == T && kinds.size() == T,
-              "lbw-guard cuda backend: params, grads, exp_avgs, exp_avg_sqs, steps, group_ids "
-              "and kinds must have the same length (", T, " params)");
-  TORCH_CHECK(control.is_cuda() && control.dim() == 2 && control.size(0) >= 1 &&
-                  control.size(1) == lbw_cuda::kNumControl && control.scalar_type() == at::kDouble,
-              "lbw-guard cuda backend: control must be a float64 CUDA tensor of shape "
-              "[num_groups + 1, ", lbw_cuda::kNumControl, "], got ", control.scalar_type(), " ",
-              control.sizes(), " on ", control.device());
+  LBW_CHECK(grads.size() == T && exp_avgs.size() == T && exp_avg_sqs.size() == T &&
+                steps.size() == T && group_ids.size() == T && kinds.size() == T,
+            "lbw-guard cuda backend: params, grads, exp_avgs, exp_avg_sqs, steps, group_ids "
+            "and kinds must have the same length (", T, " params)");
+  LBW_CHECK(control.is_cuda() && control.dim() == 2 && control.size(0) >= 1 &&
+                control.size(1) == lbw_cuda::kNumControl && control.scalar_type() == at::kDouble,
+            "lbw-guard cuda backend: control must be a float64 CUDA tensor of shape "
+            "[num_groups + 1, ", lbw_cuda::kNumControl, "], got ", control.scalar_type(), " ",
+            control.sizes(), " on ", control.device());
   const at::Device device = control.device();
   const int64_t G = control.size(0) - 1;
-  TORCH_CHECK(G < (int64_t(1) << 30) && T < (size_t(1) << 30), "lbw-guard cuda backend: too large");
-  TORCH_CHECK(tensor_out.device() == device && tensor_out.dim() == 2 &&
-                  tensor_out.size(0) == static_cast<int64_t>(T) &&
-                  tensor_out.size(1) == lbw_cuda::kNumTensorFields &&
-                  tensor_out.scalar_type() == at::kDouble,
-              "lbw-guard cuda backend: tensor_out must be a float64 tensor of shape [", T, ", ",
-              lbw_cuda::kNumTensorFields, "] on ", device, ", got ", tensor_out.scalar_type(), " ",
-              tensor_out.sizes(), " on ", tensor_out.device());
+  LBW_CHECK(G < (int64_t(1) << 30) && T < (size_t(1) << 30), "lbw-guard cuda backend: too large");
+  LBW_CHECK(tensor_out.device() == device && tensor_out.dim() == 2 &&
+                tensor_out.size(0) == static_cast<int64_t>(T) &&
+                tensor_out.size(1) == lbw_cuda::kNumTensorFields &&
+                tensor_out.scalar_type() == at::kDouble,
+            "lbw-guard cuda backend: tensor_out must be a float64 tensor of shape [", T, ", ",
+            lbw_cuda::kNumTensorFields, "] on ", device, ", got ", tensor_out.scalar_type(), " ",
+            tensor_out.sizes(), " on ", tensor_out.device());
   const int64_t record_size = G * (lbw_cuda::kNumGroupFields + 2) + lbw_cuda::kNumGlobalFields;
-  TORCH_CHECK(record_out.device() == device && record_out.dim() == 1 &&
-                  record_out.size(0) == record_size && record_out.scalar_type() == at::kDouble,
-              "lbw-guard cuda backend: record_out must be a flat float64 tensor of ", record_size,
-              " elements (contract.record_layout(", G, ")) on ", device, ", got ",
-              record_out.scalar_type(), " ", record_out.sizes(), " on ", record_out.device());
+  LBW_CHECK(record_out.device() == device && record_out.dim() == 1 &&
+                record_out.size(0) == record_size && record_out.scalar_type() == at::kDouble,
+            "lbw-guard cuda backend: record_out must be a flat float64 tensor of ", record_size,
+            " elements (contract.record_layout(", G, ")) on ", device, ", got ",
+            record_out.scalar_type(), " ", record_out.sizes(), " on ", record_out.device());
 
   // Validate everything before anything is launched.
   lbw_cuda::DType dtype = lbw_cuda::kFloat32;
@@ -239,36 +240,36 @@ void fused_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
   for (size_t i = 0; i < T; ++i) {
     const at::Tensor &p = params[i], &g = grads[i], &m = exp_avgs[i], &v = exp_avg_sqs[i];
     const at::Tensor& s = steps[i];
-    TORCH_CHECK(p.defined() && g.defined() && m.defined() && v.defined() && s.defined(),
-                "lbw-guard cuda backend: tensor ", i, ": param, grad, state or step is undefined");
-    TORCH_CHECK(p.device() == device && g.device() == device && m.device() == device &&
-                    v.device() == device && s.device() == device,
-                "lbw-guard cuda backend: tensor ", i, " (param, grad, states and step) is not on ",
-                device);
+    LBW_CHECK(p.defined() && g.defined() && m.defined() && v.defined() && s.defined(),
+              "lbw-guard cuda backend: tensor ", i, ": param, grad, state or step is undefined");
+    LBW_CHECK(p.device() == device && g.device() == device && m.device() == device &&
+                  v.device() == device && s.device() == device,
+              "lbw-guard cuda backend: tensor ", i, " (param, grad, states and step) is not on ",
+              device);
     const auto dt = to_dtype(p.scalar_type());
-    TORCH_CHECK(dt.has_value(), "lbw-guard cuda backend: tensor ", i,
-                ": params must be float32, bfloat16 or float16, got ", p.scalar_type());
+    LBW_CHECK(dt.has_value(), "lbw-guard cuda backend: tensor ", i,
+              ": params must be float32, bfloat16 or float16, got ", p.scalar_type());
     if (i == 0) dtype = *dt;
-    TORCH_CHECK(*dt == dtype, "lbw-guard cuda backend: tensor ", i, " is ", p.scalar_type(),
-                " but tensor 0 is ", params[0].scalar_type(), ": one bucket has one param dtype");
-    TORCH_CHECK(g.scalar_type() == p.scalar_type(), "lbw-guard cuda backend: tensor ", i,
-                ": the grad is ", g.scalar_type(), ", the param ", p.scalar_type());
-    TORCH_CHECK(m.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
-                "lbw-guard cuda backend: tensor ", i, ": exp_avg and exp_avg_sq must be float32");
-    TORCH_CHECK(same_layout(p, g) && same_layout(p, m) && same_layout(p, v),
-                "lbw-guard cuda backend: tensor ", i, ": param, grad, exp_avg and exp_avg_sq "
-                "must have the same sizes and strides (param ", p.sizes(), " ", p.strides(),
-                ", grad ", g.sizes(), " ", g.strides(), ")");
-    TORCH_CHECK(p.is_non_overlapping_and_dense(), "lbw-guard cuda backend: tensor ", i,
-                ": the param must be non-overlapping and dense (sizes ", p.sizes(), ", strides ",
-                p.strides(), ")");
-    TORCH_CHECK(group_ids[i] >= 0 && group_ids[i] < G, "lbw-guard cuda backend: tensor ", i,
-                ": group id ", group_ids[i], " out of range [0, ", G, ")");
-    TORCH_CHECK(kinds[i] == 0 || kinds[i] == 1 || kinds[i] == 2, "lbw-guard cuda backend: tensor ",
-                i, ": kind must be 0, 1 or 2 (KIND_OTHER, KIND_MATRIX, KIND_ZERO_INIT), got ", kinds[i]);
-    TORCH_CHECK(s.numel() == 1 && (s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble),
-                "lbw-guard cuda backend: tensor ", i, ": its step must be a one-element float32 "
-                "tensor on ", device);
+    LBW_CHECK(*dt == dtype, "lbw-guard cuda backend: tensor ", i, " is ", p.scalar_type(),
+              " but tensor 0 is ", params[0].scalar_type(), ": one bucket has one param dtype");
+    LBW_CHECK(g.scalar_type() == p.scalar_type(), "lbw-guard cuda backend: tensor ", i,
+              ": the grad is ", g.scalar_type(), ", the param ", p.scalar_type());
+    LBW_CHECK(m.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
+              "lbw-guard cuda backend: tensor ", i, ": exp_avg and exp_avg_sq must be float32");
+    LBW_CHECK(same_layout(p, g) && same_layout(p, m) && same_layout(p, v),
+              "lbw-guard cuda backend: tensor ", i, ": param, grad, exp_avg and exp_avg_sq "
+              "must have the same sizes and strides (param ", p.sizes(), " ", p.strides(),
+              ", grad ", g.sizes(), " ", g.strides(), ")");
+    LBW_CHECK(p.is_non_overlapping_and_dense(), "lbw-guard cuda backend: tensor ", i,
+              ": the param must be non-overlapping and dense (sizes ", p.sizes(), ", strides ",
+              p.strides(), ")");
+    LBW_CHECK(group_ids[i] >= 0 && group_ids[i] < G, "lbw-guard cuda backend: tensor ", i,
+              ": group id ", group_ids[i], " out of range [0, ", G, ")");
+    LBW_CHECK(kinds[i] == 0 || kinds[i] == 1 || kinds[i] == 2, "lbw-guard cuda backend: tensor ",
+              i, ": kind must be 0, 1 or 2 (KIND_OTHER, KIND_MATRIX, KIND_ZERO_INIT), got ", kinds[i]);
+    LBW_CHECK(s.numel() == 1 && (s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble),
+              "lbw-guard cuda backend: tensor ", i, ": its step must be a one-element float32 "
+              "tensor on ", device);
     TensorDesc& d = descs[i];
     d.p = p.data_ptr();
     d.g = g.const_data_ptr();
@@ -325,7 +326,7 @@ void fused_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
   a.rows = e->rows.data_ptr<double>();
   a.counter = reinterpret_cast<unsigned int*>(e->counter.data_ptr<int32_t>());
   const cudaError_t err = lbw_cuda::launch_fused_step(dtype, a, stream.stream());
-  TORCH_CHECK(err == cudaSuccess, "lbw-guard cuda backend: launch failed: ", cudaGetErrorString(err));
+  LBW_CHECK(err == cudaSuccess, "lbw-guard cuda backend: launch failed: ", cudaGetErrorString(err));
 }
 
 // ----------------------------------------------------------------- fake (meta) kernel, module
