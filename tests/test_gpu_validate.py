@@ -78,3 +78,20 @@ def test_sections_and_budgets_are_checked(tmp_path):
     assert proc.returncode != 0 and "nope" in proc.stderr
     proc = run(["--dry-run", "--sections", "env", "--budget", "env=x", "--out", str(tmp_path)], timeout=60)
     assert proc.returncode != 0
+
+
+def test_step_stalls_times_every_step_of_both_configurations(capsys):
+    """``benchmarks.step_stalls --tiny``: one time per step for each configuration, the first
+    step reported apart; a bad ``--steps`` is refused by name."""
+    from benchmarks import step_stalls
+
+    assert step_stalls.main(["--tiny", "--steps", "4"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("cpu,") and "4 steps per configuration" in lines[0]
+    for guard, summary, per_step in ((None, lines[1], lines[2]), ("default", lines[3], lines[4])):
+        assert summary.startswith(f"guard={guard}: first step ")
+        times = [float(t.rstrip("*")) for t in per_step.split()]
+        assert len(times) == 4 and all(t > 0 for t in times)
+    with pytest.raises(SystemExit):
+        step_stalls.main(["--tiny", "--steps", "0"])
+    assert "--steps must be >= 1, got 0" in capsys.readouterr().err

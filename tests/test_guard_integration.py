@@ -493,6 +493,26 @@ def test_a_healthy_start_is_let_go_and_a_checkpoint_carries_it_only_while_held()
         assert torch.equal(p.detach(), s) and not opt2.state[p]["exp_avg"].any()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (host buffers of CUDA tensors)")
+def test_on_a_gpu_the_start_is_pageable_and_the_ring_pinned():
+    """The start is copied once and read back at most once: pageable host memory. The ring's
+    slots are reused every snapshot: page-locked, so their copies overlap the steps. A rollback
+    to the start from pageable memory restores the parameters exactly."""
+    model, xs, ys = _mlp()
+    model, xs, ys = model.cuda(), xs.cuda(), ys.cuda()
+    opt = FusedGuardedAdamW(model.parameters(), lr=1e-3, guard=GuardConfig(snapshot_interval=5))
+    start = [p.detach().clone() for p in model.parameters()]
+    for loss_scale in (1.0, 2.0, 2.0, 1.0):
+        _mlp_step(model, opt, xs, ys, loss_scale)
+    assert [e.detail["why"] for e in opt.guard.events if e.action == "rollback"] == ["diverged_from_start"]
+    assert all(torch.equal(p.detach(), s) for p, s in zip(model.parameters(), start))
+    assert opt.guard._ring.start.buffers and not any(b.is_pinned() for b in opt.guard._ring.start.buffers)
+    for _ in range(GuardConfig().early_records + 12):
+        _mlp_step(model, opt, xs, ys)
+    slots = [s for s in opt.guard._ring.slots if s.buffers]
+    assert slots and all(b.is_pinned() for s in slots for b in s.buffers)
+
+
 def test_freeze_gates_only_the_troubled_group():
     torch.manual_seed(3)
     big, small = torch.nn.Linear(64, 64), torch.nn.Linear(8, 8)
