@@ -382,6 +382,59 @@ def test_the_start_is_let_go_after_early_records_and_when_the_budget_is_spent():
     assert not ctl.recovery.start_held
 
 
+def _after_a_start_rollback(config, lrs, records=300, first_loss=2.0):
+    """A rollback to the start, then healthy records at these scheduler lrs ``lrs(n)``; the
+    controller and the effective lrs it issued."""
+    ctl = Controller(config, 1)
+    ctl.start_taken()
+    issued = []
+    for n in range(1, records):
+        scale = ctl.command(n, [lrs(n)]).scale[0]
+        issued.append(scale * lrs(n))
+        loss = first_loss * (1.0 if n == 1 else 1.25 if n <= 3 else 0.75)  # back to the start at record 3
+        ctl.observe(make_record(n, loss=loss, lrs=lrs(n), scale=scale), n)
+    return ctl, issued
+
+
+@pytest.mark.parametrize("lr", [1e-3, 3e-2])
+def test_after_a_rollback_to_the_start_the_climb_back_stops_at_the_lr_it_continued_from(lr):
+    """The first steps at lr made the model worse than it began: however healthy the records
+    after it, the effective lr never climbs back above lr x rollback_scale (start_cap); a
+    schedule that decays under that runs free. Without the cap the climb returns to lr."""
+    config = explicit_config(start_rise=0.2)
+    ctl, issued = _after_a_start_rollback(config, lambda n: lr)
+    cap = issued[2] * config.rollback_scale  # record 3's effective lr (the envelope may cap it)
+    assert ctl.governor.start_cap == [pytest.approx(cap)]
+    assert all(x <= cap * (1 + 1e-12) for x in issued[3:]) and issued[-1] == pytest.approx(cap)
+    decaying = lambda n: lr * 0.97 ** n  # the schedule falls under the cap: it runs free
+    _, issued = _after_a_start_rollback(config, decaying)
+    assert all(x <= cap * (1 + 1e-12) for x in issued[3:]) and issued[-1] == pytest.approx(decaying(299))
+    free, issued = _after_a_start_rollback(explicit_config(start_rise=0.2, start_cap=False), lambda n: lr)
+    assert free.governor.start_cap == [None] and issued[-1] == pytest.approx(lr)
+
+
+def test_the_start_cap_is_kept_through_data_changes_and_state_and_only_lowered():
+    config = explicit_config(start_rise=0.2)
+    ctl, _ = _after_a_start_rollback(config, lambda n: 1e-3, records=40)
+    cap = ctl.governor.start_cap[0]
+    ctl.notify_data_change(40)  # the cap is about the lr, not the data
+    assert ctl.governor.ceiling == [cap] and ctl.command(41, [1e-3]).scale[0] == pytest.approx(cap / 1e-3)
+    twin = Controller(config, 1)
+    twin.load_state_dict(json.loads(json.dumps(ctl.state_dict())))
+    assert twin.governor.start_cap == [cap]
+    old = ctl.state_dict()
+    del old["governor"]["start_cap"]  # a state saved before the cap existed has none
+    twin.load_state_dict(old)
+    assert twin.governor.start_cap == [None]
+    gov = ctl.governor  # a later rollback to the start at a lower lr lowers the cap; a higher one does not
+    gov.on_rollback([1e-3], [0.2], to_start=True)
+    assert gov.start_cap == [pytest.approx(1e-4)]
+    gov.on_rollback([1e-3], [1.0], to_start=True)
+    assert gov.start_cap == [pytest.approx(1e-4)]
+    gov.on_rollback([1e-3], [1.0])  # a rollback to a snapshot sets no cap
+    assert gov.start_cap == [pytest.approx(1e-4)]
+
+
 def test_the_start_round_trips_through_the_controller_state():
     config = explicit_config()
     ctl = Controller(config, 1)

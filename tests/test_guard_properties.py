@@ -73,6 +73,7 @@ def scenarios(draw, mode="act"):
         max_scale_increase=draw(st.floats(0.01, 0.5)),
         rollback_scale=draw(st.floats(0.1, 1.0)),
         start_rise=draw(st.one_of(st.none(), st.floats(0.01, 1.0))),
+        start_cap=draw(st.booleans()),
         snapshot_interval=draw(st.integers(1, min(distance, 8))),
         snapshot_ring=draw(st.integers(1, 3)),
         max_rollback_distance=distance,
@@ -151,7 +152,7 @@ class Checked:
         cmd = ctl.command(n, lrs)
         self.log.append(("cmd", n, (list(cmd.scale), list(cmd.gate), cmd.loss_limit, cmd.spike_k)))
         if check:
-            self.check_command(cmd, before)
+            self.check_command(cmd, before, lrs)
         kw = record_kwargs(step, self.groups, self.numel, self.cmd)
         self.cmd = cmd
         kw.update(lrs=lrs, scale=list(cmd.scale), gate=list(cmd.gate))
@@ -189,7 +190,7 @@ class Checked:
         self.last_snapshot = n
         ctl.snapshot_taken(n)
 
-    def check_command(self, cmd, before: list) -> None:
+    def check_command(self, cmd, before: list, lrs: list) -> None:
         c = self.config
         assert len(cmd.scale) == len(cmd.gate) == self.groups
         for g in range(self.groups):
@@ -197,6 +198,11 @@ class Checked:
             if c.acts:
                 assert c.min_scale <= s <= 1.0, (g, s)
                 assert s - before[g] <= c.max_scale_increase + 1e-12, (g, before[g], s)
+                cap = self.ctl.governor.start_cap[g]
+                assert cap is None or c.start_cap  # only a rollback to the start sets it
+                if cap is not None and c.governor != "off" and math.isfinite(lrs[g]) and lrs[g] > 0:
+                    # never back above the lr the start's rollback continued from (min_scale aside)
+                    assert s * lrs[g] <= max(cap, c.min_scale * lrs[g]) * (1 + 1e-9), (g, s, lrs[g], cap)
             else:
                 assert s == 1.0
             assert cmd.gate[g] in (0.0, 1.0)

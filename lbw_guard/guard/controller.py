@@ -120,7 +120,7 @@ class Controller:
             self._event(rec.step, action, signals=signals, detail=e, bound=bound, applied=applied)
         if decision["rollback_to"] is not None:
             self.accounting.rollbacks += 1
-            self.governor.on_rollback(lrs, issued_scale)
+            self.governor.on_rollback(lrs, issued_scale, to_start=decision["rollback_to"] == 0)
             self.detectors.rebaseline()
             self._transition(rec.step, RECOVERING, signals, "rollback")
         elif decision["rebaseline_loss"]:

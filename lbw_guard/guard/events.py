@@ -25,8 +25,8 @@ class Event:
     detail: dict = field(default_factory=dict)
     """Action parameters: scale before/after, groups, snapshot step, previous regime, ..."""
     bound: str | None = None
-    """What set or limited the action: 'oscillation' or 'update_envelope' for a cap, a config
-    bound such as 'max_rollbacks' or 'max_frozen_fraction' for a refused action."""
+    """What set or limited the action: 'oscillation', 'update_envelope' or 'start_cap' for a
+    cap, a config bound such as 'max_rollbacks' or 'max_frozen_fraction' for a refused action."""
     applied: bool = True
     """False in monitor mode and in replay: what the guard would have done."""
 
