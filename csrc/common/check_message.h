@@ -1,12 +1,12 @@
 // Error messages for the backends' argument checks, built without iostreams.
 //
 // TORCH_CHECK(cond, a, b, ...) formats its arguments with a std::ostringstream compiled into
-// this extension. On a toolchain that puts its own copy of libstdc++'s stream code into the
-// extension (seen on a CUDA 13 image with torch 2.11: every failed check segfaulted in
-// ostream::_M_insert<long>, the stream's number formatting reading locale facets that this copy
-// never set up), a bad argument crashed the process instead of raising. TORCH_CHECK passes a
-// single std::string through untouched, so LBW_CHECK builds that string here with
-// std::to_string and plain concatenation.
+// this extension. On the GPU image this project was validated on (CUDA 13, torch 2.11) every
+// failed check with a number in its message segfaulted in ostream::_M_insert<long>, in code gdb
+// placed inside the extension (its own copy of the stream code, whose locale was seemingly never
+// set up): a bad argument crashed the process instead of raising. TORCH_CHECK passes a single
+// std::string through untouched, so LBW_CHECK builds that string here with std::to_string and
+// plain concatenation.
 #pragma once
 
 #include <c10/core/Device.h>
