@@ -210,7 +210,12 @@ def _stage_sources(sources: list[str], build_dir: str) -> list[str]:
     """
     dest = os.path.join(build_dir, "src")
     os.makedirs(dest, exist_ok=True)
-    for path in _source_files(sources):
+    files = _source_files(sources)
+    names = [os.path.basename(p) for p in files]
+    clash = sorted({n for n in names if names.count(n) > 1})
+    if clash:  # one directory holds them all: a second file of a name would replace the first
+        raise BackendUnavailable(f"the C++ sources name {clash} twice (in csrc/common and beside the sources)")
+    for path in files:
         _copy_if_changed(path, os.path.join(dest, os.path.basename(path)))
     return [os.path.join(dest, os.path.basename(s)) for s in sources]
 

@@ -375,6 +375,15 @@ def test_checkouts_share_the_staged_sources(tmp_path):
     assert all(os.path.getmtime(p) == old for p in staged), "rewritten: ninja would rebuild"
 
 
+def test_a_header_name_in_both_directories_is_refused(tmp_path):
+    """Staging puts the sources and every header in one directory: a header of the same name
+    beside the sources and in csrc/common would silently replace one with the other."""
+    a = _checkout(tmp_path, "a")
+    shutil.copy(os.path.join(_build.CSRC, "common", "check_message.h"), os.path.dirname(a["sources"][0]))
+    with pytest.raises(BackendUnavailable, match="check_message.h"):
+        cpp_backend._stage_sources(a["sources"], str(tmp_path / "build"))
+
+
 # ------------------------------------------------------------------ packaging
 
 

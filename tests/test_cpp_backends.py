@@ -808,6 +808,27 @@ def test_checks_format_messages_without_iostreams(source):
     assert "TORCH_CHECK(" not in code and "c10::str(" not in code and "std::ostringstream" not in code
 
 
+@pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
+def test_check_messages_refuse_values_they_would_misprint(tmp_path):
+    """LBW_CHECK's message takes the types the checks pass; a double or a bool, which
+    IntArrayRef's one-element constructor would print as [0] or [1], does not compile."""
+    from torch.utils.cpp_extension import include_paths
+
+    src = tmp_path / "m.cpp"
+    src.write_text('#include "check_message.h"\n#include <vector>\nvoid f() {\n'
+                   '  std::vector<int64_t> v{2, 3};\n'
+                   '  lbw_check::message("a", size_t(3), int64_t(-4), 5, std::string("s"), '
+                   'c10::ScalarType::Float, c10::IntArrayRef(v));\n'
+                   '#ifdef BAD\n  lbw_check::message("d=", BAD);\n#endif\n}\n')
+    cmd = ["c++", "-std=c++17", "-fsyntax-only", "-w", f"-I{os.path.join(CSRC, 'common')}",
+           *(f"-I{d}" for d in include_paths()), str(src)]
+    ok = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    for bad in ("0.7", "true", "1.5f"):
+        res = subprocess.run(cmd + [f"-DBAD={bad}"], capture_output=True, text=True, timeout=300)
+        assert res.returncode != 0 and "deleted" in res.stderr, (bad, res.stderr[-2000:])
+
+
 def test_rejects_bad_outputs(backend):
     needs_op(backend)
     step, device = backend.step, backend.device

@@ -397,18 +397,21 @@ def _after_a_start_rollback(config, lrs, records=300, first_loss=2.0):
 
 
 @pytest.mark.parametrize("lr", [1e-3, 3e-2])
-def test_after_a_rollback_to_the_start_the_climb_back_stops_at_the_lr_it_continued_from(lr):
+def test_after_a_rollback_to_the_start_the_climb_back_stops_at_the_scale_it_continued_from(lr):
     """The first steps at lr made the model worse than it began: however healthy the records
-    after it, the effective lr never climbs back above lr x rollback_scale (start_cap); a
-    schedule that decays under that runs free. Without the cap the climb returns to lr."""
+    after it, the scale never climbs back above the one the run continued from (start_cap), a
+    fraction of the schedule's lr: a warmup still reaches that fraction of its peak (no latch at
+    min_scale), a decay keeps it. Without the cap the climb returns to the schedule's lr."""
     config = explicit_config(start_rise=0.2)
-    ctl, issued = _after_a_start_rollback(config, lambda n: lr)
-    cap = issued[2] * config.rollback_scale  # record 3's effective lr (the envelope may cap it)
-    assert ctl.governor.start_cap == [pytest.approx(cap)]
-    assert all(x <= cap * (1 + 1e-12) for x in issued[3:]) and issued[-1] == pytest.approx(cap)
-    decaying = lambda n: lr * 0.97 ** n  # the schedule falls under the cap: it runs free
-    _, issued = _after_a_start_rollback(config, decaying)
-    assert all(x <= cap * (1 + 1e-12) for x in issued[3:]) and issued[-1] == pytest.approx(decaying(299))
+    schedules = {"constant": lambda n: lr, "warmup": lambda n: lr * min(1.0, n / 100),
+                 "decay": lambda n: lr * 0.99 ** n}
+    for name, lrs in schedules.items():
+        ctl, issued = _after_a_start_rollback(config, lrs)
+        cap = issued[2] / lrs(3) * config.rollback_scale  # record 3's scale (the envelope may cap it)
+        assert ctl.governor.start_cap == [pytest.approx(cap)], name
+        scales = [x / lrs(n) for n, x in enumerate(issued, start=1)][3:]
+        assert all(x <= max(cap, config.min_scale) * (1 + 1e-9) for x in scales), name
+        assert scales[-1] == pytest.approx(max(cap, config.min_scale)), name
     free, issued = _after_a_start_rollback(explicit_config(start_rise=0.2, start_cap=False), lambda n: lr)
     assert free.governor.start_cap == [None] and issued[-1] == pytest.approx(lr)
 
@@ -416,9 +419,10 @@ def test_after_a_rollback_to_the_start_the_climb_back_stops_at_the_lr_it_continu
 def test_the_start_cap_is_kept_through_data_changes_and_state_and_only_lowered():
     config = explicit_config(start_rise=0.2)
     ctl, _ = _after_a_start_rollback(config, lambda n: 1e-3, records=40)
-    cap = ctl.governor.start_cap[0]
+    (cap,) = ctl.governor.start_cap
+    assert cap == pytest.approx(config.rollback_scale)
     ctl.notify_data_change(40)  # the cap is about the lr, not the data
-    assert ctl.governor.ceiling == [cap] and ctl.command(41, [1e-3]).scale[0] == pytest.approx(cap / 1e-3)
+    assert ctl.governor.start_cap == [cap] and ctl.command(41, [1e-3]).scale[0] == pytest.approx(cap)
     twin = Controller(config, 1)
     twin.load_state_dict(json.loads(json.dumps(ctl.state_dict())))
     assert twin.governor.start_cap == [cap]
@@ -426,13 +430,13 @@ def test_the_start_cap_is_kept_through_data_changes_and_state_and_only_lowered()
     del old["governor"]["start_cap"]  # a state saved before the cap existed has none
     twin.load_state_dict(old)
     assert twin.governor.start_cap == [None]
-    gov = ctl.governor  # a later rollback to the start at a lower lr lowers the cap; a higher one does not
+    gov = ctl.governor  # a later rollback to the start from a lower scale lowers it; a higher one does not
     gov.on_rollback([1e-3], [0.2], to_start=True)
-    assert gov.start_cap == [pytest.approx(1e-4)]
+    assert gov.start_cap == [pytest.approx(0.1)]
     gov.on_rollback([1e-3], [1.0], to_start=True)
-    assert gov.start_cap == [pytest.approx(1e-4)]
+    assert gov.start_cap == [pytest.approx(0.1)]
     gov.on_rollback([1e-3], [1.0])  # a rollback to a snapshot sets no cap
-    assert gov.start_cap == [pytest.approx(1e-4)]
+    assert gov.start_cap == [pytest.approx(0.1)]
 
 
 def test_the_start_round_trips_through_the_controller_state():

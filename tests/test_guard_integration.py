@@ -464,6 +464,23 @@ def test_a_run_worse_than_its_start_goes_back_to_it_at_a_lower_lr():
     assert opt.guard._ring.start.buffers == [] and not opt.guard.controller.recovery.start_held
 
 
+def test_a_new_param_group_lets_the_start_go_instead_of_failing_to_restore_it():
+    """The start holds the parameters the run began with; once a group is added it cannot be
+    restored, so it is let go: a loss rise later is not sent back to it (no failed rollback,
+    no cap on the lr)."""
+    model, xs, ys = _mlp()
+    opt = FusedGuardedAdamW(model[0].parameters(), lr=1e-3, guard=GuardConfig(start_rise=0.2), backend=BACKEND)
+    _mlp_step(model, opt, xs, ys)
+    assert opt.guard.controller.recovery.start_held
+    opt.add_param_group({"params": model[2].parameters()})
+    for loss_scale in (2.0, 2.0, 2.0, 1.0):
+        _mlp_step(model, opt, xs, ys, loss_scale)
+    actions = [e.action for e in opt.guard.events]
+    assert "rollback" not in actions and "rollback_failed" not in actions
+    assert not opt.guard.controller.recovery.start_held and opt.guard._ring.start.buffers == []
+    assert opt.guard.controller.governor.start_cap == [None, None]
+
+
 def test_a_healthy_start_is_let_go_and_a_checkpoint_carries_it_only_while_held():
     model, xs, ys = _mlp()
     start = [p.detach().clone() for p in model.parameters()]

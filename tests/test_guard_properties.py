@@ -201,8 +201,9 @@ class Checked:
                 cap = self.ctl.governor.start_cap[g]
                 assert cap is None or c.start_cap  # only a rollback to the start sets it
                 if cap is not None and c.governor != "off" and math.isfinite(lrs[g]) and lrs[g] > 0:
-                    # never back above the lr the start's rollback continued from (min_scale aside)
-                    assert s * lrs[g] <= max(cap, c.min_scale * lrs[g]) * (1 + 1e-9), (g, s, lrs[g], cap)
+                    # never back above the scale the start's rollback continued from (min_scale
+                    # aside; at lr 0 the scale is moot and issued as 1)
+                    assert s <= max(cap, c.min_scale) * (1 + 1e-9), (g, s, cap)
             else:
                 assert s == 1.0
             assert cmd.gate[g] in (0.0, 1.0)

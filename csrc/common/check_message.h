@@ -31,6 +31,11 @@ inline void append(std::string& out, T v) {
   out += std::to_string(v);
 }
 
+// No floating-point or bool overload: IntArrayRef's one-element constructor would otherwise take
+// them and print 0.7 as [0]. Format such a value into a string first.
+template <typename T, std::enable_if_t<std::is_floating_point_v<T> || std::is_same_v<T, bool>, int> = 0>
+void append(std::string& out, T v) = delete;
+
 inline void append(std::string& out, c10::IntArrayRef values) {  // sizes and strides: [2, 3]
   out += '[';
   for (size_t i = 0; i < values.size(); ++i) {

@@ -195,11 +195,12 @@ class GuardConfig:
     above the best lr's loss whatever the later cuts (Adam's second moment keeps the early
     gradients). None: off."""
     start_cap: bool = True
-    """After a rollback to the start, the lr it continues from (the diverged effective lr x
-    ``rollback_scale``) is also the most the ceiling's climb back may reach, for the rest of
-    the run (kept through data changes). Without it, runs sent back to their start climbed back
-    to the lr that had damaged them and diverged late: held-out rsLoRA at 10x, seed 1, 1.358 of
-    the best loss, 1.047 with it; no run without such a rollback can change."""
+    """After a rollback to the start, the lr scale it continues from (the scale it diverged at x
+    ``rollback_scale``: a fraction of the schedule's lr, so a warmup still reaches that fraction
+    of its peak) is also the most the scale may climb back to, for the rest of the run (kept
+    through data changes). Without it, runs sent back to their start climbed back to the lr
+    that had damaged them and diverged late: held-out rsLoRA at 10x, seed 1, 1.358 of the best
+    loss, 1.047 with it. No run without a rollback to the start can change."""
     freeze_steps: int = 20
     max_frozen_fraction: float = 0.25
     """Largest fraction of all parameters (by element count) frozen at once."""

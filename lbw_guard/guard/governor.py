@@ -136,12 +136,13 @@ recovery levels of the time (0.15, 0.9), and the old ceiling held the rest of th
 (measured with ``omega_low`` 0.15: +4.8% loss; +2.8% with the restart, which then measures the
 new data's own omega; +1.2% with ``omega_low`` 0.05).
 
-One ceiling stays through data changes: after a rollback to the start (the first steps made the
-model worse than it began) the lr the run continues from caps the climb for the rest of the run
-(``start_cap``). The probe cannot see that lr's harm, which shows over a run's first steps: an
-rsLoRA run at 10x (held out, seed 1) went back to its start, trained well at 3x, climbed back
-from record 165 to 6.4x and diverged in its last 40 steps (1.358 of the best loss; 1.047 with
-the cap).
+One bound stays through data changes: after a rollback to the start (the first steps made the
+model worse than it began) the scale the run continues from caps the scale for the rest of the
+run (``start_cap``; a scale, not an lr, so that a rollback early in a warmup does not hold the
+peak at ``min_scale``). The probe cannot see that lr's harm, which shows over a run's first
+steps: an rsLoRA run at 10x (held out, seed 1) went back to its start, trained well at 3x,
+climbed back from record 165 to 6.4x and diverged in its last 40 steps (1.358 of the best loss;
+1.047 with the cap).
 """
 
 from __future__ import annotations
@@ -184,7 +185,7 @@ class StepSizeGovernor:
     def resize(self, num_groups: int) -> None:
         num_groups = max(int(num_groups), 1)
         self.ceiling = resized(getattr(self, "ceiling", []), num_groups, None)  # max effective lr, or None
-        # after a rollback to the start: the most the ceiling may climb back to (see on_rollback)
+        # after a rollback to the start: the highest scale for the rest of the run (see on_rollback)
         self.start_cap = resized(getattr(self, "start_cap", []), num_groups, None)
         self.ratio_per_lr = resized(getattr(self, "ratio_per_lr", []), num_groups, None)
         # sum over past steps of beta1^(2k) |g|^2: the white-noise energy of Adam's m, per group
@@ -211,8 +212,10 @@ class StepSizeGovernor:
         target, bound = 1.0, None
         ceiling = self.ceiling[g]
         if ceiling is not None and ceiling < lr:
-            capped = self.start_cap[g] is not None and ceiling >= self.start_cap[g]
-            target, bound = ceiling / lr, "start_cap" if capped else "oscillation"
+            target, bound = ceiling / lr, "oscillation"
+        cap = self.start_cap[g]
+        if cap is not None and cap < target:
+            target, bound = cap, "start_cap"
         envelope = self.envelope(g, lr) if self.records < c.early_records else math.inf
         if envelope < target:
             # A step outside the envelope is evidence in itself: the ceiling starts from there.
@@ -269,9 +272,7 @@ class StepSizeGovernor:
             for g in written:
                 if self.ceiling[g] is not None:
                     self.ceiling[g] *= 1.0 + c.recovery_rate
-                    if self.start_cap[g] is not None:
-                        self.ceiling[g] = min(self.ceiling[g], self.start_cap[g])
-                    elif _finite(lrs[g]) and self.ceiling[g] >= lrs[g] * 4.0:
+                    if _finite(lrs[g]) and self.ceiling[g] >= lrs[g] * 4.0:
                         self.ceiling[g] = None  # far above the schedule: no ceiling any more
         else:
             self._end_climb()  # the climb paused: it begins again from here
@@ -465,18 +466,18 @@ class StepSizeGovernor:
 
     def on_rollback(self, lrs: list[float], scales: list[float], to_start: bool = False) -> None:
         """The run diverged at the current effective lr: continue from a lower one. After a
-        rollback to the start (the first steps made the model worse than it began) that lower lr
-        is also the most the climb back may return to: the probe cannot see an lr that damages a
-        run only over its first steps, so without the cap it climbed back there and diverged
-        late (held-out rsLoRA at 10x)."""
+        rollback to the start (the first steps made the model worse than it began) the scale of
+        that lower lr is also the most the scale may return to (``start_cap``): the probe cannot
+        see an lr that damages a run only over its first steps, so without the cap the climb
+        went back there and the run diverged late (held-out rsLoRA at 10x)."""
         c = self.config
         for g in range(self.num_groups):
             if g < len(lrs) and _finite(lrs[g]) and lrs[g] > 0:
                 lr_eff = lrs[g] * (scales[g] if g < len(scales) else 1.0)
                 self.ceiling[g] = max(c.min_scale * lrs[g], lr_eff * c.rollback_scale)
-                if to_start and c.start_cap:
-                    cap = self.start_cap[g]
-                    self.start_cap[g] = self.ceiling[g] if cap is None else min(cap, self.ceiling[g])
+                if to_start and c.start_cap:  # a fraction of the schedule's lr, as the scale is
+                    cap = self.ceiling[g] / lrs[g]
+                    self.start_cap[g] = cap if self.start_cap[g] is None else min(self.start_cap[g], cap)
         self.since_cut = 0
         self.early_losses = []
         self._end_climb()
@@ -486,7 +487,7 @@ class StepSizeGovernor:
     def on_data_change(self) -> None:
         """The data changed (a loss level shift with normal gradients, or the user said so): the
         oscillation evidence was about the old data, so the ceilings and the evidence restart."""
-        self.ceiling = list(self.start_cap)  # the cap is about the lr, not the data: it stays
+        self.ceiling = [None] * self.num_groups  # (start_cap stays: it is about the lr, not the data)
         self.log_omega = None
         self.omega_samples = 0
         self.omega_at_cut = None

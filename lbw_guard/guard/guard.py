@@ -128,6 +128,8 @@ class Guard:
                 self._ring.clear()
                 self.controller.recovery.verified_snapshots = []
                 self.controller.recovery.pending_snapshots = []
+                self._ring.release_start()  # nor can the start
+                self.controller.recovery.start_held = False
             self._param_key = key
         self._seed = optimizer.inverse_matrix_rms()
         self.controller.governor.seed_ratio(self._seed)
