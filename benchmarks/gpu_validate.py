@@ -942,9 +942,18 @@ QWEN_TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num
                  num_key_value_heads=2, vocab_size=512, tie_word_embeddings=True, rope_theta=1e6)
 
 
-def sec_e2e(ctx: Ctx) -> None:
+def qwen_model(spec: dict, device: torch.device):
+    """A randomly initialised Qwen2 causal LM of shape ``spec`` (QWEN or QWEN_TINY) on ``device``."""
     import transformers
 
+    cfg = transformers.Qwen2Config(max_position_embeddings=4096, **spec)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(device):
+        return transformers.Qwen2ForCausalLM(cfg)
+
+
+def sec_e2e(ctx: Ctx) -> None:
     from benchmarks.common import Spy
     from lbw_guard import FusedGuardedAdamW
 
@@ -952,11 +961,8 @@ def sec_e2e(ctx: Ctx) -> None:
         spec, name, shapes = QWEN_TINY, "qwen2-tiny (dry run)", [(2, 32)]
     else:
         spec, name, shapes = QWEN, "qwen2.5-0.5b-shape", [(4, 1024), (2, 1024), (1, 1024)]
-    cfg = transformers.Qwen2Config(max_position_embeddings=4096, **spec)
-    cfg._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    with torch.device(ctx.device):
-        model = transformers.Qwen2ForCausalLM(cfg)
+    model = qwen_model(spec, ctx.device)
+    cfg = model.config
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     n_params = sum(p.numel() for p in params)

@@ -19,7 +19,7 @@ import warnings
 import torch
 
 from benchmarks.common import Spy
-from benchmarks.gpu_validate import QWEN, QWEN_TINY
+from benchmarks.gpu_validate import QWEN, QWEN_TINY, qwen_model
 
 
 def step_times(model, tokens, guard, steps: int) -> tuple[list[float], list[int]]:
@@ -49,8 +49,6 @@ def step_times(model, tokens, guard, steps: int) -> tuple[list[float], list[int]
 
 
 def main(argv=None) -> int:
-    import transformers
-
     ap = argparse.ArgumentParser(prog="python -m benchmarks.step_stalls", description=__doc__.split("\n")[0])
     ap.add_argument("--tiny", action="store_true", help="a tiny Qwen2 (the CPU check of this script)")
     ap.add_argument("--steps", type=int, default=50, help="steps per configuration (default 50)")
@@ -60,13 +58,8 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu" and not args.tiny:
         ap.error("no CUDA device here: use --tiny to check the script on the CPU")
-    spec = QWEN_TINY if args.tiny else QWEN
-    cfg = transformers.Qwen2Config(max_position_embeddings=4096, **spec)
-    cfg._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = transformers.Qwen2ForCausalLM(cfg)
-    tokens = torch.randint(0, cfg.vocab_size, (2, 32) if args.tiny else (4, 1024), device=device)
+    model = qwen_model(QWEN_TINY if args.tiny else QWEN, device)
+    tokens = torch.randint(0, model.config.vocab_size, (2, 32) if args.tiny else (4, 1024), device=device)
     n = sum(p.numel() for p in model.parameters())
     print(f"{device.type}, {n / 1e6:.3g}M params, {args.steps} steps per configuration", flush=True)
     for guard in (None, "default"):
