@@ -15,6 +15,10 @@ and the guard run at 1x and 10x of it. The targets of issue 10 are judged per ru
     python -m benchmarks.heldout --guard-config '{"omega_recent_max": null}'   # another config
     python -m benchmarks.heldout --late-cut 5,10,20,40   # how early must a 10x run be cut?
 
+``--fused-reference`` adds the fused optimizer without a guard (``FusedGuardedAdamW(guard=None)``,
+the same backend) at each multiple: how far the kernel's own rounding takes a run from
+torch's AdamW, the noise floor under the 1x target of 1%.
+
 ``--late-cut K,...`` adds AdamW runs that take each multiple above 3 for their first K steps
 and 3x the best lr from then on: the loss a governor would reach had it cut the run to 3x
 after K steps, which says how early the evidence must come.
@@ -245,7 +249,8 @@ def make_schedule(opt, kind: str, steps: int):
 @dataclass(frozen=True)
 class Job:
     scenario: str
-    arm: str  # "adamw", "guard", or "adamw-cut@K" (--late-cut: the lr times cut_scale from step K on)
+    arm: str  # "adamw", "guard", "fused" (no guard), or "adamw-cut@K" (--late-cut: the lr times cut_scale
+    # from step K on)
     lr: float
     seed: int
 
@@ -269,7 +274,7 @@ def train(job: Job, steps: int, guard_config: dict | None, backend: str, cut_sca
     else:
         from lbw_guard import FusedGuardedAdamW
         from lbw_guard.guard import GuardConfig
-        guard = GuardConfig(**guard_config) if guard_config else "default"
+        guard = None if job.arm == "fused" else GuardConfig(**guard_config) if guard_config else "default"
         opt = FusedGuardedAdamW(groups, lr=job.lr, guard=guard, backend=backend)
     schedule = make_schedule(opt, s.schedule, steps)
     parts = s.data.split(">")
@@ -280,7 +285,7 @@ def train(job: Job, steps: int, guard_config: dict | None, backend: str, cut_sca
         loss.backward()
         if job.cut_after is not None and step >= job.cut_after:
             _step_at_scale(opt, cut_scale)
-        elif job.arm.startswith("adamw"):
+        elif job.arm.startswith("adamw") or job.arm == "fused":
             opt.step()
         else:
             opt.step(loss=loss.detach())
@@ -315,7 +320,7 @@ def _train_star(args):
 
 # ------------------------------------------------------------------------------ the sweep
 def run(names, seeds, multiples, steps, out: pathlib.Path, guard_config, backend, workers, progress=True,
-        late_cuts=()) -> list[dict]:
+        late_cuts=(), fused_reference=False) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     path = out / "heldout.json"
     saved = json.loads(path.read_text()) if path.exists() else {}
@@ -345,6 +350,9 @@ def run(names, seeds, multiples, steps, out: pathlib.Path, guard_config, backend
     arms = [Job(n, arm, best[n, s] * m, s)
             for n in names for s in seeds for m in multiples for arm in ("adamw", "guard")]
     execute(arms, "AdamW and guard at multiples of the best lr")
+    if fused_reference:
+        execute([Job(n, "fused", best[n, s] * m, s) for n in names for s in seeds for m in multiples],
+                "the fused optimizer without a guard")
 
     cut_multiples = [m for m in multiples if m > LATE_CUT_TO]
     cut_jobs = {Job(n, f"adamw-cut@{k}", best[n, s] * m, s): m
@@ -357,6 +365,9 @@ def run(names, seeds, multiples, steps, out: pathlib.Path, guard_config, backend
             best_loss = results[Job(n, "adamw", best[n, s], s).key]["final_loss"]
             for m in multiples:
                 row = _row(n, s, m, best[n, s], best_loss, results)
+                fused = results.get(Job(n, "fused", row["lr"], s).key) if fused_reference else None
+                if fused is not None:
+                    row["fused_vs_adamw"] = fused["final_loss"] / row["adamw"]
                 if m in cut_multiples and late_cuts:
                     row["late_cut"] = {k: results[Job(n, f"adamw-cut@{k}", row["lr"], s).key]["final_loss"] / best_loss
                                        for k in late_cuts}
@@ -397,15 +408,28 @@ def render(rows: list[dict], settings: dict) -> str:
              "| scenario | seed | lr | AdamW (x best) | guard (x best) | guard / AdamW | capped | mean scale "
              "| rollbacks | target |",
              "|---|---|---|---|---|---|---|---|---|---|"]
+    fused = all("fused_vs_adamw" in r for r in rows)
+    if fused:  # the kernel without a guard, against torch's AdamW: the noise floor
+        lines[-2] = lines[-2].replace("| capped |", "| fused, no guard / AdamW | capped |")
+        lines[-1] += "---|"
     for r in rows:
         met = {True: "met", False: "**missed**", None: "-"}[r["target_met"]]
+        fused_cell = f"{r['fused_vs_adamw']:.4f} | " if fused else ""
         edge = "*" if r["best_lr_at_edge"] else ""
         lines.append(f"| {r['scenario']} | {r['seed']} | {r['multiple']:g}x = {r['lr']:.2g}{edge} | "
                      f"{r['adamw']:.4f} ({r['adamw_vs_best']:.3f}) | {r['guard']:.4f} ({r['guard_vs_best']:.3f}) | "
-                     f"{r['guard_vs_adamw']:.4f} | {r['capped_fraction']:.1%} | {r['mean_scale']:.2f} | "
+                     f"{r['guard_vs_adamw']:.4f} | {fused_cell}{r['capped_fraction']:.1%} | {r['mean_scale']:.2f} | "
                      f"{r['rollbacks']} | {met} |")
     judged = [r for r in rows if r["target_met"] is not None]
     lines += ["", f"Targets met: {sum(r['target_met'] for r in judged)} of {len(judged)} runs."]
+    if fused:
+        ones = [r for r in rows if r["multiple"] == 1]
+        if ones:
+            lines += ["", "At 1x, within 1% of AdamW: the fused optimizer without a guard in "
+                      f"{sum(r['fused_vs_adamw'] <= 1.01 for r in ones)} of {len(ones)} runs, the guard in "
+                      f"{sum(r['guard_vs_adamw'] <= 1.01 for r in ones)} (largest |1 - ratio|: fused "
+                      f"{max(abs(1 - r['fused_vs_adamw']) for r in ones):.2%}, guard "
+                      f"{max(abs(1 - r['guard_vs_adamw']) for r in ones):.2%})."]
     seeds = sorted({r["seed"] for r in rows})
     if len(seeds) > 1:
         lines += ["", f"## Mean over seeds {seeds}", "",
@@ -450,6 +474,8 @@ def main(argv=None) -> None:
     p.add_argument("--guard-config", default=None, help="GuardConfig fields as JSON (default: the default preset)")
     p.add_argument("--late-cut", default="", help="comma list of K: also run AdamW at each multiple above "
                    f"{LATE_CUT_TO:g} for K steps, then at {LATE_CUT_TO:g}x (0: {LATE_CUT_TO:g}x throughout)")
+    p.add_argument("--fused-reference", action="store_true",
+                   help="also run the fused optimizer without a guard at each multiple (the noise floor)")
     p.add_argument("--out", default=None, help=f"(default: {OUT['first']}, {OUT['second']} for --scenarios second, "
                    f"{OTHER_OUT} otherwise)")
     p.add_argument("--no-progress", action="store_true")
@@ -480,7 +506,7 @@ def main(argv=None) -> None:
     try:
         out = pathlib.Path(a.out or OUT.get(a.scenarios, OTHER_OUT))
         rows = run(names, seeds, multiples, a.steps, out, guard_config, a.backend, max(1, a.workers),
-                   progress=not a.no_progress, late_cuts=late_cuts)
+                   progress=not a.no_progress, late_cuts=late_cuts, fused_reference=a.fused_reference)
     except ValueError as e:
         p.error(str(e))
     print(render(rows, {"steps": a.steps, "guard_config": guard_config or {}}))

@@ -15,6 +15,7 @@ import pickle
 import random
 
 import pytest
+import torch
 
 from guard_records import GuardDriver, Sim, actions, explicit_config, healthy, make_record, same
 from lbw_guard.guard import PRESETS, Controller, GuardConfig, GuardGaveUp, make_guard
@@ -720,6 +721,43 @@ def test_omega_recent_is_the_momentum_energy_against_the_recent_gradients_white_
         del old[key]
     restored.load_state_dict(old)  # a state saved before omega_recent existed
     assert restored.grad_energy == [0.0, 0.0] and restored.log_recent is None
+
+
+@pytest.mark.parametrize("share", [0.0, 0.3, 0.55, 0.9])
+def test_omega_recent_reads_the_share_of_gradient_energy_that_alternates(share):
+    """Gradients whose energy is a share f flipping sign every step plus white noise: the
+    governor's omega_recent, fed Adam's m and the gradients, reads (1 - f) + f (1 - b1) / (1 + b1)
+    (the reading ``omega_recent_max`` is set against)."""
+    from lbw_guard.guard.governor import StepSizeGovernor
+    from lbw_guard.guard.signals import derive
+
+    torch.manual_seed(int(share * 100))
+    b1, n = 0.9, 20_000
+    direction = torch.randn(n, dtype=torch.float64)
+    direction *= n ** 0.5 / direction.norm()
+    gov = StepSizeGovernor(explicit_config(omega_window=50), 1)
+    m = torch.zeros(n, dtype=torch.float64)
+    for step in range(1, 301):
+        grad = share ** 0.5 * (-1) ** step * direction + (1 - share) ** 0.5 * torch.randn(n, dtype=torch.float64)
+        rec = make_record(step, grad_sq=float(grad.square().sum()), beta1=b1)
+        rec.record[C.T_MOMENT1_SQ] = float(m.square().sum())  # m before this step's gradient
+        gov.observe(derive(rec), [1.0], [1e-3])
+        m = b1 * m + (1 - b1) * grad
+    expected = (1 - share) + share * (1 - b1) / (1 + b1)
+    assert math.exp(gov.log_recent) == pytest.approx(expected, rel=0.03)
+
+
+def test_the_default_cuts_on_half_the_gradient_energy_alternating_not_on_mild_anticorrelation():
+    """omega low with omega_recent 0.7 (a third of the energy alternating, or v's memory):
+    no cut under the default ``omega_recent_max``; at 0.4 (about 60%) the cut comes."""
+    default = GuardConfig().omega_recent_max
+    assert default == 0.5
+    config = explicit_config(omega_recent_max=default)
+    sim = Sim(config).run(120, lambda n, cmd: dict(omega=0.02, recent=0.7))
+    assert not [e for e in sim.events if e.action == "decrease_scale"]
+    assert all(cmd.scale == [1.0] for cmd in sim.commands.values())
+    sim = Sim(config).run(120, lambda n, cmd: dict(omega=0.02, recent=0.4))
+    assert [e for e in sim.events if e.action == "decrease_scale"]
 
 
 def test_loss_efficiency_state_is_every_record_since_the_start_and_the_whole_model_cosine():

@@ -59,6 +59,32 @@ def test_late_cut_runs_are_adamw_at_the_multiple_then_at_3x(tmp_path):
             f"K = 0 {within(cut[0])}, K = 1 {within(cut[1])}, K = {steps} {within(cut[steps])}.") in text
 
 
+def test_the_fused_reference_is_the_optimizer_without_a_guard(tmp_path):
+    """--fused-reference: FusedGuardedAdamW(guard=None) at each multiple, set against AdamW (the noise
+    floor under the 1x target); it equals a run of that optimizer made here."""
+    steps = 3
+    rows = heldout.run(["opt-const"], seeds=[0], multiples=[1.0, 10.0], steps=steps, out=tmp_path, guard_config=None,
+                       backend="torch", workers=1, progress=False, fused_reference=True)
+    runs = json.loads((tmp_path / "heldout.json").read_text())["runs"]
+    for r in rows:
+        fused = runs[heldout.Job("opt-const", "fused", r["lr"], 0).key]
+        assert set(fused) == {"final_loss"}
+        assert r["fused_vs_adamw"] == pytest.approx(fused["final_loss"] / r["adamw"])
+    again = heldout.train(heldout.Job("opt-const", "fused", rows[0]["lr"], 0), steps, None, "torch")
+    assert again["final_loss"] == pytest.approx(runs[heldout.Job("opt-const", "fused", rows[0]["lr"], 0).key]["final_loss"],
+                                                rel=1e-6)
+    text = (tmp_path / "heldout.md").read_text()
+    assert "| fused, no guard / AdamW |" in text and f"| {rows[0]['fused_vs_adamw']:.4f} |" in text
+    within = sum(r["fused_vs_adamw"] <= 1.01 for r in rows[:1])
+    assert f"At 1x, within 1% of AdamW: the fused optimizer without a guard in {within} of 1 runs" in text
+
+
+def test_without_the_fused_reference_the_table_has_no_such_column(tmp_path):
+    heldout.run(["opt-const"], seeds=[0], multiples=[1.0], steps=2, out=tmp_path, guard_config=None,
+                backend="torch", workers=1, progress=False)
+    assert "fused" not in (tmp_path / "heldout.md").read_text()
+
+
 def test_results_of_other_settings_are_never_overwritten(tmp_path, capsys):
     heldout.run(["opt-const"], seeds=[0], multiples=[1.0], steps=2, out=tmp_path, guard_config=None,
                 backend="torch", workers=1, progress=False)
