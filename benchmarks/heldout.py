@@ -33,12 +33,26 @@ rank-64 LoRA on every linear layer of Qwen2.
 
     python -m benchmarks.heldout --scenarios second --seeds 0,1,2 --out benchmarks/results/heldout-2
 
+``third`` was written after the defaults of the second set's stop were fixed (the oscillation cut's
+``omega_recent_max`` 0.5) and run once with them: Qwen3 (QK-norm), Gemma-2 (logit soft-capping,
+sliding windows), GPT-Neo (local attention), Phi-3, Granite (muP-style multipliers), Cohere
+(parallel blocks, scaled logits), Qwen3-MoE and CodeGen, on two new corpora (the standard
+library's docstrings, the ``asyncio`` package's source), under a constant lr with warm-up, a
+cosine to a tenth of the lr, torch's own warm-up + cosine (``SequentialLR``), LoRA on the MLP
+with dropout, PiSSA, and a switch from docstrings to source; four-point sweeps; ``--faults``
+adds the guard at the best lr with the stress matrix's gradient spikes, NaN gradients and a
+random-token batch injected.
+
+    python -m benchmarks.heldout --scenarios third --seeds 0,1,2 --faults spike-1e4,nan-grad,random-batch
+
 Results (resumable) go to ``--out`` (``heldout.json``) with ``heldout.md``.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import functools
 import json
 import math
 import os
@@ -60,11 +74,13 @@ LATE_CUT_TO = 3.0  # the multiple of the best lr a --late-cut run continues at
 @dataclass(frozen=True)
 class Scenario:
     arch: str
-    data: str  # "docs", "src", or "docs>src" (switch halfway)
+    data: str  # a corpus ("docs", "src", "docstrings", "asyncio"), or "a>b" (a switch halfway)
     schedule: str
-    mode: str  # "full", "dora", "rslora", "lora+" (B at LORAPLUS_RATIO x the lr) or "lora64"
+    mode: str  # "full", "dora", "rslora", "lora+" (B at LORAPLUS_RATIO x the lr), "lora64", "lora-mlp" or "pissa"
     sweep: tuple[float, ...]
 
+
+FULL_SWEEP = (3e-4, 1e-3, 3e-3, 1e-2)  # the third set's: four points, so that fewer best lrs sit at an edge
 
 SCENARIOS = {
     "phi-linear": Scenario("phi", "docs", "linear", "full", (1e-3, 3e-3, 1e-2)),
@@ -88,22 +104,56 @@ SCENARIOS = {
     "bigcode-cos": Scenario("bigcode", "docs", "cosine", "full", (1e-3, 3e-3, 1e-2)),
     "olmo2-const": Scenario("olmo2", "docs", "constant", "full", (3e-4, 1e-3, 3e-3)),
     "starcoder2-cos": Scenario("starcoder2", "src", "cosine", "full", (3e-4, 1e-3, 3e-3)),
+    # the third set: written and run once after the defaults of the second were fixed
+    "qwen3-const": Scenario("qwen3", "asyncio", "constant", "full", FULL_SWEEP),
+    "gemma2-cos": Scenario("gemma2", "docstrings", "cosine", "full", FULL_SWEEP),
+    "gptneo-torchcos": Scenario("gptneo", "docstrings", "torch_warmup_cosine", "full", FULL_SWEEP),
+    "phi3-warmconst": Scenario("phi3", "asyncio", "constant_warmup", "full", FULL_SWEEP),
+    "granite-cosminlr": Scenario("granite", "docstrings", "cosine_min_lr", "full", FULL_SWEEP),
+    "cohere-const": Scenario("cohere", "docstrings", "constant", "full", FULL_SWEEP),
+    "qwen3moe-cos": Scenario("qwen3moe", "asyncio", "cosine", "full", FULL_SWEEP),
+    "codegen-switch": Scenario("codegen", "docstrings>asyncio", "torch_warmup_cosine", "full", FULL_SWEEP),
+    "llama-loramlp-cos": Scenario("llama", "docstrings", "cosine", "lora-mlp", (1e-3, 3e-3, 1e-2, 3e-2)),
+    "qwen3-pissa-const": Scenario("qwen3", "asyncio", "constant", "pissa", FULL_SWEEP),
 }
-SETS = {"first": list(SCENARIOS)[:10], "second": list(SCENARIOS)[10:], "all": list(SCENARIOS)}
+SETS = {"first": list(SCENARIOS)[:10], "second": list(SCENARIOS)[10:20], "third": list(SCENARIOS)[20:],
+        "all": list(SCENARIOS)}
 # each set's committed results; any other choice of scenarios gets its own folder, so that its
 # table never replaces a set's
-OUT = {"first": "benchmarks/results/heldout", "second": "benchmarks/results/heldout-2"}
+OUT = {"first": "benchmarks/results/heldout", "second": "benchmarks/results/heldout-2",
+       "third": "benchmarks/results/heldout-3"}
 OTHER_OUT = "benchmarks/results/heldout-custom"
 LORAPLUS_RATIO = 16.0
+FAULTS = ("spike-1e4", "spike-1e5", "nan-grad", "random-batch")  # --faults (the data switch is a scenario)
 
 
 # ------------------------------------------------------------------------------ data
+@functools.lru_cache(maxsize=None)
 def corpus(kind: str) -> bytes:
+    """Text that ships with Python: ``docs`` (pydoc's topics), ``src`` (the ``email`` package's
+    source), ``docstrings`` (every docstring of the standard library's top-level modules: prose
+    about code) and ``asyncio`` (that package's source)."""
+    lib = pathlib.Path(sysconfig.get_paths()["stdlib"])
     if kind == "docs":
         import pydoc_data.topics as topics
-        return "\n".join(topics.topics.values()).encode("utf-8", errors="ignore")
-    lib = pathlib.Path(sysconfig.get_paths()["stdlib"]) / "email"
-    return "\n".join(p.read_text(errors="ignore") for p in sorted(lib.rglob("*.py"))).encode("utf-8", errors="ignore")
+        text = "\n".join(topics.topics.values())
+    elif kind == "docstrings":
+        text = "\n\n".join(_docstrings(p) for p in sorted(lib.glob("*.py")))
+    elif kind in ("src", "asyncio"):
+        package = lib / ("email" if kind == "src" else "asyncio")
+        text = "\n".join(p.read_text(errors="ignore") for p in sorted(package.rglob("*.py")))
+    else:
+        raise ValueError(f"unknown corpus {kind!r}")
+    return text.encode("utf-8", errors="ignore")
+
+
+def _docstrings(path: pathlib.Path) -> str:
+    try:
+        tree = ast.parse(path.read_text(errors="ignore"))
+    except (SyntaxError, ValueError):
+        return ""
+    nodes = (n for n in ast.walk(tree) if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)))
+    return "\n\n".join(d for d in map(ast.get_docstring, nodes) if d)
 
 
 def batches(data: bytes, seed: int, count: int, split: str):
@@ -153,8 +203,30 @@ def build_model(arch: str, seed: int):
         "starcoder2": lambda: tf.Starcoder2ForCausalLM(tf.Starcoder2Config(
             num_key_value_heads=2, **{**llama_like, "intermediate_size": 512})),
     }
-    if arch in second:
-        return second[arch]()
+    third = {  # the third set
+        "qwen3": lambda: tf.Qwen3ForCausalLM(tf.Qwen3Config(num_key_value_heads=2, head_dim=32, **llama_like)),
+        "gemma2": lambda: tf.Gemma2ForCausalLM(tf.Gemma2Config(num_key_value_heads=2, head_dim=32, sliding_window=64,
+                                                               **llama_like)),
+        "gptneo": lambda: tf.GPTNeoForCausalLM(tf.GPTNeoConfig(
+            vocab_size=VOCAB, hidden_size=128, num_layers=2, num_heads=4, attention_types=[[["global", "local"], 1]],
+            window_size=64, max_position_embeddings=SEQ_LEN)),
+        "phi3": lambda: tf.Phi3ForCausalLM(tf.Phi3Config(num_key_value_heads=4, pad_token_id=0, **llama_like)),
+        # muP-style multipliers on the embeddings, residuals, attention and logits
+        "granite": lambda: tf.GraniteForCausalLM(tf.GraniteConfig(
+            num_key_value_heads=2, embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.03125,
+            logits_scaling=4.0, **llama_like)),
+        "cohere": lambda: tf.CohereForCausalLM(tf.CohereConfig(num_key_value_heads=2, logit_scale=0.25, pad_token_id=0,
+                                                               **llama_like)),
+        "qwen3moe": lambda: tf.Qwen3MoeForCausalLM(tf.Qwen3MoeConfig(
+            num_key_value_heads=2, head_dim=32, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=96,
+            **llama_like)),
+        "codegen": lambda: tf.CodeGenForCausalLM(tf.CodeGenConfig(
+            vocab_size=VOCAB, n_embd=128, n_layer=2, n_head=4, rotary_dim=16, n_positions=SEQ_LEN, n_ctx=SEQ_LEN)),
+        "llama": lambda: tf.LlamaForCausalLM(tf.LlamaConfig(**llama_like)),
+    }
+    for family in (second, third):
+        if arch in family:
+            return family[arch]()
     raise ValueError(f"unknown arch {arch!r}")
 
 
@@ -191,6 +263,11 @@ def lora_model(s: Scenario, seed: int, steps: int):
         opt.zero_grad()
     if s.mode == "lora64":  # rank 64 on every linear layer
         config = peft.LoraConfig(r=64, lora_alpha=128, target_modules="all-linear")
+    elif s.mode == "lora-mlp":  # rank 16 on the MLP only, with dropout
+        config = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=["gate_proj", "up_proj", "down_proj"])
+    elif s.mode == "pissa":  # adapters initialised from the principal components (the base keeps the residual)
+        config = peft.LoraConfig(r=8, lora_alpha=8, init_lora_weights="pissa",
+                                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
     elif s.arch == "gpt2":  # GPT-2's fused Conv1D projections
         config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True)
     else:
@@ -238,6 +315,14 @@ def make_schedule(opt, kind: str, steps: int):
         return tf.get_linear_schedule_with_warmup(opt, warmup, steps)
     if kind == "cosine":
         return tf.get_cosine_schedule_with_warmup(opt, warmup, steps)
+    if kind == "cosine_min_lr":  # to a tenth of the lr, not to 0
+        return tf.get_cosine_with_min_lr_schedule_with_warmup(opt, warmup, steps, min_lr_rate=0.1)
+    if kind == "constant_warmup":
+        return tf.get_constant_schedule_with_warmup(opt, warmup)
+    if kind == "torch_warmup_cosine":  # torch's own: a linear warm-up from 1% chained to a cosine to 0
+        return lr_scheduler.SequentialLR(opt, [lr_scheduler.LinearLR(opt, 0.01, 1.0, total_iters=warmup),
+                                               lr_scheduler.CosineAnnealingLR(opt, steps - warmup)],
+                                         milestones=[warmup])
     if kind == "hard_restarts":
         return tf.get_cosine_with_hard_restarts_schedule_with_warmup(opt, warmup, steps, num_cycles=3)
     if kind == "polynomial":
@@ -249,8 +334,8 @@ def make_schedule(opt, kind: str, steps: int):
 @dataclass(frozen=True)
 class Job:
     scenario: str
-    arm: str  # "adamw", "guard", "fused" (no guard), or "adamw-cut@K" (--late-cut: the lr times cut_scale
-    # from step K on)
+    arm: str  # "adamw", "guard", "fused" (no guard), "adamw-cut@K" (--late-cut: the lr times cut_scale
+    # from step K on) or "guard+FAULT" (--faults: the guard with a fault of the stress matrix injected)
     lr: float
     seed: int
 
@@ -261,6 +346,10 @@ class Job:
     @property
     def cut_after(self) -> int | None:
         return int(self.arm.split("@")[1]) if self.arm.startswith("adamw-cut@") else None
+
+    @property
+    def fault(self) -> str | None:
+        return self.arm.split("+", 1)[1] if self.arm.startswith("guard+") else None
 
 
 def train(job: Job, steps: int, guard_config: dict | None, backend: str, cut_scale: float = 1.0) -> dict:
@@ -277,12 +366,21 @@ def train(job: Job, steps: int, guard_config: dict | None, backend: str, cut_sca
         guard = None if job.arm == "fused" else GuardConfig(**guard_config) if guard_config else "default"
         opt = FusedGuardedAdamW(groups, lr=job.lr, guard=guard, backend=backend)
     schedule = make_schedule(opt, s.schedule, steps)
+    fault = None
+    if job.fault is not None:
+        from lbw_guard.experiments.faults import FaultPlan
+        fault = FaultPlan(job.fault, steps)
+        fault.bind(groups, VOCAB, job.seed)
     parts = s.data.split(">")
     streams = [batches(corpus(d), job.seed, steps, "train") for d in parts]
     for step in range(steps):
         x = next(streams[step * len(parts) // steps])
+        if fault is not None:
+            x = fault.corrupt_batch(step, x)
         loss = model(input_ids=x, labels=x).loss
         loss.backward()
+        if fault is not None:
+            fault.corrupt_grads(step)
         if job.cut_after is not None and step >= job.cut_after:
             _step_at_scale(opt, cut_scale)
         elif job.arm.startswith("adamw") or job.arm == "fused":
@@ -297,7 +395,7 @@ def train(job: Job, steps: int, guard_config: dict | None, backend: str, cut_sca
         held = [model(input_ids=x, labels=x).loss.item() for x in batches(corpus(parts[-1]), job.seed, 16, "eval")]
     final = sum(held) / len(held)
     out = {"final_loss": final if math.isfinite(final) else math.inf}
-    if job.arm == "guard":
+    if job.arm.startswith("guard"):
         summary = opt.guard.summary()
         out.update({k: summary[k] for k in ("capped_fraction", "skipped_fraction", "mean_scale", "rollbacks")})
     return out
@@ -320,7 +418,7 @@ def _train_star(args):
 
 # ------------------------------------------------------------------------------ the sweep
 def run(names, seeds, multiples, steps, out: pathlib.Path, guard_config, backend, workers, progress=True,
-        late_cuts=(), fused_reference=False) -> list[dict]:
+        late_cuts=(), fused_reference=False, faults=()) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     path = out / "heldout.json"
     saved = json.loads(path.read_text()) if path.exists() else {}
@@ -353,6 +451,9 @@ def run(names, seeds, multiples, steps, out: pathlib.Path, guard_config, backend
     if fused_reference:
         execute([Job(n, "fused", best[n, s] * m, s) for n in names for s in seeds for m in multiples],
                 "the fused optimizer without a guard")
+    if faults:
+        execute([Job(n, f"guard+{f}", best[n, s], s) for n in names for s in seeds for f in faults],
+                "the guard at the best lr with a fault injected")
 
     cut_multiples = [m for m in multiples if m > LATE_CUT_TO]
     cut_jobs = {Job(n, f"adamw-cut@{k}", best[n, s] * m, s): m
@@ -368,6 +469,9 @@ def run(names, seeds, multiples, steps, out: pathlib.Path, guard_config, backend
                 fused = results.get(Job(n, "fused", row["lr"], s).key) if fused_reference else None
                 if fused is not None:
                     row["fused_vs_adamw"] = fused["final_loss"] / row["adamw"]
+                if m == 1 and faults:  # each fault run against the guard's clean run
+                    row["faults"] = {f: results[Job(n, f"guard+{f}", row["lr"], s).key]["final_loss"] / row["guard"]
+                                     for f in faults}
                 if m in cut_multiples and late_cuts:
                     row["late_cut"] = {k: results[Job(n, f"adamw-cut@{k}", row["lr"], s).key]["final_loss"] / best_loss
                                        for k in late_cuts}
@@ -459,6 +563,19 @@ def render(rows: list[dict], settings: dict) -> str:
         lines += ["", "Runs within 15% of the best: AdamW " + within([r["adamw_vs_best"] for r in cut_rows])
                   + ", guard " + within([r["guard_vs_best"] for r in cut_rows]) + ", "
                   + ", ".join(f"K = {k} " + within([r["late_cut"][k] for r in cut_rows]) for k in ks) + "."]
+    fault_rows = [r for r in rows if "faults" in r]
+    if fault_rows:
+        names = list(fault_rows[0]["faults"])
+        ratios = [v for r in fault_rows for v in r["faults"].values()]
+        lines += ["", "## Faults at the best lr (the guard's final loss, x its clean run)", "",
+                  "Injected as in the stress matrix (`lbw_guard.experiments.faults`): gradients x1e4 or x1e5 at "
+                  "40% and 70% of the run, a NaN gradient element at the same steps, one random-token batch "
+                  "at 50%. Target: every run survives, within 10% of the clean run.", "",
+                  "| scenario | seed | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+        for r in fault_rows:
+            lines.append(f"| {r['scenario']} | {r['seed']} | " + " | ".join(f"{v:.4f}" for v in r["faults"].values()) + " |")
+        lines += ["", f"Within 10% of the clean run: {sum(v <= 1.10 for v in ratios)} of {len(ratios)} "
+                  f"(worst {max(ratios):.4f})."]
     return "\n".join(lines) + "\n"
 
 
@@ -474,10 +591,12 @@ def main(argv=None) -> None:
     p.add_argument("--guard-config", default=None, help="GuardConfig fields as JSON (default: the default preset)")
     p.add_argument("--late-cut", default="", help="comma list of K: also run AdamW at each multiple above "
                    f"{LATE_CUT_TO:g} for K steps, then at {LATE_CUT_TO:g}x (0: {LATE_CUT_TO:g}x throughout)")
+    p.add_argument("--faults", default="", help=f"comma list of {', '.join(FAULTS)}: also run the guard at the "
+                   "best lr with each fault injected")
     p.add_argument("--fused-reference", action="store_true",
                    help="also run the fused optimizer without a guard at each multiple (the noise floor)")
-    p.add_argument("--out", default=None, help=f"(default: {OUT['first']}, {OUT['second']} for --scenarios second, "
-                   f"{OTHER_OUT} otherwise)")
+    p.add_argument("--out", default=None, help=f"(default: {OUT['first']}; {OUT['second']} and {OUT['third']} for "
+                   f"--scenarios second and third; {OTHER_OUT} otherwise)")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     names = SETS[a.scenarios] if a.scenarios in SETS else a.scenarios.split(",")
@@ -490,9 +609,14 @@ def main(argv=None) -> None:
         seeds = [int(x) for x in a.seeds.split(",")]
         multiples = [float(x) for x in a.multiples.split(",")]
         late_cuts = [int(x) for x in a.late_cut.split(",")] if a.late_cut else []
+        faults = a.faults.split(",") if a.faults else []
         guard_config = json.loads(a.guard_config) if a.guard_config else None
     except ValueError as e:
         p.error(f"--seeds/--multiples/--late-cut/--guard-config: {e}")
+    if not set(faults) <= set(FAULTS):
+        p.error(f"--faults: unknown {sorted(set(faults) - set(FAULTS))}; choose from {', '.join(FAULTS)}")
+    if faults and 1.0 not in multiples:
+        p.error("--faults runs the guard at the best lr, against its clean run there: add 1 to --multiples")
     if any(k < 0 for k in late_cuts):
         p.error(f"--late-cut must be step counts >= 0, got {a.late_cut}")
     if not all(math.isfinite(m) and m > 0 for m in multiples):
@@ -506,7 +630,8 @@ def main(argv=None) -> None:
     try:
         out = pathlib.Path(a.out or OUT.get(a.scenarios, OTHER_OUT))
         rows = run(names, seeds, multiples, a.steps, out, guard_config, a.backend, max(1, a.workers),
-                   progress=not a.no_progress, late_cuts=late_cuts, fused_reference=a.fused_reference)
+                   progress=not a.no_progress, late_cuts=late_cuts, fused_reference=a.fused_reference,
+                   faults=faults)
     except ValueError as e:
         p.error(str(e))
     print(render(rows, {"steps": a.steps, "guard_config": guard_config or {}}))

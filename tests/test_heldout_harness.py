@@ -103,6 +103,8 @@ def test_results_of_other_settings_are_never_overwritten(tmp_path, capsys):
     (["--late-cut", "-1"], "--late-cut"),
     (["--late-cut", "x"], "--late-cut"),
     (["--guard-config", '{"omega_low": -1}'], "omega_low"),
+    (["--faults", "spike-1e4,nope"], "--faults"),
+    (["--faults", "nan-grad", "--multiples", "10"], "--multiples"),
 ])
 def test_bad_arguments_name_the_option(argv, words, capsys):
     with pytest.raises(SystemExit):
@@ -111,13 +113,14 @@ def test_bad_arguments_name_the_option(argv, words, capsys):
 
 
 def test_the_sets_partition_the_scenarios():
-    first, second = heldout.SETS["first"], heldout.SETS["second"]
-    assert len(first) == len(second) == 10 and not set(first) & set(second)
-    assert first + second == heldout.SETS["all"] == list(heldout.SCENARIOS)
+    first, second, third = heldout.SETS["first"], heldout.SETS["second"], heldout.SETS["third"]
+    assert len(first) == len(second) == len(third) == 10
+    assert len(set(first) | set(second) | set(third)) == 30
+    assert first + second + third == heldout.SETS["all"] == list(heldout.SCENARIOS)
 
 
-@pytest.mark.parametrize("name", heldout.SETS["second"])
-def test_every_scenario_of_the_second_set_trains(name):
+@pytest.mark.parametrize("name", heldout.SETS["second"] + heldout.SETS["third"])
+def test_every_scenario_of_the_second_and_third_sets_trains(name):
     """Two steps each: the model, the adapters, the groups and the schedule are built and step."""
     result = heldout.train(heldout.Job(name, "adamw", heldout.SCENARIOS[name].sweep[1], 0), steps=2,
                            guard_config=None, backend="torch")
@@ -145,8 +148,16 @@ def test_loraplus_groups_put_only_the_b_matrices_at_16x_the_lr():
     ("steplr", [1.0, 1.0, 1.0, 0.3, 0.09]),
     ("torch_restarts", [1.0, 0.5, 1.0, 0.5 * (1 + math.cos(math.pi * 20 / 60)), 0.5 * (1 + math.cos(math.pi * 20 / 60))]),
     ("exponential", [1.0, 0.99 ** 30, 0.99 ** 60, 0.99 ** 80, 0.99 ** 200]),
+    # the third set's: cosines over the 216 steps after the warm-up
+    ("cosine_min_lr", [0.0, 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 6 / 216)),
+                       0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 36 / 216)),
+                       0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 56 / 216)),
+                       0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 176 / 216))]),
+    ("constant_warmup", [0.0, 1.0, 1.0, 1.0, 1.0]),
+    ("torch_warmup_cosine", [0.01, 0.5 * (1 + math.cos(math.pi * 6 / 216)), 0.5 * (1 + math.cos(math.pi * 36 / 216)),
+                             0.5 * (1 + math.cos(math.pi * 56 / 216)), 0.5 * (1 + math.cos(math.pi * 176 / 216))]),
 ])
-def test_the_second_sets_schedules(kind, expected):
+def test_the_schedules(kind, expected):
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     schedule = heldout.make_schedule(opt, kind, 240)
     seen = {}
@@ -162,9 +173,37 @@ def test_each_set_writes_to_its_own_folder(monkeypatch):
     seen = []
     monkeypatch.setattr(heldout, "run", lambda names, seeds, multiples, steps, out, *args, **kwargs:
                         seen.append((names, str(out))) or [])
-    for argv in ([], ["--scenarios", "second"], ["--scenarios", "opt-const"], ["--scenarios", "all"],
-                 ["--scenarios", "second", "--out", "elsewhere"]):
+    for argv in ([], ["--scenarios", "second"], ["--scenarios", "third"], ["--scenarios", "opt-const"],
+                 ["--scenarios", "all"], ["--scenarios", "second", "--out", "elsewhere"]):
         heldout.main(argv)
     assert seen == [(heldout.SETS["first"], heldout.OUT["first"]), (heldout.SETS["second"], heldout.OUT["second"]),
-                    (["opt-const"], heldout.OTHER_OUT), (heldout.SETS["all"], heldout.OTHER_OUT),
-                    (heldout.SETS["second"], "elsewhere")]
+                    (heldout.SETS["third"], heldout.OUT["third"]), (["opt-const"], heldout.OTHER_OUT),
+                    (heldout.SETS["all"], heldout.OTHER_OUT), (heldout.SETS["second"], "elsewhere")]
+
+
+def test_fault_runs_are_the_guard_with_the_fault_injected(tmp_path):
+    """--faults: the guard at the best lr with each fault of the stress matrix, against its clean run."""
+    steps = 5  # the gradient faults fire at steps 2 and 3, the random batch at step 2
+    rows = heldout.run(["opt-const"], seeds=[0], multiples=[1.0, 10.0], steps=steps, out=tmp_path, guard_config=None,
+                       backend="torch", workers=1, progress=False, faults=["nan-grad", "random-batch"])
+    runs = json.loads((tmp_path / "heldout.json").read_text())["runs"]
+    one, ten = rows
+    assert "faults" not in ten and list(one["faults"]) == ["nan-grad", "random-batch"]
+    for fault, ratio in one["faults"].items():
+        run = runs[heldout.Job("opt-const", f"guard+{fault}", one["lr"], 0).key]
+        assert ratio == pytest.approx(run["final_loss"] / one["guard"]) and math.isfinite(ratio)
+        assert run["final_loss"] != one["guard"]  # the fault fired and changed the run (and a NaN did not spread)
+    text = (tmp_path / "heldout.md").read_text()
+    assert "## Faults at the best lr" in text and "| opt-const | 0 | " + " | ".join(
+        f"{v:.4f}" for v in one["faults"].values()) + " |" in text
+    assert f"Within 10% of the clean run: {sum(v <= 1.10 for v in one['faults'].values())} of 2" in text
+
+
+def test_the_third_sets_corpora_are_prose_about_code_and_source():
+    docstrings, source = heldout.corpus("docstrings").decode(), heldout.corpus("asyncio").decode()
+    assert len(docstrings) > 500_000 and len(source) > 300_000
+    assert source.count("async def ") > 100 > 10 * docstrings.count("async def ") and "Return " in docstrings
+    letters = sum(c.isalpha() or c.isspace() for c in docstrings) / len(docstrings)
+    assert letters > 0.9  # prose: letters and spaces, little punctuation
+    with pytest.raises(ValueError, match="unknown corpus"):
+        heldout.corpus("nope")
