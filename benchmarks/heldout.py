@@ -124,7 +124,6 @@ OUT = {"first": "benchmarks/results/heldout", "second": "benchmarks/results/held
        "third": "benchmarks/results/heldout-3"}
 OTHER_OUT = "benchmarks/results/heldout-custom"
 LORAPLUS_RATIO = 16.0
-FAULTS = ("spike-1e4", "spike-1e5", "nan-grad", "random-batch")  # --faults (the data switch is a scenario)
 
 
 # ------------------------------------------------------------------------------ data
@@ -580,6 +579,8 @@ def render(rows: list[dict], settings: dict) -> str:
 
 
 def main(argv=None) -> None:
+    from lbw_guard.experiments.faults import FAULTS as MATRIX_FAULTS
+    injectable = [f for f in MATRIX_FAULTS if f != "data-switch"]  # the data switch is a scenario here
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--scenarios", default="first",
                    help=f"a set ({', '.join(SETS)}; default: first) or a comma list of {', '.join(SCENARIOS)}")
@@ -591,7 +592,7 @@ def main(argv=None) -> None:
     p.add_argument("--guard-config", default=None, help="GuardConfig fields as JSON (default: the default preset)")
     p.add_argument("--late-cut", default="", help="comma list of K: also run AdamW at each multiple above "
                    f"{LATE_CUT_TO:g} for K steps, then at {LATE_CUT_TO:g}x (0: {LATE_CUT_TO:g}x throughout)")
-    p.add_argument("--faults", default="", help=f"comma list of {', '.join(FAULTS)}: also run the guard at the "
+    p.add_argument("--faults", default="", help=f"comma list of {', '.join(injectable)}: also run the guard at the "
                    "best lr with each fault injected")
     p.add_argument("--fused-reference", action="store_true",
                    help="also run the fused optimizer without a guard at each multiple (the noise floor)")
@@ -613,8 +614,8 @@ def main(argv=None) -> None:
         guard_config = json.loads(a.guard_config) if a.guard_config else None
     except ValueError as e:
         p.error(f"--seeds/--multiples/--late-cut/--guard-config: {e}")
-    if not set(faults) <= set(FAULTS):
-        p.error(f"--faults: unknown {sorted(set(faults) - set(FAULTS))}; choose from {', '.join(FAULTS)}")
+    if not set(faults) <= set(injectable):
+        p.error(f"--faults: unknown {sorted(set(faults) - set(injectable))}; choose from {', '.join(injectable)}")
     if faults and 1.0 not in multiples:
         p.error("--faults runs the guard at the best lr, against its clean run there: add 1 to --multiples")
     if any(k < 0 for k in late_cuts):
