@@ -147,6 +147,33 @@ def test_text_file_corpus_is_cut_into_documents_and_split(tmp_path):
     assert sum(map(len, corpus.train + corpus.heldout)) >= len(path.read_text()) - 2 * 200
 
 
+@pytest.mark.parametrize("n_docs", [2, 3, 5, 40])
+@pytest.mark.parametrize("heldout_percent", [1, 10, 99])
+def test_any_corpus_of_two_or_more_documents_splits(n_docs, heldout_percent):
+    # Small corpora can hash every document into one split; one then moves to the other side.
+    import random
+
+    tag = random.getrandbits(64)
+    docs = [(f"doc-{tag}-{i}", f"text {i}") for i in range(n_docs)]
+    train, held = split_documents(docs, heldout_percent, 10**9, 10**9)
+    assert train and held and not set(train) & set(held)
+    assert sorted(train + held) == sorted(text for _, text in docs)
+    with pytest.raises(ValueError, match="too small to split"):
+        split_documents(docs[:1], heldout_percent, 10**9, 10**9)
+
+
+def test_text_file_split_does_not_depend_on_where_the_file_lies(tmp_path):
+    text = "\n\n".join(f"paragraph {i} " + "word " * 200 for i in range(200))
+    splits = []
+    for folder in ("a", "b/c"):
+        path = tmp_path / folder / "corpus.txt"
+        path.parent.mkdir(parents=True)
+        path.write_text(text)
+        corpus = load_corpus("text-file", text_file=path, train_chars=10**9, heldout_chars=10**9)
+        splits.append((corpus.train, corpus.heldout, corpus.fingerprint))
+    assert splits[0] == splits[1]
+
+
 def test_datasets_stays_optional():
     import importlib.util
 

@@ -51,6 +51,19 @@ def _fingerprint(name: str, train: list[str], heldout: list[str]) -> str:
     return h.hexdigest()[:16]
 
 
+def _assign_splits(names: list[str], heldout_percent: int) -> dict[str, str]:
+    """Each document name's split, by its hash. A small corpus (a short text file) can hash every
+    document into one split; then the document whose hash is nearest the other side moves there,
+    so any corpus of two or more documents splits."""
+    rank = {name: _hash_key("split:" + name) % 100 for name in names}
+    split_of = {name: "heldout" if r < heldout_percent else "train" for name, r in rank.items()}
+    if len(names) >= 2 and len(set(split_of.values())) == 1:
+        nearest = min(names, key=lambda n: (rank[n], n)) if "train" in split_of.values() \
+            else max(names, key=lambda n: (rank[n], n))
+        split_of[nearest] = "heldout" if split_of[nearest] == "train" else "train"
+    return split_of
+
+
 def split_documents(
     named_docs: list[tuple[str, str]],
     heldout_percent: int,
@@ -68,9 +81,10 @@ def split_documents(
     heldout: list[str] = []
     used = {"train": 0, "heldout": 0}
     budget = {"train": train_chars, "heldout": heldout_chars}
+    split_of = _assign_splits([name for name, text in named_docs if text.strip()], heldout_percent)
     for name, text in sorted(named_docs, key=lambda nd: (_hash_key(nd[0]), nd[0])):
-        split = "heldout" if _hash_key("split:" + name) % 100 < heldout_percent else "train"
-        if used[split] >= budget[split] or not text.strip():
+        split = split_of.get(name)
+        if split is None or used[split] >= budget[split]:
             continue
         (heldout if split == "heldout" else train).append(text)
         used[split] += len(text)
@@ -122,7 +136,8 @@ def _blocks(name: str, text: str, size_chars: int = 4096) -> list[tuple[str, str
 
 def text_file_documents(path: Path) -> list[tuple[str, str]]:
     """A local text file cut into documents at blank-line-separated blocks of ~4K characters."""
-    return _blocks(str(path), Path(path).read_text(encoding="utf-8", errors="replace"))
+    # Named by the file's name, not its full path: the same file splits the same way wherever it lies.
+    return _blocks(Path(path).name, Path(path).read_text(encoding="utf-8", errors="replace"))
 
 
 def pydoc_topics_documents() -> list[tuple[str, str]]:
