@@ -4,7 +4,8 @@ Each fault fires at fixed steps (fractions of the run, after every rule's warm-u
 20 records, ZClip's 25 steps, SkipStep's 64 values), between ``loss.backward()`` and the
 optimizer step, or on the batch before the forward pass:
 
-- ``spike-1e4`` / ``spike-1e5``: every gradient multiplied by 1e4 (1e5) at two steps.
+- ``spike-1e3`` ... ``spike-1e6``: every gradient multiplied by 1e3 ... 1e6 at two steps (x1e3 is
+  the fault nearest the guard's per-element bound, x1e6 the farthest).
 - ``nan-grad``: one element of one gradient tensor (the first matrix of the first transformer
   layer) set to NaN at two steps.
 - ``random-batch``: one batch replaced by uniform random tokens.
@@ -25,11 +26,15 @@ import torch
 
 from .data import TokenData
 
-FAULTS = ("spike-1e4", "spike-1e5", "nan-grad", "random-batch", "data-switch")
+FAULTS = ("spike-1e3", "spike-1e4", "spike-1e5", "spike-1e6", "nan-grad", "random-batch", "data-switch")
+# Every gradient multiplied by this factor at the fault's steps.
+SPIKE_FACTORS = {"spike-1e3": 1e3, "spike-1e4": 1e4, "spike-1e5": 1e5, "spike-1e6": 1e6}
 LABELS = {
     "clean": "clean (no fault)",
+    "spike-1e3": "grad x1e3 at 2 steps",
     "spike-1e4": "grad x1e4 at 2 steps",
     "spike-1e5": "grad x1e5 at 2 steps",
+    "spike-1e6": "grad x1e6 at 2 steps",
     "nan-grad": "NaN grad element at 2 steps",
     "random-batch": "1 random-token batch",
     "data-switch": "prose -> code switch at 50%",
@@ -43,7 +48,7 @@ def fault_steps(name: str, steps: int) -> tuple[int, ...]:
     """The 0-based steps at which ``name`` fires in a run of ``steps`` steps."""
     if name == "clean":
         return ()
-    if name in ("spike-1e4", "spike-1e5", "nan-grad"):
+    if name in SPIKE_FACTORS or name == "nan-grad":
         out = sorted({min(steps - 1, max(0, int(f * steps))) for f in TWO_STEP_FRACTIONS})
         return tuple(out)
     if name in ("random-batch", "data-switch"):
@@ -83,7 +88,7 @@ class FaultPlan:
 
     @torch.no_grad()
     def corrupt_grads(self, step: int) -> None:
-        if step not in self.at or self.name not in ("spike-1e4", "spike-1e5", "nan-grad"):
+        if step not in self.at or not (self.name in SPIKE_FACTORS or self.name == "nan-grad"):
             return
         self.fired.append(step)
         if self.name == "nan-grad":
@@ -91,7 +96,7 @@ class FaultPlan:
             if g is not None:
                 g.view(-1)[0] = math.nan
             return
-        factor = 1e4 if self.name == "spike-1e4" else 1e5
+        factor = SPIKE_FACTORS[self.name]
         for p in self._params:
             if p.grad is not None:
                 p.grad.mul_(factor)

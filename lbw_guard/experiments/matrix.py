@@ -11,7 +11,7 @@ small cross product of its own:
     architectures x {LoRA, LoRA+} x {constant, warmup + cosine} x {1x, 10x} x seeds x arms. The base
     model is pre-trained on source code (AdamW, cached) and fine-tuned on English prose.
 ``faults``
-    architectures x {grad x1e4, grad x1e5, NaN grad, random-token batch, prose -> code data switch}
+    architectures x {grad x1e3 ... x1e6, NaN grad, random-token batch, prose -> code data switch}
     x seeds x arms, full training, constant schedule, 1x; each fault run is compared with the clean
     run of the same arm and seed (which is the lr slice's 1x constant run: shared, run once).
 

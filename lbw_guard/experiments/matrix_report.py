@@ -415,7 +415,7 @@ def markdown_matrix(doc: dict, plots: list[str]) -> str:
         f"- **fine-tuning**: LoRA r={cfg['lora_rank']} alpha={cfg['lora_alpha']} on a base model pre-trained on code "
         f"({cfg['base_steps']} AdamW steps at {cfg['base_lr']:g}), fine-tuned on prose; LoRA+ puts the `lora_B` "
         f"matrices in their own groups at {cfg['lora_plus_ratio']:g}x the lr.",
-        "- **faults** (full, constant, 1x): gradients x1e4 and x1e5 at 40% and 70% of the run; a NaN in one "
+        "- **faults** (full, constant, 1x): gradients x1e3, x1e4, x1e5 and x1e6 at 40% and 70% of the run; a NaN in one "
         "gradient element at the same steps; one batch of uniform random tokens at 50%; prose -> code data switch "
         "at 50% (held-out loss on code; the guard is "
         + ("told via `notify_data_change()`" if cfg.get("announce_data_switch") else "not told") + ").",
