@@ -346,6 +346,12 @@ def test_gradient_faults_fire_at_their_steps_only():
     assert w1.grad.max() == 1
     plan.corrupt_grads(40)
     assert w1.grad.max() == 1e5 and w2.grad.max() == 1e5
+    for name, factor in (("spike-1e3", 1e3), ("spike-1e4", 1e4), ("spike-1e6", 1e6)):
+        groups, w1, w2 = _groups()
+        plan = FaultPlan(name, 100)
+        plan.bind(groups, 50, 0)
+        plan.corrupt_grads(70)
+        assert w1.grad.max() == factor and w2.grad.max() == factor and plan.fired == [70]
     groups, w1, w2 = _groups()
     plan = FaultPlan("nan-grad", 100)
     plan.bind(groups, 50, 0)
