@@ -70,7 +70,7 @@ class GuardConfig:
     gradient surges at their best lr are held back (the third held-out set: Granite +10.9%,
     Cohere +1.4% against AdamW; within 0.03% with ``clamp_spikes=False``). 100 was tried on
     every suite (``benchmarks/results/spike-k100``) and lost more than it gained: it removed
-    those misses, but x1e3 spikes ended 2.4-4.3% above their clean runs (clipping: 0.0%), 10x
+    those misses, but x1e3 spikes ended 2.4-4.3% above their clean runs (clipping: 0.1%), 10x
     runs within 15% of the best fell from 15 to 13 of 16 (LoRA) and from 20 to 18 of 30 (first
     held-out set), and single clamped steps moved chaotic 1x runs by -1.4..+6%."""
     spike_warmup: int = 10
