@@ -567,8 +567,8 @@ def render(rows: list[dict], settings: dict) -> str:
         names = list(fault_rows[0]["faults"])
         ratios = [v for r in fault_rows for v in r["faults"].values()]
         lines += ["", "## Faults at the best lr (the guard's final loss, x its clean run)", "",
-                  "Injected as in the stress matrix (`lbw_guard.experiments.faults`): gradients x1e4 or x1e5 at "
-                  "40% and 70% of the run, a NaN gradient element at the same steps, one random-token batch "
+                  "Injected as in the stress matrix (`lbw_guard.experiments.faults`): every gradient x1e3 .. x1e6 "
+                  "(spike-1eN) at 40% and 70% of the run, a NaN gradient element at the same steps, one random-token batch "
                   "at 50%. Target: every run survives, within 10% of the clean run.", "",
                   "| scenario | seed | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
         for r in fault_rows:
