@@ -43,7 +43,7 @@ with dropout, PiSSA, and a switch from docstrings to source; four-point sweeps; 
 adds the guard at the best lr with the stress matrix's gradient spikes, NaN gradients and a
 random-token batch injected.
 
-    python -m benchmarks.heldout --scenarios third --seeds 0,1,2 --faults spike-1e4,nan-grad,random-batch
+    python -m benchmarks.heldout --scenarios third --seeds 0,1,2 --faults spike-1e3,spike-1e4,nan-grad,random-batch
 
 Results (resumable) go to ``--out`` (``heldout.json``) with ``heldout.md``.
 """

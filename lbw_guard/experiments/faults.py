@@ -29,6 +29,7 @@ from .data import TokenData
 FAULTS = ("spike-1e3", "spike-1e4", "spike-1e5", "spike-1e6", "nan-grad", "random-batch", "data-switch")
 # Every gradient multiplied by this factor at the fault's steps.
 SPIKE_FACTORS = {"spike-1e3": 1e3, "spike-1e4": 1e4, "spike-1e5": 1e5, "spike-1e6": 1e6}
+GRAD_FAULTS = (*SPIKE_FACTORS, "nan-grad")  # the faults that corrupt gradients, at two steps
 LABELS = {
     "clean": "clean (no fault)",
     "spike-1e3": "grad x1e3 at 2 steps",
@@ -48,7 +49,7 @@ def fault_steps(name: str, steps: int) -> tuple[int, ...]:
     """The 0-based steps at which ``name`` fires in a run of ``steps`` steps."""
     if name == "clean":
         return ()
-    if name in SPIKE_FACTORS or name == "nan-grad":
+    if name in GRAD_FAULTS:
         out = sorted({min(steps - 1, max(0, int(f * steps))) for f in TWO_STEP_FRACTIONS})
         return tuple(out)
     if name in ("random-batch", "data-switch"):
@@ -88,7 +89,7 @@ class FaultPlan:
 
     @torch.no_grad()
     def corrupt_grads(self, step: int) -> None:
-        if step not in self.at or not (self.name in SPIKE_FACTORS or self.name == "nan-grad"):
+        if step not in self.at or self.name not in GRAD_FAULTS:
             return
         self.fired.append(step)
         if self.name == "nan-grad":
