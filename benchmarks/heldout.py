@@ -396,7 +396,7 @@ def train(job: Job, steps: int, guard_config: dict | None, backend: str, cut_sca
     out = {"final_loss": final if math.isfinite(final) else math.inf}
     if job.arm.startswith("guard"):
         summary = opt.guard.summary()
-        out.update({k: summary[k] for k in ("capped_fraction", "skipped_fraction", "mean_scale", "rollbacks")})
+        out.update({k: summary[k] for k in ("capped_fraction", "skipped_fraction", "mean_scale", "rollbacks", "actions")})
     return out
 
 

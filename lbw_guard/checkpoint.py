@@ -214,9 +214,26 @@ def _check_snapshots(snaps, num_steps: int, layout: list) -> None:
                 raise ValueError(f"{at}['buffers'][{j}] must be a dense tensor with values, got one on "
                                  f"{buf.device} with layout {buf.layout}")
         _match_snapshot([(tuple(b.shape), b.dtype) for b in buffers], layout, at)
+        _check_snapshot_layout(slot.get("layout"), len(layout), len(buffers), at)
         for j, buf in enumerate(buffers):
             if not bool(torch.isfinite(buf.detach()).all()):
                 raise ValueError(f"{at}['buffers'][{j}] holds NaN or inf values; a snapshot is a healthy state")
+
+
+def _check_snapshot_layout(keys, num_params: int, num_buffers: int, at: str) -> None:
+    """The state keys each parameter had when the snapshot was taken (None: saved before they
+    were kept), as the ring saves them: one list per parameter, the buffers they account for."""
+    if keys is None:
+        return
+    from .guard.snapshots import STATE_KEYS
+
+    if not isinstance(keys, (list, tuple)) or len(keys) != num_params or not all(
+            isinstance(k, (list, tuple)) and all(x in STATE_KEYS for x in k) and len(set(k)) == len(k) for k in keys):
+        raise ValueError(f"{at}['layout'] must list, for each of the {num_params} parameters, the state keys "
+                         f"(of {STATE_KEYS}) it had; got {keys!r:.200}")
+    if num_params + sum(len(k) for k in keys) != num_buffers:
+        raise ValueError(f"{at}['layout'] accounts for {num_params + sum(len(k) for k in keys)} buffers, "
+                         f"the snapshot holds {num_buffers}")
 
 
 def _match_snapshot(found: list[tuple], layout: list, at: str) -> None:

@@ -481,7 +481,7 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
         self._pending_loss = None
         grad_norm_before_clip = self._pending_grad_norm
         self._pending_grad_norm = None
-        self._init_missing_states(buckets)
+        joined = self._init_missing_states(buckets)
 
         capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
         if capturing:
@@ -492,6 +492,8 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
             self._graph_has_loss = loss_t is not None
             self._run(buckets, self._last_command or GuardCommand.plain(len(self.param_groups)), loss_t, True)
             return closure_loss
+        if joined and self.num_steps > 0 and self._guard is not None:
+            self._guard.params_joined(joined)  # unfrozen mid-run: new gradient and loss levels
         self.num_steps += 1
         if self._guard is not None:
             command = self._guard.before_step(self.num_steps)
@@ -565,16 +567,20 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
             b.kinds.append(self._param_info[p][0])
         return list(buckets.values())
 
-    def _init_missing_states(self, buckets: list[_Bucket]) -> None:
-        """Create moments for parameters stepped for the first time (after validation)."""
+    def _init_missing_states(self, buckets: list[_Bucket]) -> int:
+        """Create moments for parameters stepped for the first time (after validation); how
+        many there were."""
+        created = 0
         for b in buckets:
             for p in b.owners:
                 state = self.state[p]
                 if len(state) == 0:
                     state.update(self._init_state(p))
+                    created += 1
                 b.exp_avgs.append(distributed.local_tensor(state["exp_avg"]))
                 b.exp_avg_sqs.append(distributed.local_tensor(state["exp_avg_sq"]))
                 b.steps.append(state["step"])
+        return created
 
     def _check_step_hyperparameters(self) -> None:
         """lr, betas, eps, weight decay as the scheduler or the user left them: a NaN, inf or

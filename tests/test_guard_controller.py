@@ -223,6 +223,39 @@ def test_notify_data_change_accepts_the_new_gradient_level_too():
     assert len([e for e in sim.events if e.action == "skip"]) <= config.level_shift_records
 
 
+@pytest.mark.parametrize("records", [2, 3])
+def test_gradient_level_shift_with_a_normal_loss_rebaselines_without_rollback_or_cut(records):
+    # Gradients x8 from step 30 on (a loss weight, accumulation summed), the loss unchanged.
+    config = explicit_config(level_shift_records=records)
+    sim = Sim(config, snapshot_every=5)
+    rng = random.Random(3)
+    sim.run(120, lambda n, cmd: healthy(n, rng, grad_sq=(1.0 if n < 30 else 64.0) * (1 + 0.2 * (rng.random() - 0.5))))
+    events = sim.events
+    skips = [e for e in events if e.action == "skip"]
+    assert [e.step for e in skips] == list(range(30, 30 + records))
+    assert all(e.detail["why"] == "grad_spike" and not e.detail["device_skipped"] for e in skips)
+    assert [(e.step, e.detail["why"], e.detail["records"]) for e in events if e.action == "rebaseline"] == \
+        [(29 + records, "grad_level_shift", records)]
+    assert not [e for e in events if e.action in INTERVENING], actions(events)
+    assert all(cmd.scale == [1.0] and cmd.gate == [1.0] for cmd in sim.commands.values())
+    grad = sim.controller.detectors.grad
+    assert grad.warm and math.exp(grad.mean) == pytest.approx(8.0, rel=0.1)  # the norm, sqrt(64)
+    # the new level is the reference now: a spike on top of it is still one
+    sim.run(5, noisy(seed=4, grad_sq=64.0, faults={123: dict(grad_sq=64.0e6)}))
+    assert actions(sim.events, "skip")[-1] == (123, "skip")
+
+
+def test_gradient_level_shift_without_a_loss_stays_trouble():
+    # Without a loss nothing says the model is fine: growing gradients are all the evidence.
+    config = explicit_config(give_up_after=30)
+    sim = Sim(config, snapshot_every=5)
+    rng = random.Random(5)
+    sim.run(60, lambda n, cmd: healthy(n, rng, loss=None, grad_sq=(1.0 if n < 30 else 64.0) * (1 + 0.2 * (rng.random() - 0.5))))
+    events = sim.events
+    assert not [e for e in events if e.action == "rebaseline"]
+    assert [e.detail["why"] for e in events if e.action == "rollback"][:1] == ["persistent_trouble"]
+
+
 # ---------------------------------------------------------------------------- rollback
 def test_nonfinite_params_roll_back_to_the_newest_verified_snapshot():
     config = explicit_config()

@@ -159,6 +159,31 @@ def test_healthy_run_matches_adamw_without_rollback(clean_loss):
     assert opt.guard.regime == "stable"
 
 
+def test_a_gradient_scale_change_mid_run_is_a_new_level_not_a_fault():
+    # From step 60 the gradients are x8 (a loss weight, accumulation summed instead of averaged)
+    # while the loss the guard reads is the plain one: Adam's steps barely change, so the guard
+    # must accept the new level instead of rolling back a healthy run or cutting its lr.
+    table = successor_table()
+    losses = {}
+    for arm in ("adamw", "guard"):
+        model = tiny_model()
+        opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=1e-2) if arm == "adamw" else \
+            FusedGuardedAdamW(model.parameters(), lr=LR, guard="default", backend=BACKEND)
+        for step in range(1, STEPS + 1):
+            x = batch(step, table)
+            loss = model(input_ids=x, labels=x).loss
+            opt.zero_grad(set_to_none=True)
+            (loss * (8.0 if step >= FAULT_AT else 1.0)).backward()
+            opt.step() if arm == "adamw" else opt.step(loss=loss.detach())
+        losses[arm] = eval_loss(model, table)
+    summary = opt.guard.summary()
+    print(f"\ngrads x8 from step {FAULT_AT}: AdamW {losses['adamw']:.4f}  guard {losses['guard']:.4f}  {summary}")
+    assert abs(losses["guard"] - losses["adamw"]) <= 0.01 * losses["adamw"]
+    assert summary["rollbacks"] == 0 and summary["capped_fraction"] == 0.0 and summary["skipped_fraction"] == 0.0
+    assert not [e for e in opt.guard.events if e.action in ("rollback", "decrease_scale", "give_up", "freeze")]
+    assert [e.detail["why"] for e in opt.guard.events if e.action == "rebaseline"] == ["grad_level_shift"]
+
+
 @pytest.mark.parametrize("lr", [3e-2, 1e-1])
 def test_sustained_high_lr_is_held_down(lr, clean_loss):
     # A constant lr 15x / 50x past the best for the whole run (plain AdamW ends at 2.95 / 4.97
@@ -433,6 +458,75 @@ def test_rollback_restores_params_and_state_exactly():
     assert opt.guard.scale[0] == pytest.approx(config.rollback_scale)  # the next step runs at a lower lr
     losses += [_mlp_step(model, opt, xs, ys) for _ in range(20)]
     assert finite(model) and losses[-1] < losses[0]
+
+
+def test_rollback_past_parameters_stepped_since_restores_them_with_zero_moments():
+    # The first layer is frozen until step 31: the snapshot taken before holds no moments for
+    # it, and a rollback to that snapshot must still restore everything exactly.
+    model, xs, ys = _mlp()
+    config = GuardConfig(snapshot_interval=25)
+    opt = FusedGuardedAdamW(model.parameters(), lr=1e-3, guard=config, backend=BACKEND)
+    params = list(model.parameters())
+    first = params[:2]
+    for p in first:
+        p.requires_grad_(False)
+    keys = ("step", "exp_avg", "exp_avg_sq")
+    history = {}
+    for n in range(1, 37):
+        if n == 31:
+            for p in first:
+                p.requires_grad_(True)
+        _mlp_step(model, opt, xs, ys)
+        history[opt.num_steps] = [(p.detach().clone(), {k: opt.state[p][k].clone() for k in opt.state.get(p, {})})
+                                  for p in params]
+    joined = [e for e in opt.guard.events if e.action == "rebaseline"]
+    assert [(e.step, e.detail) for e in joined] == [(30, {"why": "params_joined", "params": 2})]
+    with torch.no_grad():
+        params[0].view(-1)[0] = math.nan
+    for _ in range(2):
+        _mlp_step(model, opt, xs, ys)
+    assert not [e for e in opt.guard.events if e.action == "rollback_failed"]
+    rollbacks = [e for e in opt.guard.events if e.action == "rollback"]
+    assert len(rollbacks) == 1
+    target = rollbacks[0].detail["to_step"]
+    assert target < 30 and not history[target][0][1], "the snapshot predates the join"
+    for p, (value, state) in zip(params, history[target]):
+        assert torch.equal(p.detach(), value)
+        for k in keys:
+            expected = state[k] if k in state else torch.zeros_like(opt.state[p][k])
+            assert torch.equal(opt.state[p][k], expected), k
+    losses = [_mlp_step(model, opt, xs, ys) for _ in range(20)]
+    assert finite(model) and losses[-1] < losses[0]
+
+
+def test_unfreezing_layers_mid_run_is_no_fault():
+    # Half of the parameters join at step 60 (unfrozen): their first gradients and Adam's first
+    # steps on them raise the gradient norm and the loss. That is the user's doing, not a fault.
+    table = successor_table()
+    losses = {}
+    for arm in ("adamw", "guard"):
+        model = tiny_model()
+        frozen = list(model.parameters())[: len(list(model.parameters())) // 2]
+        for p in frozen:
+            p.requires_grad_(False)
+        opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=1e-2) if arm == "adamw" else \
+            FusedGuardedAdamW(model.parameters(), lr=LR, guard="default", backend=BACKEND)
+        for step in range(1, STEPS + 1):
+            if step == FAULT_AT:
+                for p in frozen:
+                    p.requires_grad_(True)
+            x = batch(step, table)
+            loss = model(input_ids=x, labels=x).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step() if arm == "adamw" else opt.step(loss=loss.detach())
+        losses[arm] = eval_loss(model, table)
+    summary = opt.guard.summary()
+    print(f"\nunfrozen at step {FAULT_AT}: AdamW {losses['adamw']:.4f}  guard {losses['guard']:.4f}  {summary}")
+    assert abs(losses["guard"] - losses["adamw"]) <= 0.01 * losses["adamw"]
+    assert summary["rollbacks"] == 0 and summary["capped_fraction"] == 0.0
+    assert [(e.step, e.detail["why"]) for e in opt.guard.events if e.action == "rebaseline"][:1] == \
+        [(FAULT_AT - 1, "params_joined")]
 
 
 def test_a_run_worse_than_its_start_goes_back_to_it_at_a_lower_lr():

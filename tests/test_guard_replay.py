@@ -134,6 +134,35 @@ def test_replay_reproduces_a_level_shift_without_notice(tmp_path):
     assert ("rebaseline", "loss_level_shift") in [(e.action, e.detail.get("why")) for e in events]
 
 
+def test_replay_reproduces_parameters_joining_mid_run(tmp_path):
+    path = tmp_path / "trace.jsonl"
+    config = GuardConfig(trace_path=str(path), snapshot_interval=5)
+    live = Live(config)
+    first = list(live.model.parameters())[:2]
+    for p in first:
+        p.requires_grad_(False)
+    live.run(40)
+    for p in first:  # unfrozen: stepped for the first time at step 41
+        p.requires_grad_(True)
+    live.run(40, {70: dict(grad_scale=1e4)})
+    live.guard.close()
+    assert {"type": "params_joined", "step": 40, "count": 2} in read_jsonl(path)
+    assert_replay_matches(path, config, live.guard.events)
+    assert ("rebaseline", "params_joined") in [(e.action, e.detail.get("why")) for e in live.guard.events]
+
+
+def test_replay_reproduces_a_gradient_level_shift(tmp_path):
+    path = tmp_path / "trace.jsonl"
+    config = GuardConfig(trace_path=str(path), snapshot_interval=5)
+    live = Live(config).run(100, {n: dict(grad_scale=8.0) for n in range(50, 101)})  # x8 from step 50 on
+    live.guard.close()
+    assert_replay_matches(path, config, live.guard.events)
+    events = live.guard.events
+    assert [(e.action, e.detail.get("why")) for e in events if e.action == "rebaseline"] == \
+        [("rebaseline", "grad_level_shift")]
+    assert not [e for e in events if e.action in ("rollback", "give_up", "decrease_scale")]
+
+
 def test_replay_through_the_cli(tmp_path, capsys):
     path = tmp_path / "trace.jsonl"
     config = GuardConfig(trace_path=str(path), snapshot_interval=5)

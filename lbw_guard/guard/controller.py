@@ -126,6 +126,8 @@ class Controller:
         elif decision["rebaseline_loss"]:
             self.detectors.rebaseline_loss(sig.loss)
             self.governor.on_data_change()
+        elif decision["rebaseline_grad"]:  # a new gradient scale; the lr evidence is scale-free
+            self.detectors.rebaseline_grad(sig.grad_norm)
         else:
             self.detectors.fold(sig, a)
             if not (a.nonfinite or a.params_bad or a.grad_spike):  # a fault says nothing of the lr
@@ -149,9 +151,17 @@ class Controller:
         spiking; their statistics restart."""
         self.detectors.rebaseline()
         self.governor.on_data_change()
-        self.recovery.loss_only_streak = 0
+        self.recovery.loss_only_streak = self.recovery.grad_only_streak = 0
         self.recovery.start_held = False  # the start's loss was measured on the old data
         self._event(step, "rebaseline", detail={"why": "notify_data_change"})
+
+    def params_joined(self, step: int, count: int) -> None:
+        """Parameters stepped for the first time after the run began: the gradients and the loss
+        move to levels their statistics say nothing of, so those restart (the data did not
+        change: the governor's evidence and the start stay)."""
+        self.detectors.rebaseline()
+        self.recovery.loss_only_streak = self.recovery.grad_only_streak = 0
+        self._event(step, "rebaseline", detail={"why": "params_joined", "params": int(count)})
 
     def start_taken(self) -> None:
         """The guard holds the state the run began from (see ``GuardConfig.start_rise``)."""

@@ -113,6 +113,14 @@ class Detectors:
         if loss is not None and math.isfinite(loss):
             self.loss.update(loss)
 
+    def rebaseline_grad(self, grad_norm: float) -> None:
+        """The gradients moved to a new level with a normal loss: restart their statistics there."""
+        self.grad.reset()
+        self.grad_max = 0.0
+        if math.isfinite(grad_norm) and grad_norm > 0:
+            self.grad.update(safe_log(grad_norm))
+            self.grad_max = grad_norm
+
     def rebaseline(self) -> None:
         """Restart every statistic (after a rollback the trajectory is a different one)."""
         self.grad.reset()

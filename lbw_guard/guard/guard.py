@@ -266,6 +266,17 @@ class Guard:
         self.controller.snapshot_taken(now)
         self._trace_line({"type": "snapshot", "step": now})
 
+    def params_joined(self, count: int) -> None:
+        """The optimizer is about to step ``count`` parameters for the first time, after the run
+        began (unfrozen layers, a MoE expert first routed to, a new param group). Their first
+        gradients and Adam's first steps move the gradient and the loss to levels the running
+        statistics say nothing of, so the detectors restart; the snapshots stay restorable (the
+        joined parameters go back to their values with zero moments)."""
+        step = self.optimizer.num_steps if self.optimizer is not None else 0
+        self.controller.params_joined(step, count)
+        self._trace_line({"type": "params_joined", "step": step, "count": int(count)})
+        self._flush_events()
+
     def notify_data_change(self) -> None:
         """Tell the guard the data changed on purpose: a loss at a new level is not a spike."""
         step = self.optimizer.num_steps if self.optimizer is not None else 0

@@ -6,7 +6,8 @@ The policy answers faults, not level changes, and never harms a healthy run:
   nothing else happens: no lr cut;
 - a loss that jumps while the gradients stay normal, for ``level_shift_records`` records in a
   row, is new data: the loss statistics restart at the new level (``notify_data_change`` does
-  it at once);
+  it at once). Gradients that jump while the given loss stays normal, as long, are a new scale
+  (Adam's steps do not depend on it): the gradient statistics restart;
 - a group whose gradients alone are non-finite or spiking in two records in a row is frozen
   (gated off) for ``freeze_steps``, within ``max_frozen_fraction`` of the parameters;
 - divergence rolls back when it is corroborated: non-finite parameters, or a loss spike right
@@ -51,6 +52,7 @@ class Recovery:
         self.config = config
         self.consecutive_trouble = 0
         self.loss_only_streak = 0
+        self.grad_only_streak = 0
         self.grad_spike_applied_at: int | None = None  # step of the last applied gradient spike
         self.rollback_steps: deque[int] = deque()
         self.pending_snapshots: list[int] = []  # taken, not yet confirmed by two clean records
@@ -104,7 +106,7 @@ class Recovery:
         c = self.config
         step = sig.step
         decision: dict = {"events": [], "rollback_to": None, "give_up": None, "rebaseline_loss": False,
-                          "release_start": False}
+                          "rebaseline_grad": False, "release_start": False}
         for g, gs in enumerate(sig.groups):
             if gs.numel > 0:
                 self.numel[g] = gs.numel
@@ -118,7 +120,7 @@ class Recovery:
             self.grad_spike_applied_at = step
         if not trouble:
             self.consecutive_trouble = 0
-            self.loss_only_streak = 0
+            self.loss_only_streak = self.grad_only_streak = 0
             self._cool_hot()
             return decision
 
@@ -126,6 +128,9 @@ class Recovery:
         self.recent_reasons.append((step, a.reasons))
         loss_only = a.loss_spike and not (a.grad_spike or a.nonfinite or a.params_bad)
         self.loss_only_streak = self.loss_only_streak + 1 if loss_only else 0
+        # the loss must be given and normal: without it a growing gradient is all the evidence
+        grad_only = a.grad_spike and sig.loss is not None and not (a.loss_spike or a.nonfinite or a.params_bad)
+        self.grad_only_streak = self.grad_only_streak + 1 if grad_only else 0
         decision["events"].append({"action": "skip", "why": ",".join(a.reasons), "device_skipped": a.device_skip,
                                    "applied": a.device_skip or a.nonfinite or a.grad_spike})
 
@@ -148,6 +153,12 @@ class Recovery:
             if self.start_held:  # the start's loss was measured on the old data
                 self._release_start(decision)
             self.loss_only_streak = 0
+            self.consecutive_trouble = 0
+        elif self.grad_only_streak >= c.level_shift_records:
+            decision["rebaseline_grad"] = True
+            decision["events"].append({"action": "rebaseline", "why": "grad_level_shift",
+                                       "records": self.grad_only_streak})
+            self.grad_only_streak = 0
             self.consecutive_trouble = 0
         self._freeze(a, now, issued_gate, decision)
         return decision
@@ -226,7 +237,7 @@ class Recovery:
         self.verified_snapshots = [s for s in self.verified_snapshots if s <= target]
         self.pending_snapshots = []
         self.consecutive_trouble = 0
-        self.loss_only_streak = 0
+        self.loss_only_streak = self.grad_only_streak = 0
         self.grad_spike_applied_at = None
 
     def _evidence(self, sig: StepSignals, a: Assessment, why: str) -> dict:
@@ -279,6 +290,7 @@ class Recovery:
             "num_groups": self.num_groups,
             "consecutive_trouble": self.consecutive_trouble,
             "loss_only_streak": self.loss_only_streak,
+            "grad_only_streak": self.grad_only_streak,
             "grad_spike_applied_at": self.grad_spike_applied_at,
             "rollback_steps": list(self.rollback_steps),
             "pending_snapshots": list(self.pending_snapshots),
@@ -297,6 +309,7 @@ class Recovery:
         self.resize(int(state["num_groups"]))
         self.consecutive_trouble = int(state["consecutive_trouble"])
         self.loss_only_streak = int(state["loss_only_streak"])
+        self.grad_only_streak = int(state.get("grad_only_streak", 0))  # came later
         spike = state["grad_spike_applied_at"]
         self.grad_spike_applied_at = int(spike) if spike is not None else None
         self.rollback_steps = deque(int(s) for s in state["rollback_steps"])

@@ -143,6 +143,7 @@ MARKERS = {
     "snapshot": {"step": _STEP},
     "start": {},
     "data_change": {"step": _STEP},
+    "params_joined": {"step": _STEP, "count": (_is_count, "a positive integer")},
     "dropped": {"step": _STEP, "lrs": _LRS},
     "issued": {"step": _STEP, "lrs": _LRS},
     "end": {"step": _STEP},
@@ -303,6 +304,9 @@ def replay(records: list[dict], config: GuardConfig):
         elif kind == "data_change":
             issue_until(line["step"], None)
             controller.notify_data_change(line["step"])
+        elif kind == "params_joined":
+            issue_until(line["step"], None)
+            controller.params_joined(line["step"], line["count"])
         elif kind == "end":
             issue_until(line["step"], None)
     events = list(controller.events) if controller is not None else []

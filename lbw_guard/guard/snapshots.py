@@ -35,14 +35,21 @@ def _params(optimizer) -> list[Tensor]:
     return [p for group in optimizer.param_groups for p in group["params"]]
 
 
-def _sources(optimizer) -> list[Tensor]:
-    """Every tensor a snapshot holds, in a fixed order: per parameter, it and its state."""
+def _sources(optimizer, layout: tuple | None = None) -> list[Tensor]:
+    """Every tensor a snapshot holds, in a fixed order: per parameter, it and its state (with
+    ``layout``: only the state keys each parameter had then, see :func:`_layout`)."""
     out = []
-    for p in _params(optimizer):
+    for i, p in enumerate(_params(optimizer)):
         out.append(local_tensor(p.detach()))
         state = optimizer.state.get(p, {})
-        out.extend(local_tensor(state[k]) for k in STATE_KEYS if k in state)
+        keys = [k for k in STATE_KEYS if k in state]
+        out.extend(local_tensor(state[k]) for k in (keys if layout is None else layout[i]))
     return out
+
+
+def _layout(optimizer) -> tuple:
+    """Per parameter, the state keys it has (none before its first step)."""
+    return tuple(tuple(k for k in STATE_KEYS if k in optimizer.state.get(p, {})) for p in _params(optimizer))
 
 
 class Slot:
@@ -51,6 +58,7 @@ class Slot:
     def __init__(self):
         self.step: int | None = None
         self.buffers: list[Tensor] = []
+        self.layout: tuple | None = None  # the state keys of each parameter when it was taken
         self.event = None  # CUDA event of the copy into (or out of) the buffers
 
     def wait(self) -> None:
@@ -99,6 +107,7 @@ class SnapshotRing:
             return
         self._copy_into(slot, _sources(optimizer))
         slot.step = step
+        slot.layout = _layout(optimizer)
 
     def take_start(self, optimizer) -> None:
         """Hold the state before the first step: the parameters, and whatever state exists (none
@@ -184,6 +193,8 @@ class SnapshotRing:
             zeroed = [local_tensor(optimizer.state[p][k]) for p in params
                       for k in STATE_KEYS if k in optimizer.state.get(p, {})]
             sources = [local_tensor(p.detach()) for p in params]
+        elif slot is not self.start and slot.layout is not None and slot.layout != _layout(optimizer):
+            sources, zeroed = self._joined_since(slot, optimizer)
         if not slot.fits(sources):
             raise RuntimeError("the parameters or their state changed shape since the snapshot was taken")
         with torch.no_grad():
@@ -194,6 +205,18 @@ class SnapshotRing:
         if device is not None:  # the host buffers must outlive the copies out of them
             slot.event = torch.cuda.Event()
             slot.event.record(torch.cuda.current_stream(device))
+
+    @staticmethod
+    def _joined_since(slot: Slot, optimizer) -> tuple[list[Tensor], list[Tensor]]:
+        """Parameters stepped for the first time after the snapshot (unfrozen, a MoE expert
+        first routed to) had no moments then: the snapshot restores their values, and their
+        moments and step go back to zero, as a parameter never stepped has them."""
+        now = _layout(optimizer)
+        if len(now) != len(slot.layout) or any(then and then != keys for then, keys in zip(slot.layout, now)):
+            raise RuntimeError("the parameters or their state changed shape since the snapshot was taken")
+        zeroed = [local_tensor(optimizer.state[p][k]) for p, then, keys in zip(_params(optimizer), slot.layout, now)
+                  if not then for k in keys]
+        return _sources(optimizer, slot.layout), zeroed
 
     # ------------------------------------------------------------------ budget
     def interval(self, step_seconds: float | None, budget: float, max_distance: int) -> int:
@@ -212,7 +235,8 @@ class SnapshotRing:
             if s.step is None:
                 continue
             s.wait()
-            out.append({"step": s.step, "buffers": [b.detach().cpu().clone() for b in s.buffers]})
+            out.append({"step": s.step, "buffers": [b.detach().cpu().clone() for b in s.buffers],
+                        "layout": [list(keys) for keys in s.layout] if s.layout is not None else None})
         return {"capacity": self.capacity, "slots": out}
 
     def start_state_dict(self) -> dict | None:
@@ -246,10 +270,14 @@ class SnapshotRing:
     def load_state_dict(self, state: dict, optimizer) -> None:
         """Restore saved snapshots whose tensors match the optimizer's (others are dropped)."""
         self.clear()
-        sources = _sources(optimizer)
         saved = sorted(state.get("slots", []), key=lambda s: s["step"])[-self.capacity:]
         for slot, entry in zip(self.slots, saved):
             buffers = entry["buffers"]
+            layout = entry.get("layout")  # saved before layouts were kept: the optimizer's own
+            layout = tuple(tuple(keys) for keys in layout) if layout is not None else _layout(optimizer)
+            if len(layout) != len(_params(optimizer)):
+                continue
+            sources = _sources(optimizer, layout)
             if len(buffers) != len(sources) or any(
                     tuple(b.shape) != tuple(s.shape) or b.dtype != s.dtype for b, s in zip(buffers, sources)):
                 continue
@@ -258,3 +286,4 @@ class SnapshotRing:
                 for dst, src in zip(slot.buffers, buffers):
                     dst.copy_(src)
             slot.step = int(entry["step"])
+            slot.layout = layout
