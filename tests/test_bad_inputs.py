@@ -840,13 +840,18 @@ def test_a_guarded_checkpoint_loads_into_an_unguarded_optimizer_and_back():
     step_works(plain, plain_params)
 
 
-def test_a_snapshot_of_params_without_state_yet_is_kept_not_refused():
+@pytest.mark.parametrize("layout", ["kept", "saved before layouts were kept"])
+def test_a_snapshot_of_params_without_state_yet_is_kept_not_refused(layout):
     """A snapshot taken before a parameter first had a gradient holds no state for it: a
     legitimate ring, loaded (and dropped by the ring if it no longer fits), never refused."""
     model, params, opt, saved = _guarded()
     sd = copy.deepcopy(saved)
     slot = sd["guard"]["snapshots"]["slots"][0]
     del slot["buffers"][1:4]  # parameter 0 without its state
+    if layout == "kept":
+        slot["layout"][0] = []
+    else:
+        del slot["layout"]
     accepted(lambda: opt.load_state_dict(sd))
 
 

@@ -499,6 +499,24 @@ def test_rollback_past_parameters_stepped_since_restores_them_with_zero_moments(
     assert finite(model) and losses[-1] < losses[0]
 
 
+def test_a_saved_snapshot_loads_with_the_state_keys_it_was_taken_with():
+    from lbw_guard.guard.snapshots import STATE_KEYS, SnapshotRing
+
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = FusedGuardedAdamW([w], lr=1e-1, guard=None, backend=BACKEND)
+    with_state = {"step": 5, "buffers": [torch.ones(3), torch.zeros(()), torch.zeros(3), torch.zeros(3)],
+                  "layout": [list(STATE_KEYS)]}
+    before_state = {"step": 3, "buffers": [torch.full((3,), 2.0)], "layout": [[]]}
+    ring = SnapshotRing(2)
+    ring.load_state_dict({"capacity": 2, "slots": [with_state, before_state]}, opt)
+    assert ring.steps() == [3]  # w has no state yet: the snapshot that holds some is dropped
+    w.grad = torch.randn(3)
+    opt.step()
+    ring.restore(3, opt)  # taken before w's first step: its value back, its moments and step zero
+    assert torch.equal(w.detach(), torch.full((3,), 2.0))
+    assert all(torch.equal(opt.state[w][k], torch.zeros_like(opt.state[w][k])) for k in STATE_KEYS)
+
+
 def test_unfreezing_layers_mid_run_is_no_fault():
     # Half of the parameters join at step 60 (unfrozen): their first gradients and Adam's first
     # steps on them raise the gradient norm and the loss. That is the user's doing, not a fault.

@@ -275,8 +275,9 @@ class SnapshotRing:
             buffers = entry["buffers"]
             layout = entry.get("layout")  # saved before layouts were kept: the optimizer's own
             layout = tuple(tuple(keys) for keys in layout) if layout is not None else _layout(optimizer)
-            if len(layout) != len(_params(optimizer)):
-                continue
+            now = _layout(optimizer)
+            if len(layout) != len(now) or any(then and then != keys for then, keys in zip(layout, now)):
+                continue  # state the optimizer no longer has
             sources = _sources(optimizer, layout)
             if len(buffers) != len(sources) or any(
                     tuple(b.shape) != tuple(s.shape) or b.dtype != s.dtype for b, s in zip(buffers, sources)):
