@@ -159,23 +159,39 @@ def test_healthy_run_matches_adamw_without_rollback(clean_loss):
     assert opt.guard.regime == "stable"
 
 
-def test_a_gradient_scale_change_mid_run_is_a_new_level_not_a_fault():
-    # From step 60 the gradients are x8 (a loss weight, accumulation summed instead of averaged)
-    # while the loss the guard reads is the plain one: Adam's steps barely change, so the guard
-    # must accept the new level instead of rolling back a healthy run or cutting its lr.
+def against_adamw(grad_factor=lambda step: 1.0, frozen_until=None):
+    """The standard loop under plain AdamW and under the guard: the gradients scaled by
+    ``grad_factor(step)`` (the loss the guard reads is not) and, with ``frozen_until``, the first
+    half of the parameters frozen until that step. Returns both eval losses and the guarded
+    optimizer."""
     table = successor_table()
     losses = {}
     for arm in ("adamw", "guard"):
         model = tiny_model()
-        opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=1e-2) if arm == "adamw" else \
-            FusedGuardedAdamW(model.parameters(), lr=LR, guard="default", backend=BACKEND)
+        params = list(model.parameters())
+        frozen = params[: len(params) // 2] if frozen_until is not None else []
+        for p in frozen:
+            p.requires_grad_(False)
+        opt = torch.optim.AdamW(params, lr=LR, weight_decay=1e-2) if arm == "adamw" else \
+            FusedGuardedAdamW(params, lr=LR, guard="default", backend=BACKEND)
         for step in range(1, STEPS + 1):
+            if step == frozen_until:
+                for p in frozen:
+                    p.requires_grad_(True)
             x = batch(step, table)
             loss = model(input_ids=x, labels=x).loss
             opt.zero_grad(set_to_none=True)
-            (loss * (8.0 if step >= FAULT_AT else 1.0)).backward()
+            (loss * grad_factor(step)).backward()
             opt.step() if arm == "adamw" else opt.step(loss=loss.detach())
         losses[arm] = eval_loss(model, table)
+    return losses, opt
+
+
+def test_a_gradient_scale_change_mid_run_is_a_new_level_not_a_fault():
+    # From step 60 the gradients are x8 (a loss weight, accumulation summed instead of averaged)
+    # while the loss the guard reads is the plain one: Adam's steps barely change, so the guard
+    # must accept the new level instead of rolling back a healthy run or cutting its lr.
+    losses, opt = against_adamw(grad_factor=lambda step: 8.0 if step >= FAULT_AT else 1.0)
     summary = opt.guard.summary()
     print(f"\ngrads x8 from step {FAULT_AT}: AdamW {losses['adamw']:.4f}  guard {losses['guard']:.4f}  {summary}")
     assert abs(losses["guard"] - losses["adamw"]) <= 0.01 * losses["adamw"]
@@ -520,25 +536,7 @@ def test_a_saved_snapshot_loads_with_the_state_keys_it_was_taken_with():
 def test_unfreezing_layers_mid_run_is_no_fault():
     # Half of the parameters join at step 60 (unfrozen): their first gradients and Adam's first
     # steps on them raise the gradient norm and the loss. That is the user's doing, not a fault.
-    table = successor_table()
-    losses = {}
-    for arm in ("adamw", "guard"):
-        model = tiny_model()
-        frozen = list(model.parameters())[: len(list(model.parameters())) // 2]
-        for p in frozen:
-            p.requires_grad_(False)
-        opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=1e-2) if arm == "adamw" else \
-            FusedGuardedAdamW(model.parameters(), lr=LR, guard="default", backend=BACKEND)
-        for step in range(1, STEPS + 1):
-            if step == FAULT_AT:
-                for p in frozen:
-                    p.requires_grad_(True)
-            x = batch(step, table)
-            loss = model(input_ids=x, labels=x).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step() if arm == "adamw" else opt.step(loss=loss.detach())
-        losses[arm] = eval_loss(model, table)
+    losses, opt = against_adamw(frozen_until=FAULT_AT)
     summary = opt.guard.summary()
     print(f"\nunfrozen at step {FAULT_AT}: AdamW {losses['adamw']:.4f}  guard {losses['guard']:.4f}  {summary}")
     assert abs(losses["guard"] - losses["adamw"]) <= 0.01 * losses["adamw"]

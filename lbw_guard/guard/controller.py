@@ -148,20 +148,21 @@ class Controller:
 
     def notify_data_change(self, step: int) -> None:
         """The user says the data changed: the loss and the gradients are at a new level, not
-        spiking; their statistics restart."""
-        self.detectors.rebaseline()
+        spiking; their statistics restart, and so does the governor's evidence."""
         self.governor.on_data_change()
-        self.recovery.loss_only_streak = self.recovery.grad_only_streak = 0
         self.recovery.start_held = False  # the start's loss was measured on the old data
-        self._event(step, "rebaseline", detail={"why": "notify_data_change"})
+        self._restart_detectors(step, why="notify_data_change")
 
     def params_joined(self, step: int, count: int) -> None:
         """Parameters stepped for the first time after the run began: the gradients and the loss
         move to levels their statistics say nothing of, so those restart (the data did not
         change: the governor's evidence and the start stay)."""
+        self._restart_detectors(step, why="params_joined", params=int(count))
+
+    def _restart_detectors(self, step: int, **detail) -> None:
         self.detectors.rebaseline()
-        self.recovery.loss_only_streak = self.recovery.grad_only_streak = 0
-        self._event(step, "rebaseline", detail={"why": "params_joined", "params": int(count)})
+        self.recovery.restart_streaks()
+        self._event(step, "rebaseline", detail=detail)
 
     def start_taken(self) -> None:
         """The guard holds the state the run began from (see ``GuardConfig.start_rise``)."""

@@ -120,7 +120,7 @@ class Recovery:
             self.grad_spike_applied_at = step
         if not trouble:
             self.consecutive_trouble = 0
-            self.loss_only_streak = self.grad_only_streak = 0
+            self.restart_streaks()
             self._cool_hot()
             return decision
 
@@ -146,22 +146,22 @@ class Recovery:
             why = "params_nonfinite" if a.params_bad else "persistent_trouble"
             decision["give_up"] = self._evidence(sig, a, why)
             return decision
-        if self.loss_only_streak >= c.level_shift_records:
-            decision["rebaseline_loss"] = True
-            decision["events"].append({"action": "rebaseline", "why": "loss_level_shift",
-                                       "records": self.loss_only_streak})
-            if self.start_held:  # the start's loss was measured on the old data
+        streaks = {"loss": self.loss_only_streak, "grad": self.grad_only_streak}  # one of them is 0
+        level = next((k for k, n in streaks.items() if n >= c.level_shift_records), None)
+        if level is not None:
+            decision[f"rebaseline_{level}"] = True
+            decision["events"].append({"action": "rebaseline", "why": f"{level}_level_shift",
+                                       "records": streaks[level]})
+            if level == "loss" and self.start_held:  # the start's loss was measured on the old data
                 self._release_start(decision)
-            self.loss_only_streak = 0
-            self.consecutive_trouble = 0
-        elif self.grad_only_streak >= c.level_shift_records:
-            decision["rebaseline_grad"] = True
-            decision["events"].append({"action": "rebaseline", "why": "grad_level_shift",
-                                       "records": self.grad_only_streak})
-            self.grad_only_streak = 0
+            self.restart_streaks()
             self.consecutive_trouble = 0
         self._freeze(a, now, issued_gate, decision)
         return decision
+
+    def restart_streaks(self) -> None:
+        """Forget the records counted towards a level shift (the statistics restarted)."""
+        self.loss_only_streak = self.grad_only_streak = 0
 
     # ------------------------------------------------------------------ the start
     def start_taken(self) -> None:
@@ -237,7 +237,7 @@ class Recovery:
         self.verified_snapshots = [s for s in self.verified_snapshots if s <= target]
         self.pending_snapshots = []
         self.consecutive_trouble = 0
-        self.loss_only_streak = self.grad_only_streak = 0
+        self.restart_streaks()
         self.grad_spike_applied_at = None
 
     def _evidence(self, sig: StepSignals, a: Assessment, why: str) -> dict:

@@ -39,17 +39,22 @@ def _sources(optimizer, layout: tuple | None = None) -> list[Tensor]:
     """Every tensor a snapshot holds, in a fixed order: per parameter, it and its state (with
     ``layout``: only the state keys each parameter had then, see :func:`_layout`)."""
     out = []
-    for i, p in enumerate(_params(optimizer)):
+    for p, keys in zip(_params(optimizer), layout or _layout(optimizer)):
         out.append(local_tensor(p.detach()))
-        state = optimizer.state.get(p, {})
-        keys = [k for k in STATE_KEYS if k in state]
-        out.extend(local_tensor(state[k]) for k in (keys if layout is None else layout[i]))
+        out.extend(local_tensor(optimizer.state[p][k]) for k in keys)
     return out
 
 
 def _layout(optimizer) -> tuple:
     """Per parameter, the state keys it has (none before its first step)."""
     return tuple(tuple(k for k in STATE_KEYS if k in optimizer.state.get(p, {})) for p in _params(optimizer))
+
+
+def _restorable(then: tuple, now: tuple) -> bool:
+    """A snapshot taken with layout ``then`` fits the optimizer's layout ``now``: the same
+    parameters, each with the state it had then, or with state it gained since (stepped for
+    the first time after the snapshot)."""
+    return len(then) == len(now) and all(not a or a == b for a, b in zip(then, now))
 
 
 class Slot:
@@ -105,9 +110,10 @@ class SnapshotRing:
         slot = next((s for s in self.slots if s.step is None or s.step not in keep), None)
         if slot is None:
             return
-        self._copy_into(slot, _sources(optimizer))
+        layout = _layout(optimizer)
+        self._copy_into(slot, _sources(optimizer, layout))
         slot.step = step
-        slot.layout = _layout(optimizer)
+        slot.layout = layout
 
     def take_start(self, optimizer) -> None:
         """Hold the state before the first step: the parameters, and whatever state exists (none
@@ -185,7 +191,8 @@ class SnapshotRing:
         if slot is None or slot.step != step:
             raise KeyError(f"no snapshot of step {step} (have {self.steps()})")
         slot.wait()
-        sources = _sources(optimizer)
+        now = _layout(optimizer)
+        sources = _sources(optimizer, now)
         zeroed = []
         if slot is self.start and self.start_params and len(sources) != self.start_params:
             # The moments did not exist at the start: back to zero, as a fresh optimizer has them.
@@ -193,8 +200,8 @@ class SnapshotRing:
             zeroed = [local_tensor(optimizer.state[p][k]) for p in params
                       for k in STATE_KEYS if k in optimizer.state.get(p, {})]
             sources = [local_tensor(p.detach()) for p in params]
-        elif slot is not self.start and slot.layout is not None and slot.layout != _layout(optimizer):
-            sources, zeroed = self._joined_since(slot, optimizer)
+        elif slot is not self.start and slot.layout not in (None, now):
+            sources, zeroed = self._joined_since(slot, optimizer, now)
         if not slot.fits(sources):
             raise RuntimeError("the parameters or their state changed shape since the snapshot was taken")
         with torch.no_grad():
@@ -207,12 +214,11 @@ class SnapshotRing:
             slot.event.record(torch.cuda.current_stream(device))
 
     @staticmethod
-    def _joined_since(slot: Slot, optimizer) -> tuple[list[Tensor], list[Tensor]]:
+    def _joined_since(slot: Slot, optimizer, now: tuple) -> tuple[list[Tensor], list[Tensor]]:
         """Parameters stepped for the first time after the snapshot (unfrozen, a MoE expert
         first routed to) had no moments then: the snapshot restores their values, and their
         moments and step go back to zero, as a parameter never stepped has them."""
-        now = _layout(optimizer)
-        if len(now) != len(slot.layout) or any(then and then != keys for then, keys in zip(slot.layout, now)):
+        if not _restorable(slot.layout, now):
             raise RuntimeError("the parameters or their state changed shape since the snapshot was taken")
         zeroed = [local_tensor(optimizer.state[p][k]) for p, then, keys in zip(_params(optimizer), slot.layout, now)
                   if not then for k in keys]
@@ -270,13 +276,13 @@ class SnapshotRing:
     def load_state_dict(self, state: dict, optimizer) -> None:
         """Restore saved snapshots whose tensors match the optimizer's (others are dropped)."""
         self.clear()
+        now = _layout(optimizer)
         saved = sorted(state.get("slots", []), key=lambda s: s["step"])[-self.capacity:]
         for slot, entry in zip(self.slots, saved):
             buffers = entry["buffers"]
             layout = entry.get("layout")  # saved before layouts were kept: the optimizer's own
-            layout = tuple(tuple(keys) for keys in layout) if layout is not None else _layout(optimizer)
-            now = _layout(optimizer)
-            if len(layout) != len(now) or any(then and then != keys for then, keys in zip(layout, now)):
+            layout = tuple(tuple(keys) for keys in layout) if layout is not None else now
+            if not _restorable(layout, now):
                 continue  # state the optimizer no longer has
             sources = _sources(optimizer, layout)
             if len(buffers) != len(sources) or any(
