@@ -256,6 +256,46 @@ def test_gradient_level_shift_without_a_loss_stays_trouble():
     assert [e.detail["why"] for e in events if e.action == "rollback"][:1] == ["persistent_trouble"]
 
 
+@pytest.mark.parametrize("records", [2, 3])
+def test_a_rescaled_loss_rebaselines_both_levels_without_rollback_or_cut(records):
+    # A weight of 8 on the loss from step 30: the loss the guard reads and the grad norm jump by
+    # the same factor. Divergence moves the grad norm far more than the loss; this is a new scale.
+    config = explicit_config(level_shift_records=records)
+    sim = Sim(config, snapshot_every=5)
+    rng = random.Random(6)
+
+    def spec(n, cmd):
+        w = 1.0 if n < 30 else 8.0
+        return healthy(n, rng, grad_sq=w * w * (1 + 0.2 * (rng.random() - 0.5)), loss=2.0 * w * (1 + 0.01 * (rng.random() - 0.5)))
+
+    sim.run(120, spec)
+    events = sim.events
+    skips = [e for e in events if e.action == "skip"]
+    assert [e.step for e in skips] == list(range(30, 30 + records + config.lag))
+    assert all(e.detail["why"] == "grad_spike,loss_spike,device_skip" for e in skips[:records])
+    assert [(e.step, e.detail["why"], e.detail["records"]) for e in events if e.action == "rebaseline"] == \
+        [(29 + records, "scale_level_shift", records)]
+    assert not [e for e in events if e.action in INTERVENING], actions(events)
+    assert all(cmd.scale == [1.0] and cmd.gate == [1.0] for cmd in sim.commands.values())
+    d = sim.controller.detectors
+    assert math.exp(d.grad.mean) == pytest.approx(8.0, rel=0.1) and d.loss.mean == pytest.approx(16.0, rel=0.02)
+    assert 16.0 < d.loss_limit() < 18.0
+
+
+@pytest.mark.parametrize("grad_norm_factor, expected", [(60.0, "persistent_trouble"), (1.0, "loss_level_shift")])
+def test_loss_and_gradients_moving_by_different_factors_are_not_a_rescale(grad_norm_factor, expected):
+    # The loss x2 from step 30 with the grad norm x60 (a spike that stays: trouble, rolled back)
+    # or unchanged (new data: a loss level shift). Neither is a rescaled objective.
+    config = explicit_config(give_up_after=30)
+    sim = Sim(config, snapshot_every=5)
+    rng = random.Random(7)
+    g = grad_norm_factor
+    sim.run(60, lambda n, cmd: healthy(n, rng, grad_sq=(1.0 if n < 30 else g * g) * (1 + 0.2 * (rng.random() - 0.5)),
+                                       loss=(2.0 if n < 30 else 4.0) * (1 + 0.01 * (rng.random() - 0.5))))
+    whys = [e.detail["why"] for e in sim.events if e.action in ("rebaseline", "rollback")]
+    assert whys[:1] == [expected] and "scale_level_shift" not in whys
+
+
 # ---------------------------------------------------------------------------- rollback
 def test_nonfinite_params_roll_back_to_the_newest_verified_snapshot():
     config = explicit_config()

@@ -63,6 +63,7 @@ def scenarios(draw, mode="act"):
         mode=mode,
         warmup_steps=draw(st.integers(1, 10)),
         level_shift_records=draw(st.integers(1, 4)),
+        rescale_tolerance=draw(st.floats(0.01, 5.0)),
         min_scale=draw(st.floats(0.05, 0.9)),
         max_update_ratio=draw(st.one_of(st.none(), st.floats(0.01, 1.0))),
         early_records=draw(st.integers(0, 20)),

@@ -61,7 +61,7 @@ class Live:
         self.shift = 0.0  # added to the targets: new data (the loss and the gradients move)
         self.offset = 0.0  # added to the loss: a level shift the gradients do not see
 
-    def step(self, grad_scale=1.0, nan_grad=False, nan_loss=False, nan_param=False):
+    def step(self, grad_scale=1.0, nan_grad=False, nan_loss=False, nan_param=False, loss_weight=1.0):
         params = list(self.model.parameters())
         if nan_param:
             with torch.no_grad():
@@ -70,6 +70,7 @@ class Live:
         loss = torch.nn.functional.mse_loss(self.model(self.xs), self.ys + self.shift) + self.offset
         if nan_loss:
             loss = loss * math.nan
+        loss = loss * loss_weight  # the loss the guard reads is weighted too
         loss.backward()
         if grad_scale != 1.0:
             for p in params:
@@ -160,6 +161,18 @@ def test_replay_reproduces_a_gradient_level_shift(tmp_path):
     events = live.guard.events
     assert [(e.action, e.detail.get("why")) for e in events if e.action == "rebaseline"] == \
         [("rebaseline", "grad_level_shift")]
+    assert not [e for e in events if e.action in ("rollback", "give_up", "decrease_scale")]
+
+
+def test_replay_reproduces_a_rescaled_loss(tmp_path):
+    path = tmp_path / "trace.jsonl"
+    config = GuardConfig(trace_path=str(path), snapshot_interval=5)
+    live = Live(config).run(100, {n: dict(loss_weight=8.0) for n in range(50, 101)})  # x8 from step 50 on
+    live.guard.close()
+    assert_replay_matches(path, config, live.guard.events)
+    events = live.guard.events
+    assert [(e.action, e.detail.get("why")) for e in events if e.action == "rebaseline"] == \
+        [("rebaseline", "scale_level_shift")]
     assert not [e for e in events if e.action in ("rollback", "give_up", "decrease_scale")]
 
 

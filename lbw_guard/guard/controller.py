@@ -128,6 +128,10 @@ class Controller:
             self.governor.on_data_change()
         elif decision["rebaseline_grad"]:  # a new gradient scale; the lr evidence is scale-free
             self.detectors.rebaseline_grad(sig.grad_norm)
+        elif decision["rebaseline_scale"]:  # a rescaled objective: both levels, and the loss's history
+            self.detectors.rebaseline_loss(sig.loss)
+            self.detectors.rebaseline_grad(sig.grad_norm)
+            self.governor.on_data_change()
         else:
             self.detectors.fold(sig, a)
             if not (a.nonfinite or a.params_bad or a.grad_spike):  # a fault says nothing of the lr

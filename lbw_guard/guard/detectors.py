@@ -36,6 +36,9 @@ class Assessment:
     z_loss: float = 0.0
     hot_groups: list[int] = field(default_factory=list)
     """Groups with non-finite or spiking gradients while others were clean."""
+    rescaled: bool = False
+    """The loss and the grad norm both spiked, by one factor (within ``rescale_tolerance``):
+    what a weight on the loss does, not what divergence does."""
 
     @property
     def reasons(self) -> list[str]:
@@ -80,11 +83,22 @@ class Detectors:
         if sig.loss is not None:
             a.z_loss = self.loss.z(sig.loss)
             a.loss_spike = a.z_loss > c.z_loss
+        a.rescaled = a.loss_spike and a.grad_spike and self._one_factor(sig.loss, log_grad)
         a.device_skip = any(issued_gate[g] > 0 and not gs.applied_gate > 0 for g, gs in enumerate(sig.groups))
         hot = [g for g in active if not sig.groups[g].nonfinite == 0 or sig.groups[g].spike_fraction > c.spike_fraction]
         if hot and len(hot) < len(active):
             a.hot_groups = hot
         return a
+
+    def _one_factor(self, loss: float, log_grad: float) -> bool:
+        """Did the loss and the grad norm move from their levels by the same factor? A weight w
+        on the loss multiplies both by w; divergence moves the grad norm far more than the loss
+        (a held-out GPT-Neo's natural spike: loss x2.3, grad norm x120)."""
+        level = self.loss.mean
+        if not (self.grad.warm and self.loss.warm and level > 0 and loss > 0 and math.isfinite(loss)
+                and math.isfinite(log_grad)):
+            return False
+        return abs(math.log(loss / level) - (log_grad - self.grad.mean)) <= self.config.rescale_tolerance
 
     def fold(self, sig: StepSignals, a: Assessment) -> None:
         """Fold a clean record into the statistics (a loss-only level shift folds its gradients)."""

@@ -7,7 +7,8 @@ The policy answers faults, not level changes, and never harms a healthy run:
 - a loss that jumps while the gradients stay normal, for ``level_shift_records`` records in a
   row, is new data: the loss statistics restart at the new level (``notify_data_change`` does
   it at once). Gradients that jump while the given loss stays normal, as long, are a new scale
-  (Adam's steps do not depend on it): the gradient statistics restart;
+  (Adam's steps do not depend on it): the gradient statistics restart. Both jumping by one
+  factor (``rescale_tolerance``) is a weight on the loss: both restart;
 - a group whose gradients alone are non-finite or spiking in two records in a row is frozen
   (gated off) for ``freeze_steps``, within ``max_frozen_fraction`` of the parameters;
 - divergence rolls back when it is corroborated: non-finite parameters, or a loss spike right
@@ -53,6 +54,7 @@ class Recovery:
         self.consecutive_trouble = 0
         self.loss_only_streak = 0
         self.grad_only_streak = 0
+        self.rescale_streak = 0
         self.grad_spike_applied_at: int | None = None  # step of the last applied gradient spike
         self.rollback_steps: deque[int] = deque()
         self.pending_snapshots: list[int] = []  # taken, not yet confirmed by two clean records
@@ -106,7 +108,7 @@ class Recovery:
         c = self.config
         step = sig.step
         decision: dict = {"events": [], "rollback_to": None, "give_up": None, "rebaseline_loss": False,
-                          "rebaseline_grad": False, "release_start": False}
+                          "rebaseline_grad": False, "rebaseline_scale": False, "release_start": False}
         for g, gs in enumerate(sig.groups):
             if gs.numel > 0:
                 self.numel[g] = gs.numel
@@ -131,6 +133,8 @@ class Recovery:
         # the loss must be given and normal: without it a growing gradient is all the evidence
         grad_only = a.grad_spike and sig.loss is not None and not (a.loss_spike or a.nonfinite or a.params_bad)
         self.grad_only_streak = self.grad_only_streak + 1 if grad_only else 0
+        rescaled = a.rescaled and not (a.nonfinite or a.params_bad)
+        self.rescale_streak = self.rescale_streak + 1 if rescaled else 0
         decision["events"].append({"action": "skip", "why": ",".join(a.reasons), "device_skipped": a.device_skip,
                                    "applied": a.device_skip or a.nonfinite or a.grad_spike})
 
@@ -146,13 +150,14 @@ class Recovery:
             why = "params_nonfinite" if a.params_bad else "persistent_trouble"
             decision["give_up"] = self._evidence(sig, a, why)
             return decision
-        streaks = {"loss": self.loss_only_streak, "grad": self.grad_only_streak}  # one of them is 0
+        # at most one of them is not 0
+        streaks = {"loss": self.loss_only_streak, "grad": self.grad_only_streak, "scale": self.rescale_streak}
         level = next((k for k, n in streaks.items() if n >= c.level_shift_records), None)
         if level is not None:
             decision[f"rebaseline_{level}"] = True
             decision["events"].append({"action": "rebaseline", "why": f"{level}_level_shift",
                                        "records": streaks[level]})
-            if level == "loss" and self.start_held:  # the start's loss was measured on the old data
+            if level in ("loss", "scale") and self.start_held:  # the start's loss is of the old data or scale
                 self._release_start(decision)
             self.restart_streaks()
             self.consecutive_trouble = 0
@@ -161,7 +166,7 @@ class Recovery:
 
     def restart_streaks(self) -> None:
         """Forget the records counted towards a level shift (the statistics restarted)."""
-        self.loss_only_streak = self.grad_only_streak = 0
+        self.loss_only_streak = self.grad_only_streak = self.rescale_streak = 0
 
     # ------------------------------------------------------------------ the start
     def start_taken(self) -> None:
@@ -291,6 +296,7 @@ class Recovery:
             "consecutive_trouble": self.consecutive_trouble,
             "loss_only_streak": self.loss_only_streak,
             "grad_only_streak": self.grad_only_streak,
+            "rescale_streak": self.rescale_streak,
             "grad_spike_applied_at": self.grad_spike_applied_at,
             "rollback_steps": list(self.rollback_steps),
             "pending_snapshots": list(self.pending_snapshots),
@@ -310,6 +316,7 @@ class Recovery:
         self.consecutive_trouble = int(state["consecutive_trouble"])
         self.loss_only_streak = int(state["loss_only_streak"])
         self.grad_only_streak = int(state.get("grad_only_streak", 0))  # came later
+        self.rescale_streak = int(state.get("rescale_streak", 0))  # came later
         spike = state["grad_spike_applied_at"]
         self.grad_spike_applied_at = int(spike) if spike is not None else None
         self.rollback_steps = deque(int(s) for s in state["rollback_steps"])
