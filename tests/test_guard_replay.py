@@ -152,27 +152,18 @@ def test_replay_reproduces_parameters_joining_mid_run(tmp_path):
     assert ("rebaseline", "params_joined") in [(e.action, e.detail.get("why")) for e in live.guard.events]
 
 
-def test_replay_reproduces_a_gradient_level_shift(tmp_path):
+@pytest.mark.parametrize("change, why", [
+    (dict(grad_scale=8.0), "grad_level_shift"),  # the gradients x8, the loss the guard reads not
+    (dict(loss_weight=8.0), "scale_level_shift"),  # a weight on the loss: both x8
+])
+def test_replay_reproduces_a_scale_change(tmp_path, change, why):
     path = tmp_path / "trace.jsonl"
     config = GuardConfig(trace_path=str(path), snapshot_interval=5)
-    live = Live(config).run(100, {n: dict(grad_scale=8.0) for n in range(50, 101)})  # x8 from step 50 on
+    live = Live(config).run(100, {n: dict(change) for n in range(50, 101)})  # from step 50 on
     live.guard.close()
     assert_replay_matches(path, config, live.guard.events)
     events = live.guard.events
-    assert [(e.action, e.detail.get("why")) for e in events if e.action == "rebaseline"] == \
-        [("rebaseline", "grad_level_shift")]
-    assert not [e for e in events if e.action in ("rollback", "give_up", "decrease_scale")]
-
-
-def test_replay_reproduces_a_rescaled_loss(tmp_path):
-    path = tmp_path / "trace.jsonl"
-    config = GuardConfig(trace_path=str(path), snapshot_interval=5)
-    live = Live(config).run(100, {n: dict(loss_weight=8.0) for n in range(50, 101)})  # x8 from step 50 on
-    live.guard.close()
-    assert_replay_matches(path, config, live.guard.events)
-    events = live.guard.events
-    assert [(e.action, e.detail.get("why")) for e in events if e.action == "rebaseline"] == \
-        [("rebaseline", "scale_level_shift")]
+    assert [(e.action, e.detail.get("why")) for e in events if e.action == "rebaseline"] == [("rebaseline", why)]
     assert not [e for e in events if e.action in ("rollback", "give_up", "decrease_scale")]
 
 
