@@ -282,6 +282,26 @@ def test_a_rescaled_loss_rebaselines_both_levels_without_rollback_or_cut(records
     assert 16.0 < d.loss_limit() < 18.0
 
 
+def test_a_rescaled_loss_keeps_the_lr_ceilings():
+    # The oscillation evidence is scale-free: a weight on the loss does not release a cut lr
+    # (a data change does: the evidence was about the old data).
+    config = explicit_config()
+    sim = Sim(config, snapshot_every=5)
+    rng = random.Random(8)
+
+    def spec(n, cmd):
+        w = 1.0 if n < 70 else 8.0
+        return healthy(n, rng, omega=0.1 if n > 30 else 1.0, grad_sq=w * w * (1 + 0.2 * (rng.random() - 0.5)),
+                       loss=2.0 * w * (1 + 0.01 * (rng.random() - 0.5)))
+
+    sim.run(69, spec)
+    cut = sim.commands[69].scale[0]
+    assert cut < 1.0
+    sim.run(20, spec)
+    assert [e.detail["why"] for e in sim.events if e.action == "rebaseline"] == ["scale_level_shift"]
+    assert all(sim.commands[n].scale[0] <= cut for n in range(70, 90))
+
+
 @pytest.mark.parametrize("grad_norm_factor, expected", [(60.0, "persistent_trouble"), (1.0, "loss_level_shift")])
 def test_loss_and_gradients_moving_by_different_factors_are_not_a_rescale(grad_norm_factor, expected):
     # The loss x2 from step 30 with the grad norm x60 (a spike that stays: trouble, rolled back)

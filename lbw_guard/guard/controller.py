@@ -131,7 +131,7 @@ class Controller:
         elif decision["rebaseline_scale"]:  # a rescaled objective: both levels, and the loss's history
             self.detectors.rebaseline_loss(sig.loss)
             self.detectors.rebaseline_grad(sig.grad_norm)
-            self.governor.on_data_change()
+            self.governor.on_loss_rescale()
         else:
             self.detectors.fold(sig, a)
             if not (a.nonfinite or a.params_bad or a.grad_spike):  # a fault says nothing of the lr

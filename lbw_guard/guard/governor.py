@@ -508,6 +508,14 @@ class StepSizeGovernor:
         self.loss_mean = self.loss_var = None  # a new level
         self._forget_recent(energy=False)  # m still holds the gradients the energy counts
 
+    def on_loss_rescale(self) -> None:
+        """The loss was rescaled (a weight on it; the gradients moved by the same factor): the
+        ceilings and the oscillation evidence are scale-free and stay, the loss comparisons
+        (the loss efficiency, the probe's filtered loss) restart."""
+        self.early_losses = []
+        self.loss_mean = self.loss_var = None
+        self.climb_loss = None  # the climb under way goes on with omega as its only evidence
+
     def _forget_recent(self, energy: bool) -> None:
         if energy:
             self.grad_energy = [0.0] * self.num_groups
