@@ -69,7 +69,7 @@ class GuardConfig:
     both move by the weight) rather than divergence (the grad norm moves far more). Measured:
     weights x8, x30 and x1000 on the loss of held-out Qwen3 and Cohere read 0.03-0.10; every
     record with both spikes in 16 held-out runs (10x runs, a natural spike at 1x, Granite's
-    surges, random-token batches) read 1.2-4.4 (loss x1.8-3.6 against grad norm x10-180).
+    surges, random-token batches) read 1.2-4.4 (loss x1.8-3.6 against grad norm x10-200).
     Before the rule a x8 weight rolled those runs back and capped 31% of their steps (+2.3%
     and +2.2% against AdamW); with it, three steps are skipped and they end +0.2% and +1.0%."""
 
