@@ -272,18 +272,22 @@ class Guard:
         gradients and Adam's first steps move the gradient and the loss to levels the running
         statistics say nothing of, so the detectors restart; the snapshots stay restorable (the
         joined parameters go back to their values with zero moments)."""
-        step = self.optimizer.num_steps if self.optimizer is not None else 0
+        step = self._steps_taken()
         self.controller.params_joined(step, count)
         self._trace_line({"type": "params_joined", "step": step, "count": int(count)})
         self._flush_events()
 
     def notify_data_change(self) -> None:
         """Tell the guard the data changed on purpose: a loss at a new level is not a spike."""
-        step = self.optimizer.num_steps if self.optimizer is not None else 0
+        step = self._steps_taken()
         self.controller.notify_data_change(step)
         self._ring.release_start()
         self._trace_line({"type": "data_change", "step": step})
         self._flush_events()
+
+    def _steps_taken(self) -> int:
+        """The optimizer's step count (0 before the guard is bound to one)."""
+        return self.optimizer.num_steps if self.optimizer is not None else 0
 
     def _trace_line(self, line: dict) -> None:
         """A marker line of the trace (what the guard did between records, for replay)."""
