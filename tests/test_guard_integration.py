@@ -593,6 +593,37 @@ def test_a_run_worse_than_its_start_goes_back_to_it_at_a_lower_lr():
     assert opt.guard._ring.start.buffers == [] and not opt.guard.controller.recovery.start_held
 
 
+def test_non_finite_parameters_before_any_verified_snapshot_go_back_to_the_start():
+    """Early in a run no snapshot is verified yet: the state the run began from is the target."""
+    model, xs, ys = _mlp()
+    opt = FusedGuardedAdamW(model.parameters(), lr=1e-3, guard="default", backend=BACKEND)
+    start = [p.detach().clone() for p in model.parameters()]
+    for _ in range(4):
+        _mlp_step(model, opt, xs, ys)
+    assert opt.guard.controller.recovery.verified_snapshots == []
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[0] = math.nan
+    for _ in range(2):
+        _mlp_step(model, opt, xs, ys)
+    (rollback,) = [e for e in opt.guard.events if e.action == "rollback"]
+    assert rollback.detail["why"] == "params_nonfinite" and rollback.detail["to_step"] == 0
+    for p, s in zip(model.parameters(), start):
+        assert torch.equal(p.detach(), s)
+    losses = [_mlp_step(model, opt, xs, ys) for _ in range(30)]
+    assert finite(model) and losses[-1] < losses[0]
+
+
+def test_non_finite_parameters_at_the_start_give_up_with_nothing_to_go_back_to():
+    model, xs, ys = _mlp()
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[0] = math.nan
+    opt = FusedGuardedAdamW(model.parameters(), lr=1e-3, guard="default", backend=BACKEND)
+    with pytest.raises(GuardGaveUp, match="params_nonfinite"):
+        for _ in range(3):
+            _mlp_step(model, opt, xs, ys)
+    assert not [e for e in opt.guard.events if e.action == "rollback"]
+
+
 def test_a_new_param_group_lets_the_start_go_instead_of_failing_to_restore_it():
     """The start holds the parameters the run began with; once a group is added it cannot be
     restored, so it is let go: a loss rise later is not sent back to it (no failed rollback,

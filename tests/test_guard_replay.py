@@ -270,6 +270,35 @@ def test_replay_reproduces_rollbacks_to_the_start(tmp_path):
     assert_replay_matches(path, config, live.guard.events)
 
 
+def test_a_rollback_that_cannot_be_restored_does_not_count_and_replays(tmp_path, monkeypatch):
+    """A restore that fails (the parameters changed shape since the snapshot, ...) is taken back:
+    not counted, its snapshots forgotten (none is a target any more), and the trace says so,
+    so that replay decides what the live guard did after it."""
+    path = tmp_path / "trace.jsonl"
+    config = GuardConfig(trace_path=str(path), snapshot_interval=5)
+    live = Live(config)
+    live.run(40)
+    before = [p.detach().clone() for p in live.model.parameters()]
+
+    def fail(step, optimizer):
+        raise RuntimeError("the parameters or their state changed shape since the snapshot was taken")
+
+    monkeypatch.setattr(live.guard._ring, "restore", fail)
+    live.run(1, {41: dict(nan_param=True)})
+    live.run(1)  # the record of step 41 is processed here (lag 1): params_nonfinite, a rollback
+    live.guard.close()
+    (failed,) = [e for e in live.guard.events if e.action == "rollback_failed"]
+    assert failed.detail["to_step"] > 0 and "changed shape" in failed.detail["error"]
+    assert live.guard.summary()["rollbacks"] == 0
+    recovery = live.guard.controller.recovery
+    assert not recovery.rollback_steps and recovery.verified_snapshots == [] and live.guard._ring.steps() == []
+    assert not torch.equal(next(live.model.parameters()).detach(), before[0])  # nothing was restored
+    assert "rollback_failed" in [line["type"] for line in read_jsonl(path)]
+    _, _, controller, _ = replayed(path, config)
+    assert_replay_matches(path, config, live.guard.events)
+    assert controller.state_dict()["recovery"] == live.guard.controller.state_dict()["recovery"]
+
+
 def test_replay_of_a_write_jsonl_trace_reproduces_a_rollback(tmp_path):
     config = explicit_config(keep_trace=1000, snapshot_interval=5)
     driver = GuardDriver(config)

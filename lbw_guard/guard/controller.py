@@ -168,6 +168,14 @@ class Controller:
         self.recovery.restart_streaks()
         self._event(step, "rebaseline", detail=detail)
 
+    def rollback_failed(self, step: int, target: int, error: str) -> None:
+        """The rollback to ``target`` could not be restored (the parameters changed shape since
+        the snapshot, ...): it does not count, and no snapshot taken before now is a target any
+        more. The lr cut that came with it stays: the trouble that asked for it is real."""
+        self.accounting.rollbacks = max(0, self.accounting.rollbacks - 1)
+        self.recovery.rollback_failed()
+        self._event(step, "rollback_failed", detail={"to_step": int(target), "error": str(error)})
+
     def start_taken(self) -> None:
         """The guard holds the state the run began from (see ``GuardConfig.start_rise``)."""
         self.recovery.start_taken()

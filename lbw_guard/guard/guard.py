@@ -213,7 +213,10 @@ class Guard:
         try:
             self._ring.restore(target, self.optimizer)
         except (KeyError, RuntimeError) as exc:
-            self.controller._event(now, "rollback_failed", detail={"to_step": target, "error": str(exc)})
+            self.controller.rollback_failed(now, target, str(exc))
+            self._trace_line({"type": "rollback_failed", "step": now, "to_step": target, "error": str(exc)})
+            self._ring.clear()
+            self._ring.release_start()
             return
         self._ring.retain(self.controller.recovery.verified_snapshots)
         for p in self._pending:  # replay needs their lrs to issue the same commands

@@ -14,7 +14,8 @@ The policy answers faults, not level changes, and never harms a healthy run:
 - divergence rolls back when it is corroborated: non-finite parameters, or a loss spike right
   after a gradient spike was applied (the step did the damage); or when trouble persists for
   ``min(8, give_up_after)`` records in a row. The target is the newest *verified* snapshot
-  (taken, then confirmed by two clean records), within distance and budget;
+  (taken, then confirmed by two clean records), within distance and budget, or before one
+  exists the state the run began from while it is held;
 - divergence from the start rolls back to the start: before the detectors have statistics,
   the run's first loss is the reference, and two of three records above it by ``start_rise``
   in the first ``early_records`` say the first steps made the model worse than it began (a
@@ -184,6 +185,9 @@ class Recovery:
         if self.start_records > c.early_records or c.start_rise is None:
             self._release_start(decision)
             return False
+        if self.start_records == 1 and not sig.params_finite:
+            self._release_start(decision)  # the run began from non-finite parameters: no state to go back to
+            return False
         loss = sig.loss
         if loss is None or not math.isfinite(loss):
             return False  # a non-finite loss is a fault, answered as one
@@ -211,6 +215,14 @@ class Recovery:
         self.start_records, self.start_above = 0, []  # the restarted run is judged afresh
         return True
 
+    def rollback_failed(self) -> None:
+        """The last rollback could not be restored: take it back from the budget, and forget
+        every snapshot (they are of a state the optimizer can no longer take)."""
+        if self.rollback_steps:
+            self.rollback_steps.pop()
+        self.verified_snapshots, self.pending_snapshots = [], []
+        self.start_held = False
+
     def _expire_rollbacks(self, now: int) -> None:
         while self.rollback_steps and self.rollback_steps[0] <= now - self.config.rollback_window:
             self.rollback_steps.popleft()
@@ -226,6 +238,11 @@ class Recovery:
             bound = "max_rollbacks"
         elif not candidates:
             bound = "no_verified_snapshot" if not self.verified_snapshots else "max_rollback_distance"
+        if bound in ("no_verified_snapshot", "max_rollback_distance") and self.start_held:
+            # early in the run, before a snapshot is verified: the state the run began from
+            self._roll_back_to(0, now, decision, why)
+            self.start_records, self.start_above = 0, []
+            return True
         if bound is not None:
             decision["events"].append({"action": "rollback_refused", "why": why, "bound": bound, "now": now})
             return False

@@ -147,6 +147,7 @@ MARKERS = {
     "dropped": {"step": _STEP, "lrs": _LRS},
     "issued": {"step": _STEP, "lrs": _LRS},
     "end": {"step": _STEP},
+    "rollback_failed": {"step": _STEP, "to_step": _STEP},
     "seed": {"ratio": _LRS},
     "resume": {"step": _STEP, "controller": (lambda v: isinstance(v, dict), "a controller state (an object)")},
 }
@@ -307,6 +308,8 @@ def replay(records: list[dict], config: GuardConfig):
         elif kind == "params_joined":
             issue_until(line["step"], None)
             controller.params_joined(line["step"], line["count"])
+        elif kind == "rollback_failed":
+            controller.rollback_failed(line["step"], line["to_step"], line.get("error", ""))
         elif kind == "end":
             issue_until(line["step"], None)
     events = list(controller.events) if controller is not None else []
