@@ -36,6 +36,8 @@ class LoadPlan:
     """param -> the state the optimizer keeps (fp32/fp64 moments in the param's layout)."""
     num_steps: int
     guard_state: dict | None
+    spike_floor: dict | None = None
+    """parameter positions of a bucket layout -> its (sum of v, numel) rows (``check_spike_floor``)."""
 
 
 def prepare_load(opt, state_dict) -> LoadPlan:
@@ -47,6 +49,7 @@ def prepare_load(opt, state_dict) -> LoadPlan:
     sd = dict(state_dict)
     guard_state = sd.pop("guard", None)
     num_steps = sd.pop("num_steps", None)
+    spike_floor = sd.pop("spike_floor", None)
     saved_groups = sd["param_groups"]
     if not isinstance(saved_groups, (list, tuple)) or not all(isinstance(g, Mapping) for g in saved_groups):
         raise TypeError("state_dict['param_groups'] must be a list of dicts")
@@ -54,7 +57,7 @@ def prepare_load(opt, state_dict) -> LoadPlan:
     sd["param_groups"] = saved_groups
     if section is not None and num_steps is None and guard_state is None:
         # A state dict that went through torch.distributed.checkpoint: only the packed copy is left.
-        num_steps, guard_state = unpack_section(section)
+        num_steps, guard_state, spike_floor = unpack_section(section)
     if len(saved_groups) != len(opt.param_groups):
         raise ValueError(f"state_dict has {len(saved_groups)} param groups, the optimizer has "
                          f"{len(opt.param_groups)}")
@@ -107,7 +110,39 @@ def prepare_load(opt, state_dict) -> LoadPlan:
                             f"{type(guard_state).__name__}")
         if opt.guard is not None:
             _check_guard_state(opt, guard_state, num_steps, params)
-    return LoadPlan(sd, states, num_steps, dict(guard_state) if guard_state is not None else None)
+    floors = check_spike_floor(spike_floor, len(params)) if spike_floor is not None else None
+    return LoadPlan(sd, states, num_steps, dict(guard_state) if guard_state is not None else None, floors)
+
+
+def check_spike_floor(layouts, num_params: int, where: str = "state_dict['spike_floor']") -> dict:
+    """The saved floors of the spike bound (``FusedGuardedAdamW._spike_floor_state``) as
+    {parameter positions: [[sum of v, numel], ...]}; a malformed entry is refused, named."""
+    if not isinstance(layouts, (list, tuple)):
+        raise TypeError(f"{where} must be a list of bucket layouts, got {type(layouts).__name__}")
+    out = {}
+    for i, layout in enumerate(layouts):
+        at = f"{where}[{i}]"
+        if not isinstance(layout, Mapping):
+            raise TypeError(f"{at} must be a dict with 'params' and 'sums', got {type(layout).__name__}")
+        positions, sums = layout.get("params"), layout.get("sums")
+        if not isinstance(positions, (list, tuple)) or not positions or not all(
+                isinstance(k, int) and not isinstance(k, bool) and 0 <= k < num_params for k in positions):
+            raise ValueError(f"{at}['params'] must list parameter positions in [0, {num_params}), got {positions!r:.200}")
+        if any(a >= b for a, b in zip(positions, positions[1:])):
+            raise ValueError(f"{at}['params'] must be increasing (each parameter once), got {positions!r:.200}")
+        if tuple(positions) in out:
+            raise ValueError(f"{at}['params']: a second entry for the same parameters")
+        if not isinstance(sums, (list, tuple)) or len(sums) != len(positions):
+            raise ValueError(f"{at}['sums'] must hold one [sum of v, numel] pair per parameter "
+                             f"({len(positions)}), got {sums!r:.200}")
+        for j, pair in enumerate(sums):
+            if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(
+                    isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0
+                    for x in pair)):
+                raise ValueError(f"{at}['sums'][{j}] must be [sum of v, numel], two finite numbers >= 0, "
+                                 f"got {pair!r:.200}")
+        out[tuple(positions)] = [[float(x) for x in pair] for pair in sums]
+    return out
 
 
 def _convert_state(opt, saved, p: Tensor, where: str) -> tuple[dict, float]:
@@ -261,24 +296,27 @@ def _match_snapshot(found: list[tuple], layout: list, at: str) -> None:
 # torch.distributed.checkpoint (``get_optimizer_state_dict`` / ``set_optimizer_state_dict``, the
 # FSDP2 checkpoints of Accelerate and the HF Trainer) keeps only "state" and "param_groups" of an
 # optimizer state dict, with every non-"params" key of each group. So ``state_dict()`` also packs
-# ``num_steps`` and the guard state (its snapshots and start excepted: per-rank tensors) into one
+# ``num_steps``, the guard state (its snapshots and start excepted: per-rank tensors) and the
+# spike bound's floors (whole-tensor sums, alike on every rank) into one
 # opaque bytes value of the first group: DCP saves a bytes value as one item, and loads it into a
 # template whatever its length. Loading prefers the top-level entries when they are there.
 
 
-def pack_section(num_steps: int, guard_state: dict | None) -> bytes | None:
-    """``num_steps`` and the guard state as compressed JSON (None if the state is not JSON)."""
+def pack_section(num_steps: int, guard_state: dict | None, spike_floor: list | None = None) -> bytes | None:
+    """``num_steps``, the guard state and the spike bound's floors as compressed JSON (None if
+    the state is not JSON)."""
     guard = None
     if guard_state is not None:
         guard = {k: v for k, v in guard_state.items() if k not in ("snapshots", "start")}
     try:
-        text = json.dumps({"version": SECTION_VERSION, "num_steps": num_steps, "guard": guard})
+        text = json.dumps({"version": SECTION_VERSION, "num_steps": num_steps, "guard": guard,
+                           "spike_floor": spike_floor})
     except (TypeError, ValueError):  # a guard state that is not JSON: carried top-level only
         return None
     return zlib.compress(text.encode("utf-8"), 6)
 
 
-def unpack_section(section) -> tuple[int, dict | None]:
+def unpack_section(section) -> tuple[int, dict | None, list | None]:
     """Inverse of :func:`pack_section`; ValueError names what is wrong."""
     where = f"state_dict['param_groups'][0][{SECTION_KEY!r}]"
     if not isinstance(section, (bytes, bytearray, str)):
@@ -294,7 +332,7 @@ def unpack_section(section) -> tuple[int, dict | None]:
     guard = payload.get("guard")
     if guard is not None and not isinstance(guard, dict):
         raise TypeError(f"{where}: the guard state must be a dict")
-    return payload.get("num_steps"), guard
+    return payload.get("num_steps"), guard, payload.get("spike_floor")  # no floors: an older section
 
 
 OPTION_KEYS = ("guard", "backend", "max_grad_norm", "telemetry_group")
@@ -304,7 +342,8 @@ kwargs as defaults of its own param groups and copies them into every group it h
 local optimizer, so they show up there."""
 
 
-def finish_state_dict(state_dict: dict, num_steps: int, guard_state: dict | None) -> None:
+def finish_state_dict(state_dict: dict, num_steps: int, guard_state: dict | None,
+                      spike_floor: list | None = None) -> None:
     """Drop :data:`OPTION_KEYS` from the saved param groups (copies made by
     ``torch.optim.Optimizer.state_dict``) and put the packed section into the first one."""
     groups = state_dict.get("param_groups")
@@ -313,7 +352,7 @@ def finish_state_dict(state_dict: dict, num_steps: int, guard_state: dict | None
     for group in groups:
         for key in OPTION_KEYS:
             group.pop(key, None)
-    section = pack_section(num_steps, guard_state)
+    section = pack_section(num_steps, guard_state, spike_floor)
     if section is not None:
         groups[0][SECTION_KEY] = section
 
@@ -330,14 +369,17 @@ def _pop_section(groups) -> tuple[list, object]:
 
 
 def apply_section(opt, section) -> None:
-    """Restore ``num_steps`` and the guard state from a packed section (used where a loader
-    dropped the param-group key, e.g. DCP's ``flatten_optimizer_state_dict``)."""
-    num_steps, guard_state = unpack_section(section)
+    """Restore ``num_steps``, the guard state and the spike bound's floors from a packed section
+    (used where a loader dropped the param-group key, e.g. DCP's ``flatten_optimizer_state_dict``)."""
+    num_steps, guard_state, spike_floor = unpack_section(section)
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 0:
         raise ValueError(f"the packed num_steps must be an int >= 0, got {num_steps!r}")
     if guard_state is not None and opt.guard is not None:
         opt.guard.check_state_dict(guard_state, num_steps)
+    num_params = sum(len(g["params"]) for g in opt.param_groups)
+    floors = check_spike_floor(spike_floor, num_params, "the packed spike_floor") if spike_floor is not None else None
     opt.num_steps = num_steps
+    opt._load_spike_floor(floors)
     if guard_state is not None and opt.guard is not None:
         opt.guard.bind(opt)
         opt.guard.load_state_dict(guard_state)

@@ -68,15 +68,23 @@ class _Bucket:
     group_ids: list[int] = field(default_factory=list)
     kinds: list[int] = field(default_factory=list)
     owners: list[Tensor] = field(default_factory=list)  # the parameters (DTensors stay DTensors)
+    positions: list[int] = field(default_factory=list)  # their places among all the optimizer's params
     backend: Backend | None = None
 
     @property
     def key(self) -> tuple:
-        return (self.dtype, self.dense, tuple(self.group_ids))
+        """Its layout: one ``tensor_out`` buffer each, whose rows belong to these parameters."""
+        return (self.dtype, self.dense, tuple(self.positions))
 
 
 _LIBRARY_DIRS = tuple(os.path.dirname(m.__file__) + os.sep for m in (torch,) if m.__file__) + (
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep + "lbw_",)
+
+
+def _seed_floor(out: Tensor, sums: list | None) -> None:
+    """Write a layout's saved (sum of v, numel) rows into its ``tensor_out`` buffer."""
+    if sums is not None:
+        out[:, [C.T_MOMENT2_SUM, C.T_NUMEL]] = torch.tensor(sums, dtype=torch.float64).to(out.device)
 
 
 def _user_stacklevel() -> int:
@@ -209,6 +217,8 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
         self._checked_replicas = False
         self._last_command: GuardCommand | None = None
         self._graph_has_loss = False
+        # Loaded spike-bound floors of layouts not stepped since (see _spike_floor_state).
+        self._loaded_floor: dict[tuple, list] = {}
 
     # ------------------------------------------------------------------ set-up
     @property
@@ -324,14 +334,36 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
         sd["num_steps"] = self.num_steps  # the guard numbers its records, events and snapshots by it
         if self._guard is not None:
             sd["guard"] = self._guard.state_dict()
+            sd["spike_floor"] = self._spike_floor_state()
         # torch.distributed.checkpoint's get_optimizer_state_dict keeps only "state" and
         # "param_groups": the two entries above also ride, packed, in the first param group.
         # Constructor options that ZeroRedundancyOptimizer copies into every param group
         # (telemetry_group: a process group cannot be pickled) are no state and are dropped.
         from .checkpoint import finish_state_dict
 
-        finish_state_dict(sd, self.num_steps, sd.get("guard"))
+        finish_state_dict(sd, self.num_steps, sd.get("guard"), sd.get("spike_floor"))
         return sd
+
+    def _spike_floor_state(self) -> list[dict]:
+        """What the spike bound's floor reads at the next step, per bucket layout: each tensor's
+        sum of v and element count from its last step (``lbw_kernels.contract``). Saved so that
+        a resumed run bounds its first step exactly as the uninterrupted run would; a state dict
+        without it (torch's AdamW) starts with no floor, as a fresh run does."""
+        layouts = dict(self._loaded_floor)  # loaded, not stepped since
+        for buf in self._buffers.values():
+            for key, out in buf.tensor_out.items():
+                layouts[key[-1]] = out[:, [C.T_MOMENT2_SUM, C.T_NUMEL]].cpu().tolist()
+        return [{"params": list(positions), "sums": sums} for positions, sums in layouts.items()]
+
+    def _load_spike_floor(self, layouts: dict[tuple, list] | None) -> None:
+        """Make the floors those of a checkpoint (validated by ``checkpoint.check_spike_floor``):
+        live buffers in place (a captured graph keeps reading them), the rest when their layout
+        next steps."""
+        self._loaded_floor = dict(layouts or {})
+        for buf in self._buffers.values():
+            for key, out in buf.tensor_out.items():
+                out.zero_()
+                _seed_floor(out, self._loaded_floor.pop(key[-1], None))
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load our own or a ``torch.optim.AdamW`` state dict (same per-parameter keys).
@@ -349,6 +381,7 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
         self.num_steps = plan.num_steps
         for buffers in self._buffers.values():
             buffers.invalidate()
+        self._load_spike_floor(plan.spike_floor)
         if self._guard is not None:
             self._guard.bind(self)
             if plan.guard_state is not None:
@@ -366,6 +399,7 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
                 "num_steps": self.num_steps,
                 "guard_config": self._guard.config if self._guard is not None else None,
                 "guard_state": self._guard.state_dict() if self._guard is not None else None,
+                "spike_floor": self._spike_floor_state(),
                 "pending_loss": self._pending_loss,
                 "pending_grad_norm": self._pending_grad_norm,
                 "param_info": [self._param_info.get(p) for g in self.param_groups for p in g["params"]],
@@ -397,6 +431,7 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
         self.num_steps = options["num_steps"]
         self._pending_loss = options["pending_loss"]
         self._pending_grad_norm = options["pending_grad_norm"]
+        self._loaded_floor = {tuple(e["params"]): e["sums"] for e in options.get("spike_floor") or ()}
         if options["guard_config"] is not None:
             self._guard = _resolve_guard(options["guard_config"])
             self._guard.bind(self)
@@ -538,17 +573,19 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
     def _collect(self) -> list[_Bucket]:
         """Buckets of (device, dtype, dense) with their tensors; validates before any change."""
         found = []
+        position = 0
         for gid, group in enumerate(self.param_groups):
             for i, p in enumerate(group["params"]):
                 g = p.grad
                 if g is not None:
                     validation.check_grad(p, g, f"param group {gid} params[{i}]")
-                    found.append((gid, p, g))
+                    found.append((gid, p, g, position))
+                position += 1
         if found and not self._checked_replicas and self._guard is not None:
-            distributed.check_replicated([p for _, p, _ in found], self.telemetry_group)
+            distributed.check_replicated([p for _, p, _, _ in found], self.telemetry_group)
             self._checked_replicas = True
         buckets: dict[tuple, _Bucket] = {}
-        for gid, p, g in found:
+        for gid, p, g, position in found:
             lp, lg = distributed.local_tensor(p), distributed.local_tensor(g)
             dense = is_dense(lp)
             state = self.state.get(p)
@@ -564,6 +601,7 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
             b.params.append(lp)
             b.grads.append(lg)
             b.group_ids.append(gid)
+            b.positions.append(position)
             b.kinds.append(self._param_info[p][0])
         return list(buckets.values())
 
@@ -606,6 +644,8 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
             if b.device not in uploaded:
                 self._copy_tensor_lrs(buf)
             out = buf.tensor_sums(b.key, len(b.params))
+            if self._loaded_floor:
+                _seed_floor(out, self._loaded_floor.pop(b.key[-1], None))
             if shard_group is not None:
                 steps_before.append(torch.stack([s.reshape(()).double() for s in b.steps]))
             on = b.device

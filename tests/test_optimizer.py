@@ -559,6 +559,69 @@ def test_spike_bound_floor_comes_from_the_previous_steps_sums(backend):
     assert spikes[8] == len(loud), spikes
 
 
+@pytest.mark.parametrize("via", ["state_dict", "packed", "deepcopy"])
+def test_a_resumed_run_bounds_its_first_step_with_the_saved_spike_floor(backend, via):
+    """The bound's floor comes from the previous step's sums, and the state dict carries them
+    (top level; packed for torch.distributed.checkpoint; through a deep copy): a run resumed just
+    before a layer wakes up lets the waking elements through as the uninterrupted run does.
+    Without the saved floor (an AdamW state dict has none) they are clamped."""
+    seed = int(torch.randint(0, 2**31 - 1, ()))
+    gen = torch.Generator().manual_seed(seed)
+    bias0, w0 = torch.randn(8, generator=gen), torch.randn(64, 64, generator=gen)
+    quiet = torch.randperm(w0.numel(), generator=gen)[:64]
+
+    def grads(step):
+        g = torch.Generator().manual_seed(seed + 1 + step)
+        gb, gw = torch.randn(8, generator=g), torch.randn(w0.numel(), generator=g)
+        gw[quiet] = (1e-3 if step == 6 else 1e-6) * gw[quiet].sign()  # wakes up at step 6
+        return gb, gw.reshape(w0.shape)
+
+    def fresh():
+        params = [bias0.clone().requires_grad_(), w0.clone().requires_grad_()]
+        opt = FusedGuardedAdamW([{"params": params[:1]}, {"params": params[1:], "lr": 2e-3}], lr=1e-3,
+                                backend=backend, guard=GuardConfig(spike_warmup=2))
+        return params, opt
+
+    def run(params, opt, steps):
+        spikes = []
+        for s in steps:
+            for p, g in zip(params, grads(s)):
+                p.grad = g
+            opt.step(loss=torch.tensor(2.0))
+            spikes.append(int(opt.telemetry.per_tensor[0][1, C.T_SPIKES]))  # rows by position: w is 1
+        return spikes
+
+    def resumed(saved_params, sd):
+        params, opt = fresh()
+        with torch.no_grad():
+            for p, q in zip(params, saved_params):
+                p.copy_(q)
+        opt.load_state_dict(sd)
+        return params, opt
+
+    params, opt = fresh()
+    run(params, opt, range(6))
+    saved_params = [p.detach().clone() for p in params]
+    saved = copy.deepcopy(opt.state_dict())
+    if via == "deepcopy":
+        params_b, opt_b = copy.deepcopy((params, opt))
+    elif via == "packed":  # only the copy in the first param group, as DCP leaves it
+        packed = {k: v for k, v in copy.deepcopy(saved).items() if k not in ("num_steps", "guard", "spike_floor")}
+        params_b, opt_b = resumed(saved_params, packed)
+    else:
+        params_b, opt_b = resumed(saved_params, copy.deepcopy(saved))
+    spikes = run(params, opt, range(6, 9))
+    assert spikes == [0, 0, 0]
+    assert run(params_b, opt_b, range(6, 9)) == spikes
+    assert_same_run(params, opt, params_b, opt_b)
+
+    bare = copy.deepcopy(saved)
+    del bare["spike_floor"]
+    params_c, opt_c = resumed(saved_params, bare)
+    assert run(params_c, opt_c, range(6, 9))[0] == len(quiet)
+    assert not torch.equal(params_c[1], params[1])
+
+
 # --------------------------------------------------------------------------- API
 def test_named_parameters_work_and_record_param_names_like_torch(backend):
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))

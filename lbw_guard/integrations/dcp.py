@@ -64,7 +64,9 @@ def _section_of(optimizer):
     if not hasattr(opt, "num_steps"):
         return None
     guard = getattr(opt, "guard", None)
-    return pack_section(opt.num_steps, guard.state_dict() if guard is not None else None)
+    if guard is None:
+        return pack_section(opt.num_steps, None)
+    return pack_section(opt.num_steps, guard.state_dict(), opt._spike_floor_state())
 
 
 def get_optimizer_state_dict(model: torch.nn.Module, optimizers: torch.optim.Optimizer | Iterable,
