@@ -149,6 +149,19 @@ def test_fault_is_survived(fault, clean_loss):
         assert "loss_spike" in why and skips[0].detail["device_skipped"]
 
 
+@pytest.mark.parametrize("fault", ["spike_1e4", "spike_1e6"])
+def test_a_spike_in_the_first_records_is_clamped_by_the_loose_bound(fault, clean_loss):
+    """Before ``spike_warmup`` records the bound is ``spike_k_warmup``: without it a spike at
+    step 5 goes whole into v and Adam's steps stall for the rest of the run."""
+    losses = {}
+    for warm_k in (GuardConfig().spike_k_warmup, math.inf):
+        model, opt, losses[warm_k] = train(GuardConfig(spike_k_warmup=warm_k), faults={5: fault})
+        assert finite(model)
+    print(f"\n{fault} at step 5: clean {clean_loss:.4f}  guard {losses}")
+    assert abs(losses[GuardConfig().spike_k_warmup] - clean_loss) <= 0.10 * clean_loss
+    assert losses[math.inf] > 1.10 * clean_loss  # the bound is what saves the run
+
+
 def test_healthy_run_matches_adamw_without_rollback(clean_loss):
     model, opt, loss = train("default")
     summary = opt.guard.summary()

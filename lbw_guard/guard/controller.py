@@ -78,7 +78,9 @@ class Controller:
             self.last_scale[g] = issued
             scales.append(issued)
             gates.append(self.recovery.gate(g, step))
-        spike_k = c.spike_k if self.processed >= c.spike_warmup else math.inf
+        spike_k = c.spike_k if self.processed >= c.spike_warmup else c.spike_k_warmup
+        if step < 3:  # no bound until a step has written v (the bound's floor is 0 before)
+            spike_k = math.inf
         return GuardCommand(
             scale=scales, gate=gates, spike_k=spike_k, clamp=c.clamp_spikes,
             loss_limit=self.detectors.loss_limit() if c.loss_check else math.inf,
