@@ -547,14 +547,18 @@ def _bad_values(field: dataclasses.Field) -> list:
     }
     if kind not in table:
         raise AssertionError(f"GuardConfig.{field.name} has a type ({kind}) this table does not know: add it")
-    return table[kind] + RANGE_EXTRAS.get(field.name, [])
+    bad = [v for v in table[kind] if not (field.name in INF_MEANS_NONE and v == INF)]
+    return bad + RANGE_EXTRAS.get(field.name, [])
+
+
+INF_MEANS_NONE = {"spike_k_warmup"}  # float fields where inf is a valid setting (no bound)
 
 
 # Values of the right type but outside the field's range (on top of the type-derived ones).
 RANGE_EXTRAS = {
     "warmup_steps": [0], "ema_beta": [0.0, 1.0], "winsor_z": [0.0], "min_grad_log_std": [0.0],
     "min_loss_rel_std": [0.0], "z_grad": [0.0], "z_loss": [0.0], "spike_fraction": [0.0, 1.5],
-    "warmup_grad_factor": [1.0, 0.5], "level_shift_records": [0], "rescale_tolerance": [0.0], "spike_k": [0.0], "min_scale": [0.0, 1.5],
+    "warmup_grad_factor": [1.0, 0.5], "level_shift_records": [0], "rescale_tolerance": [0.0], "spike_k": [0.0], "spike_k_warmup": [0.0], "min_scale": [0.0, 1.5],
     "max_update_ratio": [0.0],
     "early_records": [], "omega_low": [0.0, 0.95], "omega_high": [0.01],  # below the default omega_low
     "omega_worsening": [0.0, 1.5], "omega_window": [0], "min_evidence": [0], "cut_factor": [0.0, 1.0],
