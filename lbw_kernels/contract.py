@@ -26,7 +26,7 @@ step counter *before* the step)::
     step_size = fp32(lr_eff / (1 - beta1^s'))     bc2_sqrt = fp32(sqrt(1 - beta2^s'))
     decay     = fp32(1 - lr_eff * weight_decay)   prev_m   = fp32(1 / (1 - beta1^s)) (0 if s = 0)
     prev_v    = fp32(1 / sqrt(1 - beta2^s)) (1 if s = 0)
-    spike_scale = fp32(c[SPIKE_K] * prev_v) if s >= 1 else +inf
+    spike_scale = fp32(c[SPIKE_K] * prev_v) if s >= 2 else +inf   # (*)
     rms_in    = sqrt(tensor_out[T_MOMENT2_SUM] / tensor_out[T_NUMEL]) as the call finds them (fp64)
     spike_floor = fp32(spike_scale * fp32(rms_in)) if that is finite and T_NUMEL > 0, else 0
     clip      = min(1, fp32(max_grad_norm) / (fp32(grad_norm) + 1e-6)) when clipping, else 1
@@ -55,6 +55,12 @@ steps while attention leaves uniform) sends the gradients of its small-v element
 their own bound, and clamping that legitimate growth cost GPT-2 3.7% of its final loss under
 warmup + cosine at its best lr. Those elements sit 10-30x below the tensor's RMS sqrt(v); a
 x1e3 or larger spike still crosses the floored bound on 65-95% of all elements.
+
+(*) Why no bound before a tensor's third step: after one step v holds a single gradient and
+the sums before that step are 0, so the bound would be k times each element's first gradient
+with no floor, and every element whose first gradient happened to be tiny would be clamped.
+Counted per tensor, this holds at a run's start, after a rollback to it, and for a tensor
+stepped for the first time mid-run.
 
 An element over the bound is an outlier: it enters the momentum at its typical size with its
 sign (a x1e4 spike becomes an ordinary step, not a kick that the momentum carries for ten
@@ -277,7 +283,7 @@ def coefficients(rows: Tensor, step: Tensor, applied: Tensor, max_grad_norm: Ten
         "eps": rows[..., EPS],
         "prev_m": torch.where(first, torch.zeros_like(s), 1.0 / torch.where(first, one, bc1_prev)),
         "prev_v": prev_v,
-        "spike_scale": torch.where(first, torch.full_like(s, math.inf), rows[..., SPIKE_K] * prev_v),
+        "spike_scale": torch.where(s < 2, torch.full_like(s, math.inf), rows[..., SPIKE_K] * prev_v),
         "clip": clip_coefficient(max_grad_norm, grad_norm, rows.device, grad_dtype).expand(s.shape),
     }
     return coef

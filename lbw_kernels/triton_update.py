@@ -159,7 +159,7 @@ def update_kernel(chunks, control, tensor_out, partials, loss_ptr, found_inf_ptr
     prev_m = tl.where(first, 0.0, 1.0 / bc1_prev).to(tl.float32)
     prev_v64 = tl.where(first, 1.0, 1.0 / tl.sqrt(bc2_prev))
     prev_v = prev_v64.to(tl.float32)
-    spike_scale = tl.where(first, float("inf"), tl.load(crow + SPIKE_K) * prev_v64).to(tl.float32)
+    spike_scale = tl.where(s < 2.0, float("inf"), tl.load(crow + SPIKE_K) * prev_v64).to(tl.float32)
     # The bound's floor from the previous step's sums, which tensor_out still holds (the finish
     # kernel, launched after this one, overwrites them).
     t_row = tensor_out + tl.load(row + _CHUNK_TENSOR) * _NT

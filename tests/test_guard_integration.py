@@ -162,6 +162,25 @@ def test_a_spike_in_the_first_records_is_clamped_by_the_loose_bound(fault, clean
     assert losses[math.inf] > 1.10 * clean_loss  # the bound is what saves the run
 
 
+@pytest.mark.parametrize("fault_step", [1, 2])
+def test_a_spike_in_the_first_two_steps_rolls_back_to_the_start_without_an_lr_cut(fault_step, clean_loss):
+    """The bound has no history before a tensor's third step, so a spike in step 1 or 2 goes
+    whole into v and plain AdamW stalls; the guard sees it one record later (the grad norm
+    fell, or rose, by ``warmup_grad_factor``) and goes back to the state the run began from.
+    The fault was the data's, not the lr's: the scale stays 1."""
+    model, opt, loss = train("default", faults={fault_step: "spike_1e4"})
+    _, _, plain = train(None, faults={fault_step: "spike_1e4"}, plain=True)
+    events = opt.guard.events
+    print(f"\nspike at step {fault_step}: clean {clean_loss:.4f}  guard {loss:.4f}  AdamW {plain:.4f}")
+    assert finite(model)
+    rollbacks = [(e.detail["why"], e.detail["to_step"]) for e in events if e.action == "rollback"]
+    assert rollbacks == [("unbounded_spike", 0)], [(e.step, e.action, e.detail) for e in events]
+    assert abs(loss - clean_loss) <= 0.10 * clean_loss
+    assert plain > 1.10 * clean_loss  # what the rollback saved the run from
+    assert not [e for e in events if e.action in ("cap_scale", "decrease_scale", "give_up")]
+    assert opt.guard.summary()["mean_scale"] == 1.0
+
+
 def test_healthy_run_matches_adamw_without_rollback(clean_loss):
     model, opt, loss = train("default")
     summary = opt.guard.summary()

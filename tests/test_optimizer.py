@@ -559,6 +559,28 @@ def test_spike_bound_floor_comes_from_the_previous_steps_sums(backend):
     assert spikes[8] == len(loud), spikes
 
 
+def test_no_spike_bound_before_a_tensors_third_step(backend):
+    """After one step v holds a single gradient and there is no floor yet, so the contract
+    puts no bound on a tensor before its third step, counted per tensor: a tensor stepped for
+    the first time mid-run is not bounded at its second step either."""
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    params = [torch.randn(256, generator=gen).requires_grad_() for _ in range(3)]
+    opt = FusedGuardedAdamW(params, lr=1e-3, backend=backend, guard=GuardConfig(spike_warmup=0))
+    hit = torch.randperm(256, generator=gen)[:16]
+    spiked_at = {2: (0, 1), 3: (2,)}  # (0-based) step -> the tensors with a spike (1e4, ~1e4 sigma) on 16 elements
+    spikes = []
+    for step in range(4):
+        for i, p in enumerate(params):
+            g = torch.randn(256, generator=gen)
+            if i in spiked_at.get(step, ()):
+                g[hit] = 1e4 * g[hit].sign()
+            p.grad = g if i == 0 or step >= 1 else None  # tensors 1 and 2 are stepped from step 1 on
+        opt.step(loss=torch.tensor(2.0))
+        spikes.append([int(x) for x in opt.telemetry.per_tensor[0][:, C.T_SPIKES]])
+    # tensor 0 is bounded at its third step; tensor 1 not at its second; tensor 2 at its third
+    assert spikes == [[0], [0, 0, 0], [16, 0, 0], [0, 0, 16]], spikes
+
+
 @pytest.mark.parametrize("via", ["state_dict", "packed", "deepcopy"])
 def test_a_resumed_run_bounds_its_first_step_with_the_saved_spike_floor(backend, via):
     """The bound's floor comes from the previous step's sums, and the state dict carries them

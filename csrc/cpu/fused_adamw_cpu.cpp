@@ -147,7 +147,7 @@ Coeffs coefficients(const double* row, double s, double applied) {
   c.eps = static_cast<float>(row[kEps]);
   c.prev_m = first ? 0.0f : static_cast<float>(1.0 / bc1_prev);
   c.prev_v = static_cast<float>(prev_v);
-  c.spike_scale = first ? std::numeric_limits<float>::infinity()
+  c.spike_scale = s < 2.0 ? std::numeric_limits<float>::infinity()  // contract: no bound before two steps
                         : static_cast<float>(row[kSpikeK] * prev_v);
   return c;
 }

@@ -215,7 +215,7 @@ __device__ void compute_coef(const StepArgs& a, const TensorDesc& t, int32_t ten
   c.eps = __double2float_rn(row[kEps]);
   c.prev_m = first ? 0.0f : __double2float_rn(__ddiv_rn(1.0, bc1_prev));
   c.prev_v = __double2float_rn(prev_v);
-  c.spike_scale = first ? __int_as_float(0x7f800000)
+  c.spike_scale = s < 2.0 ? __int_as_float(0x7f800000)  // contract: no bound before two steps
                         : __double2float_rn(__dmul_rn(row[kSpikeK], prev_v));
   // contract.spike_floor, from the previous step's sums (the finish kernel, launched after
   // this one, overwrites them).

@@ -78,9 +78,8 @@ class Controller:
             self.last_scale[g] = issued
             scales.append(issued)
             gates.append(self.recovery.gate(g, step))
+        # (the kernels add no bound before a tensor's third step: lbw_kernels.contract)
         spike_k = c.spike_k if self.processed >= c.spike_warmup else c.spike_k_warmup
-        if step < 3:  # no bound until a step has written v (the bound's floor is 0 before)
-            spike_k = math.inf
         return GuardCommand(
             scale=scales, gate=gates, spike_k=spike_k, clamp=c.clamp_spikes,
             loss_limit=self.detectors.loss_limit() if c.loss_check else math.inf,
@@ -122,7 +121,9 @@ class Controller:
             self._event(rec.step, action, signals=signals, detail=e, bound=bound, applied=applied)
         if decision["rollback_to"] is not None:
             self.accounting.rollbacks += 1
-            self.governor.on_rollback(lrs, issued_scale, to_start=decision["rollback_to"] == 0)
+            # a spike the bound could not see is a fault of the data, not of the lr: no cut
+            self.governor.on_rollback(lrs, issued_scale, to_start=decision["rollback_to"] == 0,
+                                      cut=decision["rollback_why"] != "unbounded_spike")
             self.detectors.rebaseline()
             self._transition(rec.step, RECOVERING, signals, "rollback")
         elif decision["rebaseline_loss"]:

@@ -474,14 +474,15 @@ class StepSizeGovernor:
                               "cos": self.cos, "ceiling_before": before})
         return decisions
 
-    def on_rollback(self, lrs: list[float], scales: list[float], to_start: bool = False) -> None:
-        """The run diverged at the current effective lr: continue from a lower one. After a
+    def on_rollback(self, lrs: list[float], scales: list[float], to_start: bool = False, cut: bool = True) -> None:
+        """The run diverged at the current effective lr: continue from a lower one (``cut``
+        False: the rollback undid a fault, and only the evidence restarts). After a
         rollback to the start (the first steps made the model worse than it began) the scale of
         that lower lr is also the most the scale may return to (``start_cap``): the probe cannot
         see an lr that damages a run only over its first steps, so without the cap the climb
         went back there and the run diverged late (held-out rsLoRA at 10x)."""
         c = self.config
-        for g in range(self.num_groups):
+        for g in range(self.num_groups if cut else 0):
             if g < len(lrs) and _finite(lrs[g]) and lrs[g] > 0:
                 lr_eff = lrs[g] * (scales[g] if g < len(scales) else 1.0)
                 self.ceiling[g] = max(c.min_scale * lrs[g], lr_eff * c.rollback_scale)
