@@ -113,8 +113,8 @@ class Recovery:
         c = self.config
         step = sig.step
         decision: dict = {"events": [], "rollback_to": None, "rollback_why": None, "give_up": None,
-                          "rebaseline_loss": False,
-                          "rebaseline_grad": False, "rebaseline_scale": False, "release_start": False}
+                          "rebaseline_loss": False, "rebaseline_grad": False, "rebaseline_scale": False,
+                          "release_start": False}
         for g, gs in enumerate(sig.groups):
             if gs.numel > 0:
                 self.numel[g] = gs.numel
