@@ -456,6 +456,45 @@ def test_no_rollback_to_the_start_without_two_of_three_above_it(case):
     assert not [e for e in ctl.events if e.detail.get("why") == "diverged_from_start"]
 
 
+@pytest.mark.parametrize("case, norms, rollback_at", [
+    ("first record a spike", [1e4, 1.0, 1.0], 2),
+    ("second record a spike", [1.0, 1e4, 1.2], 3),
+    ("first under the factor", [90.0, 1.0, 1.0], None),
+    ("second grown and staying grown (an lr too high)", [1.0, 1e4, 1e4], None),
+    ("second under the factor", [1.0, 90.0, 1.0], None),
+    ("a spike at the third record: the bound's", [1.0, 1.0, 1e4], None),
+    ("first a spike, not written", [1e4, 1.0, 1.0], None),
+    ("first a spike, no start held", [1e4, 1.0, 1.0], None),
+    ("first a spike, no rollback left", [1e4, 1.0, 1.0], None),
+])
+def test_a_spike_in_the_first_two_records_rolls_back_to_the_start_without_a_cut(case, norms, rollback_at):
+    """The per-element bound has no history in a tensor's first two steps: a grad norm
+    ``warmup_grad_factor`` (100) times its neighbours' there went whole into v, and the run goes
+    back to the start; the lr was not at fault, so the scale stays 1."""
+    ctl = Controller(explicit_config(max_rollbacks=0 if "no rollback" in case else 3), 1)
+    if "no start" not in case:
+        ctl.start_taken()
+    decisions = []
+    for n, norm in enumerate(norms, start=1):
+        ctl.command(n, [1e-3])
+        applied = 0.0 if "not written" in case and n == 1 else None
+        decisions.append(ctl.observe(make_record(n, grad_sq=norm ** 2, applied=applied), n))
+    assert [n for n, d in enumerate(decisions, start=1) if d["rollback_to"] is not None] == \
+        ([rollback_at] if rollback_at else [])
+    rollbacks = [e for e in ctl.events if e.action == "rollback"]
+    if rollback_at:
+        assert [(e.detail["why"], e.detail["to_step"]) for e in rollbacks] == [("unbounded_spike", 0)]
+        assert ctl.command(len(norms) + 1, [1e-3]).scale == [1.0]
+        assert ctl.recovery.start_held  # records after the rollback are judged afresh from the start
+        assert ctl.recovery.start_records == len(norms) - rollback_at
+    else:
+        assert not rollbacks
+    if "no rollback" in case:
+        refused = [e for e in ctl.events if e.action == "rollback_refused"]
+        assert [(e.detail["why"], e.bound) for e in refused] == [("unbounded_spike", "max_rollbacks")]
+        assert not ctl.recovery.start_held
+
+
 def test_the_start_is_let_go_after_early_records_and_when_the_budget_is_spent():
     config = explicit_config(early_records=5, max_rollbacks=1)
     ctl = Controller(config, 1)
