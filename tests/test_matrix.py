@@ -339,6 +339,7 @@ def test_gradient_faults_fire_at_their_steps_only():
     from lbw_guard.experiments.faults import FaultPlan, fault_steps
 
     assert fault_steps("spike-1e4", 100) == (40, 70) and fault_steps("random-batch", 100) == (50,)
+    assert fault_steps("spike-early", 240) == fault_steps("spike-early", 16) == (0, 6)
     groups, w1, w2 = _groups()
     plan = FaultPlan("spike-1e5", 100)
     plan.bind(groups, 50, 0)
@@ -346,12 +347,13 @@ def test_gradient_faults_fire_at_their_steps_only():
     assert w1.grad.max() == 1
     plan.corrupt_grads(40)
     assert w1.grad.max() == 1e5 and w2.grad.max() == 1e5
-    for name, factor in (("spike-1e3", 1e3), ("spike-1e4", 1e4), ("spike-1e6", 1e6)):
+    for name, factor, at in (("spike-1e3", 1e3, 70), ("spike-1e4", 1e4, 70), ("spike-1e6", 1e6, 70),
+                             ("spike-early", 1e4, 6)):
         groups, w1, w2 = _groups()
         plan = FaultPlan(name, 100)
         plan.bind(groups, 50, 0)
-        plan.corrupt_grads(70)
-        assert w1.grad.max() == factor and w2.grad.max() == factor and plan.fired == [70]
+        plan.corrupt_grads(at)
+        assert w1.grad.max() == factor and w2.grad.max() == factor and plan.fired == [at]
     groups, w1, w2 = _groups()
     plan = FaultPlan("nan-grad", 100)
     plan.bind(groups, 50, 0)

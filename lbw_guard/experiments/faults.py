@@ -6,6 +6,10 @@ optimizer step, or on the batch before the forward pass:
 
 - ``spike-1e3`` ... ``spike-1e6``: every gradient multiplied by 1e3 ... 1e6 at two steps (x1e3 is
   the fault nearest the guard's per-element bound, x1e6 the farthest).
+- ``spike-early``: every gradient x1e4 at the run's first step and its seventh, *before* the
+  warm-ups: where no per-element bound has a history (the first two steps) and where only the
+  guard's loose warm-up bound (``spike_k_warmup``) stands. The baseline rules have nothing to
+  measure a spike against there either; plain AdamW keeps it in v and stalls.
 - ``nan-grad``: one element of one gradient tensor (the first matrix of the first transformer
   layer) set to NaN at two steps.
 - ``random-batch``: one batch replaced by uniform random tokens.
@@ -26,9 +30,10 @@ import torch
 
 from .data import TokenData
 
-FAULTS = ("spike-1e3", "spike-1e4", "spike-1e5", "spike-1e6", "nan-grad", "random-batch", "data-switch")
+FAULTS = ("spike-1e3", "spike-1e4", "spike-1e5", "spike-1e6", "spike-early", "nan-grad", "random-batch",
+          "data-switch")
 # Every gradient multiplied by this factor at the fault's steps.
-SPIKE_FACTORS = {"spike-1e3": 1e3, "spike-1e4": 1e4, "spike-1e5": 1e5, "spike-1e6": 1e6}
+SPIKE_FACTORS = {"spike-1e3": 1e3, "spike-1e4": 1e4, "spike-1e5": 1e5, "spike-1e6": 1e6, "spike-early": 1e4}
 GRAD_FAULTS = (*SPIKE_FACTORS, "nan-grad")  # the faults that corrupt gradients, at two steps
 LABELS = {
     "clean": "clean (no fault)",
@@ -36,6 +41,7 @@ LABELS = {
     "spike-1e4": "grad x1e4 at 2 steps",
     "spike-1e5": "grad x1e5 at 2 steps",
     "spike-1e6": "grad x1e6 at 2 steps",
+    "spike-early": "grad x1e4 at steps 1 and 7",
     "nan-grad": "NaN grad element at 2 steps",
     "random-batch": "1 random-token batch",
     "data-switch": "prose -> code switch at 50%",
@@ -43,12 +49,15 @@ LABELS = {
 # When each fault fires, as fractions of the run (two-step faults at both).
 TWO_STEP_FRACTIONS = (0.4, 0.7)
 ONE_STEP_FRACTION = 0.5
+EARLY_STEPS = (0, 6)  # spike-early: 0-based, whatever the run's length
 
 
 def fault_steps(name: str, steps: int) -> tuple[int, ...]:
     """The 0-based steps at which ``name`` fires in a run of ``steps`` steps."""
     if name == "clean":
         return ()
+    if name == "spike-early":
+        return tuple(s for s in EARLY_STEPS if s < steps)
     if name in GRAD_FAULTS:
         out = sorted({min(steps - 1, max(0, int(f * steps))) for f in TWO_STEP_FRACTIONS})
         return tuple(out)
