@@ -462,16 +462,20 @@ def test_no_rollback_to_the_start_without_two_of_three_above_it(case):
     ("first under the factor", [90.0, 1.0, 1.0], None),
     ("second grown and staying grown (an lr too high)", [1.0, 1e4, 1e4], None),
     ("second under the factor", [1.0, 90.0, 1.0], None),
-    ("a spike at the third record: the bound's", [1.0, 1.0, 1e4], None),
+    ("a spike at the third record, no loose-bound window: the bound's", [1.0, 1.0, 1e4, 1.0], None),
+    ("a spike at the fifth record, in the loose bound's window", [1.0, 1.0, 1.0, 1.0, 1e4, 1.0], 6),
+    ("a spike at the fifth record, past the loose bound's window", [1.0, 1.0, 1.0, 1.0, 1e4, 1.0], None),
     ("first a spike, not written", [1e4, 1.0, 1.0], None),
     ("first a spike, no start held", [1e4, 1.0, 1.0], None),
     ("first a spike, no rollback left", [1e4, 1.0, 1.0], None),
 ])
-def test_a_spike_in_the_first_two_records_rolls_back_to_the_start_without_a_cut(case, norms, rollback_at):
-    """The per-element bound has no history in a tensor's first two steps: a grad norm
-    ``warmup_grad_factor`` (100) times its neighbours' there went whole into v, and the run goes
-    back to the start; the lr was not at fault, so the scale stays 1."""
-    ctl = Controller(explicit_config(max_rollbacks=0 if "no rollback" in case else 3), 1)
+def test_a_spike_the_bound_could_not_hold_rolls_back_to_the_start_without_a_cut(case, norms, rollback_at):
+    """The per-element bound has no history in a tensor's first two steps and is loose through
+    ``spike_warmup`` records: a grad norm ``warmup_grad_factor`` (100) times its neighbours'
+    there went (partly) into v, and the run goes back to the start; the lr was not at fault, so
+    the scale stays 1."""
+    window = 5 if "in the loose" in case else 4 if "past the loose" in case else 0  # spike_warmup
+    ctl = Controller(explicit_config(max_rollbacks=0 if "no rollback" in case else 3, spike_warmup=window), 1)
     if "no start" not in case:
         ctl.start_taken()
     decisions = []
