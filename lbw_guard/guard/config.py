@@ -54,7 +54,7 @@ class GuardConfig:
     warmup_grad_factor: float = 100.0
     """During warm-up, a grad norm above this multiple of the largest seen is a spike; in the
     first records since the start, one above this multiple of its neighbours' was a spike that
-    the per-element bound could not see (``Recovery._unbounded_spike``)."""
+    the per-element bound could not hold (``Recovery._unbounded_spike``)."""
     level_shift_records: int = 2
     """Consecutive records with a loss spike but normal gradients after which the loss is taken
     as a new level (a change of data, not divergence) and its statistics restart; likewise
@@ -98,8 +98,9 @@ class GuardConfig:
     so few samples would clamp them."""
     spike_k_warmup: float = 1000.0
     """The per-element bound during the first ``spike_warmup`` records (the kernels add none
-    before a tensor's third step: ``lbw_kernels.contract``; the recovery answers a spike there,
-    ``Recovery._unbounded_spike``); ``inf``: none. Without it a x1e4
+    before a tensor's third step: ``lbw_kernels.contract``); ``inf``: none. While the start is
+    held, a spike there also rolls the run back to it (``Recovery._unbounded_spike``): the
+    bound lets a share of the elements into v. Without it a x1e4
     gradient spike at steps 3-9 went whole into v and stalled the run (a small MLP: eval loss
     4.0-4.3 where the clean run ends at 0.0096, as under plain AdamW; with it 0.0097-0.018).
     A x1e4 spike crosses it on ~90% of the elements (x1e3 on ~30%). In the first 14 steps of
