@@ -586,7 +586,7 @@ def test_the_start_round_trips_through_the_controller_state():
     assert twin.recovery.start_held and twin.recovery.start_loss == 2.0 and twin.recovery.start_above == [1]
     assert _from_start(twin, [2.5], first=3)[-1]["rollback_to"] == 0
     old = ctl.state_dict()
-    for k in ("start_held", "start_loss", "start_records", "start_above"):
+    for k in ("start_held", "start_loss", "start_records", "start_above", "start_grads"):
         del old["recovery"][k]  # a state saved before the start existed
     twin = Controller(config, 1)
     twin.load_state_dict(old)

@@ -59,7 +59,7 @@ def guard_json(opt) -> str:
     recovery = state["controller"]["recovery"]
     recovery.pop("verified_snapshots", None)
     recovery.pop("pending_snapshots", None)
-    for key in ("start_held", "start_records", "start_above"):
+    for key in ("start_held", "start_records", "start_above", "start_grads"):
         recovery.pop(key, None)
     return json.dumps(state, sort_keys=True)
 
