@@ -431,7 +431,9 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
         self.num_steps = options["num_steps"]
         self._pending_loss = options["pending_loss"]
         self._pending_grad_norm = options["pending_grad_norm"]
-        self._loaded_floor = {tuple(e["params"]): e["sums"] for e in options.get("spike_floor") or ()}
+        from .checkpoint import check_spike_floor
+
+        self._loaded_floor = check_spike_floor(options.get("spike_floor") or [], len(params))
         if options["guard_config"] is not None:
             self._guard = _resolve_guard(options["guard_config"])
             self._guard.bind(self)

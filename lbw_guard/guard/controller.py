@@ -121,9 +121,8 @@ class Controller:
             self._event(rec.step, action, signals=signals, detail=e, bound=bound, applied=applied)
         if decision["rollback_to"] is not None:
             self.accounting.rollbacks += 1
-            # a spike the bound could not see is a fault of the data, not of the lr: no cut
             self.governor.on_rollback(lrs, issued_scale, to_start=decision["rollback_to"] == 0,
-                                      cut=decision["rollback_why"] != "unbounded_spike")
+                                      cut=decision["rollback_cuts_lr"])
             self.detectors.rebaseline()
             self._transition(rec.step, RECOVERING, signals, "rollback")
         elif decision["rebaseline_loss"]:

@@ -113,7 +113,7 @@ class Recovery:
         """Fold one assessed record in; returns the decision as a dict of actions."""
         c = self.config
         step = sig.step
-        decision: dict = {"events": [], "rollback_to": None, "rollback_why": None, "give_up": None,
+        decision: dict = {"events": [], "rollback_to": None, "rollback_cuts_lr": True, "give_up": None,
                           "rebaseline_loss": False, "rebaseline_grad": False, "rebaseline_scale": False,
                           "release_start": False}
         for g, gs in enumerate(sig.groups):
@@ -125,7 +125,9 @@ class Recovery:
         written = any(gs.written for gs in sig.groups)
         if self._diverged_from_start(sig, decision) and self._rollback_to_start(now, decision):
             return decision
-        if self._unbounded_spike(sig, written) and self._rollback_to_start(now, decision, "unbounded_spike"):
+        # the fault was the data's, not the lr's: no cut
+        if self._unbounded_spike(sig, written) and self._rollback_to_start(now, decision, "unbounded_spike",
+                                                                            cuts_lr=False):
             return decision
         if a.grad_spike and written:
             self.grad_spike_applied_at = step
@@ -239,7 +241,8 @@ class Recovery:
         self.start_held = False
         decision["release_start"] = True
 
-    def _rollback_to_start(self, now: int, decision: dict, why: str = "diverged_from_start") -> bool:
+    def _rollback_to_start(self, now: int, decision: dict, why: str = "diverged_from_start",
+                           cuts_lr: bool = True) -> bool:
         c = self.config
         self._expire_rollbacks(now)
         if len(self.rollback_steps) >= c.max_rollbacks:
@@ -248,6 +251,7 @@ class Recovery:
             self._release_start(decision)
             return False
         self._roll_back_to(0, now, decision, why)
+        decision["rollback_cuts_lr"] = cuts_lr
         decision["events"][-1]["loss_at_start"] = self.start_loss
         self.start_records, self.start_above = 0, []  # the restarted run is judged afresh
         return True
@@ -290,7 +294,6 @@ class Recovery:
         """Decide the rollback to snapshot ``target`` (0: the start) and forget the abandoned
         trajectory: its snapshots (those after the target) and its trouble."""
         decision["rollback_to"] = target
-        decision["rollback_why"] = why
         decision["events"].append({"action": "rollback", "why": why, "to_step": target, "now": now,
                                    "distance": now - target})
         self.rollback_steps.append(now)
