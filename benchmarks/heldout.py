@@ -357,12 +357,15 @@ def train(job: Job, steps: int, guard_config: dict | None, backend: str, cut_sca
     model = build_model(s.arch, job.seed) if s.mode == "full" else lora_model(s, job.seed, steps)
     torch.manual_seed(job.seed + 1)
     groups = param_groups(model, s.mode, job.lr)
+    gave_up: list[int] = []
     if job.arm.startswith("adamw"):
         opt = torch.optim.AdamW(groups, lr=job.lr)
     else:
         from lbw_guard import FusedGuardedAdamW
-        from lbw_guard.guard import GuardConfig
-        guard = None if job.arm == "fused" else GuardConfig(**guard_config) if guard_config else "default"
+        from lbw_guard.guard import Guard, GuardConfig
+        # a give-up is counted and the guard goes on (a user's loop would stop on GuardGaveUp)
+        guard = None if job.arm == "fused" else Guard(GuardConfig(**(guard_config or {})),
+                                                      on_give_up=lambda exc: gave_up.append(exc.evidence["step"]))
         opt = FusedGuardedAdamW(groups, lr=job.lr, guard=guard, backend=backend)
     schedule = make_schedule(opt, s.schedule, steps)
     fault = None
@@ -397,6 +400,8 @@ def train(job: Job, steps: int, guard_config: dict | None, backend: str, cut_sca
     if job.arm.startswith("guard"):
         summary = opt.guard.summary()
         out.update({k: summary[k] for k in ("capped_fraction", "skipped_fraction", "mean_scale", "rollbacks", "actions")})
+        if gave_up:
+            out["gave_up_at"] = gave_up
     return out
 
 

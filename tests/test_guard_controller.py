@@ -678,6 +678,9 @@ def test_guard_raises_guard_gave_up_or_calls_the_hook_and_continues():
     assert info.value.evidence["why"] == "persistent_trouble"
     assert info.value.evidence["consecutive_trouble"] == 8
     assert "gave up" in str(info.value)
+    # it crosses process boundaries (a worker pool's result) with its message and evidence
+    again = pickle.loads(pickle.dumps(info.value))
+    assert type(again) is GuardGaveUp and str(again) == str(info.value) and same(again.evidence, info.value.evidence)
     assert [e.action for e in driver.guard.events if e.action == "give_up"] == ["give_up"]
 
     calls = []
@@ -767,6 +770,49 @@ def test_governor_does_not_cut_on_the_loss_efficiency_without_all_its_evidence(w
     sim = Sim(explicit_config()).run(60, spec)
     assert not [e for e in sim.events if e.action in ("decrease_scale", "cap_scale")], why
     assert all(cmd.scale[0] == 1.0 for cmd in sim.commands.values()), why
+
+
+@pytest.mark.parametrize("restart, held", [(True, True), (True, False), (False, True)])
+def test_a_first_overshoot_while_the_start_is_held_restarts_the_run_once_at_the_cut_lr(restart, held):
+    config = explicit_config(efficiency_records=30, overshoot_restart=restart)  # room for more than one cut
+    sim = Sim(config)
+    if held:
+        sim.controller.start_taken()
+    sim.run(80, _start(loss_fall=0.02, cos=-0.05, predicted=0.5))
+    cuts = [e for e in sim.events if e.action == "decrease_scale" and e.detail["why"] == "overshoot"]
+    backs = [e for e in sim.events if e.action == "rollback"]
+    assert len(cuts) >= 2
+    if not (restart and held):
+        assert not backs and sim.controller.accounting.rollbacks == 0
+        return
+    # the first cut sends the run back to the start; later ones only cut
+    assert [(e.step, e.detail["why"], e.detail["to_step"]) for e in backs] == [(cuts[0].step, "overshoot", 0)]
+    assert sim.controller.accounting.rollbacks == 1 and sim.controller.recovery.restarted
+    rolled = [d for _, _, d in sim.decisions if d["rollback_to"] is not None]
+    assert len(rolled) == 1 and rolled[0]["rollback_cuts_lr"] is False  # the governor's cut is the lr change
+    # the restarted run starts at the cut's lr (no further halving), and is judged afresh:
+    # its next cut needs a full efficiency window of its own records
+    after = sim.commands[cuts[0].step + config.lag + 1].scale[0]
+    assert after == pytest.approx(cuts[0].detail["to_lr"] / 1e-3)
+    assert cuts[1].step - cuts[0].step >= config.efficiency_window + 1
+    assert all(config.min_scale <= cmd.scale[0] <= 1.0 for cmd in sim.commands.values())
+    # the state carries the restart: a resumed controller does not restart again
+    resumed = Controller(config, 1)
+    resumed.load_state_dict(copy.deepcopy(sim.controller.state_dict()))
+    assert resumed.recovery.restarted
+
+
+def test_no_overshoot_restart_for_a_run_that_already_went_back_to_its_start():
+    """A run sent back to its start (here: its loss rose above the start's) continues from an lr
+    chosen on evidence; an overshoot found after that cuts in place."""
+    config = explicit_config(efficiency_records=30, overshoot_restart=True)
+    sim = Sim(config)
+    sim.controller.start_taken()
+    slow = _start(loss_fall=0.02, cos=-0.05, predicted=0.5)
+    sim.run(80, lambda n, cmd: dict(omega=1.0, loss=6.0) if n in (2, 3) else slow(n, cmd))
+    backs = [(e.detail["why"], e.detail["to_step"]) for e in sim.events if e.action == "rollback"]
+    assert backs == [("diverged_from_start", 0)]
+    assert [e for e in sim.events if e.action == "decrease_scale" and e.detail["why"] == "overshoot"]
 
 
 def test_governor_follows_worsening_oscillation_down_to_min_scale_and_no_further():

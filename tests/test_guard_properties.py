@@ -75,6 +75,7 @@ def scenarios(draw, mode="act"):
         rollback_scale=draw(st.floats(0.1, 1.0)),
         start_rise=draw(st.one_of(st.none(), st.floats(0.01, 1.0))),
         start_cap=draw(st.booleans()),
+        overshoot_restart=draw(st.booleans()),
         snapshot_interval=draw(st.integers(1, min(distance, 8))),
         snapshot_ring=draw(st.integers(1, 3)),
         max_rollback_distance=distance,

@@ -239,6 +239,16 @@ class GuardConfig:
     1.09; at 10x the LoRA runs read 1.23-1.93 within 4 steps and an MLP 2.1-5.2, and then stayed
     above the best lr's loss whatever the later cuts (Adam's second moment keeps the early
     gradients). None: off."""
+    overshoot_restart: bool = True
+    """The loss efficiency's cut (a start that overshoots), while the state the run began from is
+    held and the run has not gone back to it before, also sends the run back there, to continue
+    at the cut lr: a too-high lr does its harm in the first steps, and a later cut does not undo
+    it (AdamW at 10x cut to 3x after 5 steps ends 27 of the 30 held-out runs within 15% of the
+    best, after 10 steps 20). Held-out QK-norm Qwen3 at 10x sat on a plateau under the cuts
+    (1.36-1.43 of the best loss, plain AdamW 1.27-1.33) and ends at 1.25-1.30 with the restart.
+    Once only: a run that went back to its start already continues from an lr chosen on
+    evidence, and restarting it again cost held-out MLP runs 9-19% of their loss. The
+    measurements: ``benchmarks/results/overshoot-restart/``. False: the cut alone."""
     start_cap: bool = True
     """After a rollback to the start, the lr scale it continues from (the scale it diverged at x
     ``rollback_scale``: a fraction of the schedule's lr, so a warmup still reaches that fraction
@@ -328,7 +338,7 @@ def _validate(c: GuardConfig) -> list[str]:
     check(c.mode in MODES, f"mode must be one of {MODES}, got {c.mode!r}")
     check(c.governor in GOVERNORS, f"governor must be one of {GOVERNORS}, got {c.governor!r}")
     check(c.snapshot_device in ("cpu", "device"), f"snapshot_device must be 'cpu' or 'device', got {c.snapshot_device!r}")
-    for name in ("clamp_spikes", "loss_check", "same_step_grad_skip", "snapshots", "snapshots_in_state_dict", "start_cap"):
+    for name in ("clamp_spikes", "loss_check", "same_step_grad_skip", "snapshots", "snapshots_in_state_dict", "start_cap", "overshoot_restart"):
         flag(name)
     integer("warmup_steps", 1)
     for name in ("freeze_steps", "lag", "snapshot_interval", "keep_trace", "max_rollbacks", "spike_warmup"):

@@ -113,12 +113,7 @@ class Controller:
         signals = sig.summary()
 
         decision = self.recovery.observe(sig, a, now, issued_gate)
-        for e in decision["events"]:
-            e = dict(e)
-            action = e.pop("action")
-            applied = e.pop("applied", True) and c.acts
-            bound = e.pop("bound", None)
-            self._event(rec.step, action, signals=signals, detail=e, bound=bound, applied=applied)
+        self._recovery_events(rec.step, decision["events"], signals)
         if decision["rollback_to"] is not None:
             self.accounting.rollbacks += 1
             self.governor.on_rollback(lrs, issued_scale, to_start=decision["rollback_to"] == 0,
@@ -137,8 +132,11 @@ class Controller:
         else:
             self.detectors.fold(sig, a)
             if not (a.nonfinite or a.params_bad or a.grad_spike):  # a fault says nothing of the lr
-                for cut in self.governor.observe(sig, issued_scale, lrs):
+                cuts = self.governor.observe(sig, issued_scale, lrs)
+                for cut in cuts:
                     self._event(rec.step, "decrease_scale", signals=signals, detail=cut, bound=None)
+                if c.overshoot_restart and any(cut["why"] == "overshoot" for cut in cuts):
+                    self._restart_after_overshoot(rec.step, now, decision, signals)
 
         numel = [gs.numel for gs in sig.groups]
         self.accounting.add(issued_scale, issued_gate, [gs.applied_gate for gs in sig.groups], numel,
@@ -151,6 +149,27 @@ class Controller:
             decision["give_up"] = None
         decision["signals"] = signals
         return decision
+
+    def _restart_after_overshoot(self, step: int, now: int, decision: dict, signals: dict) -> None:
+        """The governor's first overshoot, found while the start is held, sends the run back to
+        the start at the lr the cut set: the damage of a run's first steps at a too-high lr is
+        what a later cut cannot undo (see ``GuardConfig.overshoot_restart``)."""
+        before = len(decision["events"])
+        restarted = self.recovery.restart_from_start(now, decision, "overshoot")
+        self._recovery_events(step, decision["events"][before:], signals)
+        if restarted:
+            self.accounting.rollbacks += 1
+            self.governor.on_restart()
+            self.detectors.rebaseline()
+            self._transition(step, RECOVERING, signals, "rollback")
+
+    def _recovery_events(self, step: int, events: list[dict], signals: dict) -> None:
+        for e in events:
+            e = dict(e)
+            action = e.pop("action")
+            applied = e.pop("applied", True) and self.config.acts
+            bound = e.pop("bound", None)
+            self._event(step, action, signals=signals, detail=e, bound=bound, applied=applied)
 
     def notify_data_change(self, step: int) -> None:
         """The user says the data changed: the loss and the gradients are at a new level, not

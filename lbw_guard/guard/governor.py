@@ -98,6 +98,10 @@ per-layer param groups):
   ended worse than uncut (1.194 of the best loss against 1.174; seed 0, the held-out 10x mean
   1.126 against 1.117-1.120 with 12 records), so it stays at the start. Its cut is the
   oscillation cut (``cut_factor``), and the efficiency then starts again from the new ceiling.
+  The first such cut, while the start is held, also sends the run back to its start
+  (``overshoot_restart``, decided by the controller with recovery): the steps already taken
+  at the too-high lr did damage the cut cannot undo. The restarted run is judged afresh
+  (:meth:`StepSizeGovernor.on_restart`).
 - **not used**: the secant estimate of the best step along the update (-g_t.u_t over
   g_{t+1}.u_t - g_t.u_t) and the per-matrix cosine of g_t with u_{t-1} (the hypergradient).
   Whole-model, early in a run, they separate the lrs (secant about 2 at the best lr, 0.8 at
@@ -494,6 +498,20 @@ class StepSizeGovernor:
         self._end_climb()
         self.loss_mean = self.loss_var = None
         self._forget_recent(energy=True)  # the moments are the snapshot's now
+
+    def on_restart(self) -> None:
+        """The run went back to its start at the ceilings just cut: the evidence was about the
+        abandoned steps, and the restarted run is judged afresh (envelope, loss efficiency)."""
+        self.records = 0
+        self.log_omega = None
+        self.omega_samples = 0
+        self.omega_at_cut = None
+        self.early_losses = []
+        self.cos = None
+        self.cos_samples = 0
+        self._end_climb()
+        self.loss_mean = self.loss_var = None
+        self._forget_recent(energy=True)  # the moments are the start's
 
     def on_data_change(self) -> None:
         """The data changed (a loss level shift with normal gradients, or the user said so): the

@@ -21,6 +21,9 @@ The policy answers faults, not level changes, and never harms a healthy run:
   in the first ``early_records`` say the first steps made the model worse than it began (a
   too-high lr in a fine-tune does it within 2-4 steps, and Adam's second moment then keeps
   those gradients for the rest of the run). The state the run began from is held until then;
+- the governor's first overshoot at a run's start (the loss efficiency) also goes back to the
+  start, once, while it is held: the cut lr then applies from the first step
+  (``GuardConfig.overshoot_restart``);
 - a gradient spike that the per-element bound could not hold (none in a tensor's first two
   steps, a loose one through ``spike_warmup`` records) rolls back to the start too (seen one
   record later, against the neighbouring records' grad norms), without an lr cut: the fault
@@ -50,6 +53,11 @@ class GuardGaveUp(RuntimeError):
         super().__init__(message)
         self.evidence = evidence
 
+    def __reduce__(self):
+        # pickled with its evidence: it crosses process boundaries (multiprocessing pools,
+        # torch.multiprocessing spawn), where the default reduce would call __init__(message)
+        return type(self), (str(self), self.evidence)
+
 
 class Recovery:
     """Skip, rebaseline, freeze, rollback and escalation for ``num_groups`` groups."""
@@ -70,6 +78,7 @@ class Recovery:
         self.start_records = 0  # records judged against it since the start (or a rollback to it)
         self.start_above: list[int] = []  # of the last 3 records, which were above it by start_rise
         self.start_grads: list[list] = []  # of the last 3 records since the start: [grad norm or None, written]
+        self.restarted = False  # the run has gone back to its start (for any reason)
         self.num_groups = 0
         self.resize(num_groups)
 
@@ -256,6 +265,13 @@ class Recovery:
         self.start_records, self.start_above = 0, []  # the restarted run is judged afresh
         return True
 
+    def restart_from_start(self, now: int, decision: dict, why: str) -> bool:
+        """Go back to the start for the governor (the lr was too high from the first steps), if
+        it is still held and the budget allows; the governor's cut is the lr change."""
+        if not self.start_held or self.restarted:
+            return False
+        return self._rollback_to_start(now, decision, why, cuts_lr=False)
+
     def rollback_failed(self) -> None:
         """The last rollback could not be restored: take it back from the budget, and forget
         every snapshot (they are of a state the optimizer can no longer take)."""
@@ -294,6 +310,7 @@ class Recovery:
         """Decide the rollback to snapshot ``target`` (0: the start) and forget the abandoned
         trajectory: its snapshots (those after the target) and its trouble."""
         decision["rollback_to"] = target
+        self.restarted = self.restarted or target == 0
         decision["events"].append({"action": "rollback", "why": why, "to_step": target, "now": now,
                                    "distance": now - target})
         self.rollback_steps.append(now)
@@ -368,6 +385,7 @@ class Recovery:
             "start_records": self.start_records,
             "start_above": list(self.start_above),
             "start_grads": [list(x) for x in self.start_grads],
+            "restarted": self.restarted,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -393,6 +411,7 @@ class Recovery:
         self.start_above = [int(bool(x)) for x in state.get("start_above", [])][-3:]
         self.start_grads = [[None if x is None else float(x), bool(w)]  # came later
                             for x, w in state.get("start_grads", [])][-3:]
+        self.restarted = bool(state.get("restarted", False))
 
 
 __all__ = ["GuardGaveUp", "Recovery"]
