@@ -266,7 +266,9 @@ def test_sustained_high_lr_is_held_down(lr, clean_loss):
     assert finite(model)
     assert loss <= 1.10 * clean_loss
     assert opt.guard.scale[0] * lr <= 10 * LR
-    assert opt.guard.summary()["rollbacks"] == 0
+    # the only rollback is the overshoot's restart from the start (GuardConfig.overshoot_restart)
+    backs = [(e.detail["why"], e.detail["to_step"]) for e in opt.guard.events if e.action == "rollback"]
+    assert backs in ([], [("overshoot", 0)]) and opt.guard.summary()["rollbacks"] == len(backs)
 
 
 @pytest.mark.filterwarnings("ignore:FusedGuardedAdamW. the guard has had no loss")
