@@ -787,7 +787,7 @@ def test_a_first_overshoot_while_the_start_is_held_restarts_the_run_once_at_the_
         return
     # the first cut sends the run back to the start; later ones only cut
     assert [(e.step, e.detail["why"], e.detail["to_step"]) for e in backs] == [(cuts[0].step, "overshoot", 0)]
-    assert sim.controller.accounting.rollbacks == 1 and sim.controller.recovery.restarted
+    assert sim.controller.accounting.rollbacks == 1 and sim.controller.recovery.returned_to_start
     rolled = [d for _, _, d in sim.decisions if d["rollback_to"] is not None]
     assert len(rolled) == 1 and rolled[0]["rollback_cuts_lr"] is False  # the governor's cut is the lr change
     # the restarted run starts at the cut's lr (no further halving), and is judged afresh:
@@ -799,7 +799,7 @@ def test_a_first_overshoot_while_the_start_is_held_restarts_the_run_once_at_the_
     # the state carries the restart: a resumed controller does not restart again
     resumed = Controller(config, 1)
     resumed.load_state_dict(copy.deepcopy(sim.controller.state_dict()))
-    assert resumed.recovery.restarted
+    assert resumed.recovery.returned_to_start
 
 
 def test_no_overshoot_restart_for_a_run_that_already_went_back_to_its_start():

@@ -115,11 +115,9 @@ class Controller:
         decision = self.recovery.observe(sig, a, now, issued_gate)
         self._recovery_events(rec.step, decision["events"], signals)
         if decision["rollback_to"] is not None:
-            self.accounting.rollbacks += 1
             self.governor.on_rollback(lrs, issued_scale, to_start=decision["rollback_to"] == 0,
                                       cut=decision["rollback_cuts_lr"])
-            self.detectors.rebaseline()
-            self._transition(rec.step, RECOVERING, signals, "rollback")
+            self._rolled_back(rec.step, signals)
         elif decision["rebaseline_loss"]:
             self.detectors.rebaseline_loss(sig.loss)
             self.governor.on_data_change()
@@ -158,10 +156,14 @@ class Controller:
         restarted = self.recovery.restart_from_start(now, decision, "overshoot")
         self._recovery_events(step, decision["events"][before:], signals)
         if restarted:
-            self.accounting.rollbacks += 1
             self.governor.on_restart()
-            self.detectors.rebaseline()
-            self._transition(step, RECOVERING, signals, "rollback")
+            self._rolled_back(step, signals)
+
+    def _rolled_back(self, step: int, signals: dict) -> None:
+        """What every rollback does past the governor: count it, restart the statistics."""
+        self.accounting.rollbacks += 1
+        self.detectors.rebaseline()
+        self._transition(step, RECOVERING, signals, "rollback")
 
     def _recovery_events(self, step: int, events: list[dict], signals: dict) -> None:
         for e in events:

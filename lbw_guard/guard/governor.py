@@ -503,6 +503,16 @@ class StepSizeGovernor:
         """The run went back to its start at the ceilings just cut: the evidence was about the
         abandoned steps, and the restarted run is judged afresh (envelope, loss efficiency)."""
         self.records = 0
+        self._forget_evidence(energy=True)  # the moments are the start's
+
+    def on_data_change(self) -> None:
+        """The data changed (a loss level shift with normal gradients, or the user said so): the
+        oscillation evidence was about the old data, so the ceilings and the evidence restart."""
+        self.ceiling = [None] * self.num_groups  # (start_cap stays: it is about the lr, not the data)
+        self._forget_evidence(energy=False)  # m still holds the gradients the energy counts
+
+    def _forget_evidence(self, energy: bool) -> None:
+        """omega, the cosine, the loss efficiency's window, the climb and the loss level restart."""
         self.log_omega = None
         self.omega_samples = 0
         self.omega_at_cut = None
@@ -511,21 +521,7 @@ class StepSizeGovernor:
         self.cos_samples = 0
         self._end_climb()
         self.loss_mean = self.loss_var = None
-        self._forget_recent(energy=True)  # the moments are the start's
-
-    def on_data_change(self) -> None:
-        """The data changed (a loss level shift with normal gradients, or the user said so): the
-        oscillation evidence was about the old data, so the ceilings and the evidence restart."""
-        self.ceiling = [None] * self.num_groups  # (start_cap stays: it is about the lr, not the data)
-        self.log_omega = None
-        self.omega_samples = 0
-        self.omega_at_cut = None
-        self.early_losses = []
-        self.cos = None
-        self.cos_samples = 0
-        self._end_climb()
-        self.loss_mean = self.loss_var = None  # a new level
-        self._forget_recent(energy=False)  # m still holds the gradients the energy counts
+        self._forget_recent(energy=energy)
 
     def on_loss_rescale(self) -> None:
         """The loss was rescaled (a weight on it; the gradients moved by the same factor): the

@@ -78,7 +78,7 @@ class Recovery:
         self.start_records = 0  # records judged against it since the start (or a rollback to it)
         self.start_above: list[int] = []  # of the last 3 records, which were above it by start_rise
         self.start_grads: list[list] = []  # of the last 3 records since the start: [grad norm or None, written]
-        self.restarted = False  # the run has gone back to its start (for any reason)
+        self.returned_to_start = False  # the run has gone back to its start (for any reason)
         self.num_groups = 0
         self.resize(num_groups)
 
@@ -268,7 +268,7 @@ class Recovery:
     def restart_from_start(self, now: int, decision: dict, why: str) -> bool:
         """Go back to the start for the governor (the lr was too high from the first steps), if
         it is still held and the budget allows; the governor's cut is the lr change."""
-        if not self.start_held or self.restarted:
+        if not self.start_held or self.returned_to_start:
             return False
         return self._rollback_to_start(now, decision, why, cuts_lr=False)
 
@@ -310,7 +310,7 @@ class Recovery:
         """Decide the rollback to snapshot ``target`` (0: the start) and forget the abandoned
         trajectory: its snapshots (those after the target) and its trouble."""
         decision["rollback_to"] = target
-        self.restarted = self.restarted or target == 0
+        self.returned_to_start = self.returned_to_start or target == 0
         decision["events"].append({"action": "rollback", "why": why, "to_step": target, "now": now,
                                    "distance": now - target})
         self.rollback_steps.append(now)
@@ -385,7 +385,7 @@ class Recovery:
             "start_records": self.start_records,
             "start_above": list(self.start_above),
             "start_grads": [list(x) for x in self.start_grads],
-            "restarted": self.restarted,
+            "returned_to_start": self.returned_to_start,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -411,7 +411,7 @@ class Recovery:
         self.start_above = [int(bool(x)) for x in state.get("start_above", [])][-3:]
         self.start_grads = [[None if x is None else float(x), bool(w)]  # came later
                             for x, w in state.get("start_grads", [])][-3:]
-        self.restarted = bool(state.get("restarted", False))
+        self.returned_to_start = bool(state.get("returned_to_start", False))
 
 
 __all__ = ["GuardGaveUp", "Recovery"]
