@@ -772,13 +772,14 @@ def test_governor_does_not_cut_on_the_loss_efficiency_without_all_its_evidence(w
     assert all(cmd.scale[0] == 1.0 for cmd in sim.commands.values()), why
 
 
-@pytest.mark.parametrize("restart, held", [(True, True), (True, False), (False, True)])
-def test_a_first_overshoot_while_the_start_is_held_restarts_the_run_once_at_the_cut_lr(restart, held):
-    config = explicit_config(efficiency_records=30, overshoot_restart=restart)  # room for more than one cut
+@pytest.mark.parametrize("restart, held, cap", [(True, True, True), (True, True, False), (True, False, True),
+                                                (False, True, True)])
+def test_a_first_overshoot_while_the_start_is_held_restarts_the_run_once_at_the_cut_lr(restart, held, cap):
+    config = explicit_config(efficiency_records=30, overshoot_restart=restart, start_cap=cap)  # room for more than one cut
     sim = Sim(config)
     if held:
         sim.controller.start_taken()
-    sim.run(80, _start(loss_fall=0.02, cos=-0.05, predicted=0.5))
+    sim.run(160, _start(loss_fall=0.02, cos=-0.05, predicted=0.5))  # long enough for the climb back
     cuts = [e for e in sim.events if e.action == "decrease_scale" and e.detail["why"] == "overshoot"]
     backs = [e for e in sim.events if e.action == "rollback"]
     assert len(cuts) >= 2
@@ -794,6 +795,10 @@ def test_a_first_overshoot_while_the_start_is_held_restarts_the_run_once_at_the_
     # its next cut needs a full efficiency window of its own records
     after = sim.commands[cuts[0].step + config.lag + 1].scale[0]
     assert after == pytest.approx(cuts[0].detail["to_lr"] / 1e-3)
+    # omega stays healthy: without start_cap the ceiling climbs back above that lr, with it never
+    later = [cmd.scale[0] for n, cmd in sim.commands.items() if n > cuts[0].step + config.lag]
+    assert max(later) <= after * (1 + 1e-12) if cap else max(later) > after
+    assert sim.controller.governor.start_cap == ([pytest.approx(after)] if cap else [None])
     assert cuts[1].step - cuts[0].step >= config.efficiency_window + 1
     assert all(config.min_scale <= cmd.scale[0] <= 1.0 for cmd in sim.commands.values())
     # the state carries the restart: a resumed controller does not restart again

@@ -134,7 +134,7 @@ class Controller:
                 for cut in cuts:
                     self._event(rec.step, "decrease_scale", signals=signals, detail=cut, bound=None)
                 if c.overshoot_restart and any(cut["why"] == "overshoot" for cut in cuts):
-                    self._restart_after_overshoot(rec.step, now, decision, signals)
+                    self._restart_after_overshoot(rec.step, now, decision, signals, lrs)
 
         numel = [gs.numel for gs in sig.groups]
         self.accounting.add(issued_scale, issued_gate, [gs.applied_gate for gs in sig.groups], numel,
@@ -148,7 +148,7 @@ class Controller:
         decision["signals"] = signals
         return decision
 
-    def _restart_after_overshoot(self, step: int, now: int, decision: dict, signals: dict) -> None:
+    def _restart_after_overshoot(self, step: int, now: int, decision: dict, signals: dict, lrs: list[float]) -> None:
         """The governor's first overshoot, found while the start is held, sends the run back to
         the start at the lr the cut set: the damage of a run's first steps at a too-high lr is
         what a later cut cannot undo (see ``GuardConfig.overshoot_restart``)."""
@@ -156,7 +156,7 @@ class Controller:
         restarted = self.recovery.restart_from_start(now, decision, "overshoot")
         self._recovery_events(step, decision["events"][before:], signals)
         if restarted:
-            self.governor.on_restart()
+            self.governor.on_restart(lrs)
             self._rolled_back(step, signals)
 
     def _rolled_back(self, step: int, signals: dict) -> None:

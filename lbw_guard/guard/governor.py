@@ -491,19 +491,26 @@ class StepSizeGovernor:
                 lr_eff = lrs[g] * (scales[g] if g < len(scales) else 1.0)
                 self.ceiling[g] = max(c.min_scale * lrs[g], lr_eff * c.rollback_scale)
                 if to_start and c.start_cap:  # a fraction of the schedule's lr, as the scale is
-                    cap = self.ceiling[g] / lrs[g]
-                    self.start_cap[g] = cap if self.start_cap[g] is None else min(self.start_cap[g], cap)
+                    self._cap_at_start(g, self.ceiling[g] / lrs[g])
         self.since_cut = 0
         self.early_losses = []
         self._end_climb()
         self.loss_mean = self.loss_var = None
         self._forget_recent(energy=True)  # the moments are the snapshot's now
 
-    def on_restart(self) -> None:
+    def on_restart(self, lrs: list[float]) -> None:
         """The run went back to its start at the ceilings just cut: the evidence was about the
-        abandoned steps, and the restarted run is judged afresh (envelope, loss efficiency)."""
+        abandoned steps, and the restarted run is judged afresh (envelope, loss efficiency). As
+        after any return to the start, the scale it continues from is the most it may climb
+        back to (``start_cap``)."""
         self.records = 0
         self._forget_evidence(energy=True)  # the moments are the start's
+        for g in range(self.num_groups if self.config.start_cap else 0):
+            if g < len(lrs) and _finite(lrs[g]) and lrs[g] > 0 and self.ceiling[g] is not None:
+                self._cap_at_start(g, self.ceiling[g] / lrs[g])
+
+    def _cap_at_start(self, g: int, scale: float) -> None:
+        self.start_cap[g] = scale if self.start_cap[g] is None else min(self.start_cap[g], scale)
 
     def on_data_change(self) -> None:
         """The data changed (a loss level shift with normal gradients, or the user said so): the
