@@ -101,7 +101,8 @@ per-layer param groups):
   The first such cut, while the start is held, also sends the run back to its start
   (``overshoot_restart``, decided by the controller with recovery): the steps already taken
   at the too-high lr did damage the cut cannot undo. The restarted run is judged afresh
-  (:meth:`StepSizeGovernor.on_restart`).
+  (:meth:`StepSizeGovernor.on_restart`), and the cut lr is the most it may climb back to
+  (``start_cap``): restarted runs that climbed back ended worse than with the cut alone.
 - **not used**: the secant estimate of the best step along the update (-g_t.u_t over
   g_{t+1}.u_t - g_t.u_t) and the per-matrix cosine of g_t with u_{t-1} (the hypergradient).
   Whole-model, early in a run, they separate the lrs (secant about 2 at the best lr, 0.8 at
