@@ -83,8 +83,7 @@ def scenarios(draw, mode="act"):
         rollback_window=draw(st.integers(5, 60)),
         freeze_steps=draw(st.integers(0, 10)),
         max_frozen_fraction=draw(st.floats(0.0, 0.9)),
-        # give_up_after < 8 is the known bug of test_persistent_trouble_..._give_up_after_records[3]
-        give_up_after=draw(st.integers(8, 30)),
+        give_up_after=draw(st.integers(1, 30)),
         event_capacity=draw(st.integers(1, 40)),
         lag=draw(st.integers(0, 2)),
     )
