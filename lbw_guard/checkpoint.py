@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -55,7 +56,8 @@ def prepare_load(opt, state_dict) -> LoadPlan:
         raise TypeError("state_dict['param_groups'] must be a list of dicts")
     saved_groups, section = _pop_section(saved_groups)
     sd["param_groups"] = saved_groups
-    if section is not None and num_steps is None and guard_state is None:
+    from_section = section is not None and num_steps is None and guard_state is None
+    if from_section:
         # A state dict that went through torch.distributed.checkpoint: only the packed copy is left.
         num_steps, guard_state, spike_floor = unpack_section(section)
     if len(saved_groups) != len(opt.param_groups):
@@ -100,6 +102,13 @@ def prepare_load(opt, state_dict) -> LoadPlan:
         state, step = _convert_state(opt, saved_state[pid], p, f"state_dict['state'][{pid!r}]")
         states[p] = state
         max_step = max(max_step, step)
+    if from_section and isinstance(num_steps, int) and num_steps < max_step:
+        # The packed copy rode along in a torch.optim.AdamW that went on training (it keeps
+        # unknown group keys): its guard state and step count describe older weights.
+        warnings.warn(f"state_dict: the packed lbw_guard section is of step {num_steps}, but the parameters "
+                      f"were stepped {int(max_step)} times (the state dict went through another optimizer); "
+                      "ignoring the section: the guard starts afresh", stacklevel=3)
+        num_steps, guard_state, spike_floor = None, None, None
     if num_steps is None:  # a torch.optim.AdamW state dict: continue from its step counts
         num_steps = int(max_step)
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 0:
@@ -380,9 +389,12 @@ def apply_section(opt, section) -> None:
     floors = check_spike_floor(spike_floor, num_params, "the packed spike_floor") if spike_floor is not None else None
     opt.num_steps = num_steps
     opt._load_spike_floor(floors)
-    if guard_state is not None and opt.guard is not None:
+    if opt.guard is not None:
         opt.guard.bind(opt)
-        opt.guard.load_state_dict(guard_state)
+        if guard_state is not None:
+            opt.guard.load_state_dict(guard_state)
+        else:  # an unguarded run's section: what the guard learnt was about other weights
+            opt.guard.reset()
 
 
 @torch.no_grad()

@@ -19,11 +19,14 @@ parameter and its gradient, a few Python operations per group and the backend's 
 from __future__ import annotations
 
 import array
+import contextlib
+import copy
 import logging
 import math
 import os
 import sys
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -207,6 +210,7 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
         self._backends: dict[tuple, Backend] = {}
         self._buffers: dict[torch.device, StepBuffers] = {}
         self._param_info: dict[Tensor, tuple[int, float]] = {}  # param -> (kind, rms when it joined)
+        self._known_groups = 0  # param groups added through add_param_group (or unpickled)
         self._guard = None
         self.telemetry: Telemetry | None = None
         self.num_steps = 0
@@ -254,6 +258,7 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
             raise
         group["betas"] = tuple(group["betas"])
         self._probe_params(group["params"])
+        self._known_groups = len(self.param_groups)
         self._buffers.clear()  # the control table and record are sized by the group count
         if self._guard is not None:
             self._guard.bind(self)
@@ -372,8 +377,15 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
         """
         from .checkpoint import prepare_load
 
+        if isinstance(state_dict, dict):
+            state_dict = state_dict.copy()  # shallow, as torch's: the pre-hooks may edit it
+        for hook in list(self._optimizer_load_state_dict_pre_hooks.values()):
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         plan = prepare_load(self, state_dict)
-        super().load_state_dict(plan.torch_state)
+        with _load_hooks_paused(self):  # they run here, around our conversion, not inside torch's
+            super().load_state_dict(plan.torch_state)
         # torch casts loaded states to the parameter dtype and layout policy of torch.optim;
         # ours keep fp32 (fp64) moments in the parameter's memory format on its device.
         for p, state in plan.states.items():
@@ -386,11 +398,16 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
             self._guard.bind(self)
             if plan.guard_state is not None:
                 self._guard.load_state_dict(plan.guard_state)
+            else:  # what the guard learnt was about the weights just replaced
+                self._guard.reset()
+        for hook in list(self._optimizer_load_state_dict_post_hooks.values()):
+            hook(self)
 
     def __getstate__(self) -> dict:
         """torch keeps only ``defaults``, ``state`` and ``param_groups``; ours also carries the
-        options and the guard's state, so a deep copy or an unpickled optimizer steps exactly
-        like the original."""
+        options and the guard's state with its snapshots, so a deep copy or an unpickled
+        optimizer steps exactly like the original. The guard's ``on_give_up`` hook goes with a
+        deep copy (:meth:`__deepcopy__`), not into a pickle (set it again after unpickling)."""
         return {
             **super().__getstate__(),
             "_lbw": {
@@ -398,13 +415,23 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
                 "max_grad_norm": self.max_grad_norm,
                 "num_steps": self.num_steps,
                 "guard_config": self._guard.config if self._guard is not None else None,
-                "guard_state": self._guard.state_dict() if self._guard is not None else None,
+                "guard_state": self._guard.state_dict(snapshots=True) if self._guard is not None else None,
                 "spike_floor": self._spike_floor_state(),
                 "pending_loss": self._pending_loss,
                 "pending_grad_norm": self._pending_grad_norm,
                 "param_info": [self._param_info.get(p) for g in self.param_groups for p in g["params"]],
             },
         }
+
+    def __deepcopy__(self, memo: dict) -> "FusedGuardedAdamW":
+        """As the default deep copy (``__getstate__`` / ``__setstate__``), plus the guard's
+        ``on_give_up`` hook, which a pickle cannot carry (a lambda, a bound method)."""
+        copied = type(self).__new__(type(self))
+        memo[id(self)] = copied
+        copied.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        if self._guard is not None and copied._guard is not None:
+            copied._guard.on_give_up = self._guard.on_give_up
+        return copied
 
     def __setstate__(self, state: dict) -> None:
         options = state.pop("_lbw", None)
@@ -418,6 +445,7 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
         self.telemetry_group = None
         self._init_runtime()
         super().__setstate__(state)
+        self._known_groups = len(self.param_groups)
         params = [p for g in self.param_groups for p in g["params"]]
         if options is None or len(options.get("param_info", [])) != len(params):
             for group in self.param_groups:
@@ -508,7 +536,12 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 closure_loss = closure()
         if loss is None:
-            loss = closure_loss if closure_loss is not None else self._pending_loss
+            # The closure's value is the loss telemetry. The guard needs it to be a scalar;
+            # without a guard anything goes (torch.optim returns whatever the closure returns),
+            # and only a scalar is recorded.
+            loss = self._pending_loss
+            if closure_loss is not None and (self._guard is not None or validation.is_scalar(closure_loss)):
+                loss = _closure_loss(closure_loss)
         buckets = self._collect()  # validates every gradient before anything changes
         if not buckets:
             return closure_loss
@@ -580,7 +613,11 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
             for i, p in enumerate(group["params"]):
                 g = p.grad
                 if g is not None:
-                    validation.check_grad(p, g, f"param group {gid} params[{i}]")
+                    where = f"param group {gid} params[{i}]"
+                    validation.check_grad(p, g, where)
+                    if p not in self._param_info:
+                        self._adopt(p, gid, where)
+                    self._check_state_matches(p, where)
                     found.append((gid, p, g, position))
                 position += 1
         if found and not self._checked_replicas and self._guard is not None:
@@ -607,6 +644,31 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
             b.kinds.append(self._param_info[p][0])
         return list(buckets.values())
 
+    def _adopt(self, p: Tensor, gid: int, where: str) -> None:
+        """A parameter put into an existing group's list directly (torch.optim steps whatever
+        the list holds): checked and measured as add_param_group would."""
+        if gid >= self._known_groups:
+            raise ValueError(f"param group {gid} was appended to param_groups directly; add it with "
+                             "opt.add_param_group({'params': [...], ...}) so that it is checked and measured")
+        validation.check_params(self.param_groups[gid]["params"], f"param group {gid}")
+        self._backend_for(p.device, p.dtype, True)
+        self._probe_params([p])
+        if self._guard is not None:
+            self._guard.bind(self)  # another parameter set: its snapshots cannot be restored
+
+    def _check_state_matches(self, p: Tensor, where: str) -> None:
+        """The moments were made for this parameter's shape and dtype: a parameter changed in
+        place after it was stepped (``model.double()``, a resized embedding) is refused here,
+        before any bucket steps, rather than half-way through the step."""
+        m = self.state.get(p, _NO_STATE).get("exp_avg")
+        if m is None:
+            return
+        if m.shape != p.shape or m.dtype != self._state_dtype(p):
+            raise ValueError(
+                f"{where} is now {p.dtype} of shape {tuple(p.shape)}, but its optimizer state was made "
+                f"for {tuple(m.shape)} with {m.dtype} moments (the parameter was changed in place after it "
+                "was stepped); build the optimizer again after changing the model, or load a matching state dict")
+
     def _init_missing_states(self, buckets: list[_Bucket]) -> int:
         """Create moments for parameters stepped for the first time (after validation); how
         many there were."""
@@ -626,7 +688,7 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
         """lr, betas, eps, weight decay as the scheduler or the user left them: a NaN, inf or
         negative value is refused here, naming the group, rather than turning params NaN."""
         for i, group in enumerate(self.param_groups):
-            validation.check_hyperparameters(group, f"param group {i}", read_device_lr=False)
+            validation.check_hyperparameters(group, f"param group {i}", read_device_lr=False, between_steps=True)
 
     def _run(self, buckets: list[_Bucket], command: GuardCommand, loss_t: Tensor | None, capturing: bool) -> Tensor:
         values = self._control_values(command)
@@ -763,6 +825,31 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
 
     def _host_beta1(self) -> list[float]:
         return [_host_float(g["betas"][0]) for g in self.param_groups]
+
+
+_NO_STATE: dict = {}
+
+
+def _closure_loss(value):
+    """The closure's result as the guard's loss, or an error that says how to give it one."""
+    try:
+        validation.check_scalar("loss", value)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"step(closure): the guard reads the closure's result as the loss ({exc}); "
+                        "return the scalar loss from the closure, or pass it as step(closure, loss=...)") from None
+    return value
+
+
+@contextlib.contextmanager
+def _load_hooks_paused(opt):
+    """torch's ``load_state_dict`` without the user's load hooks, which ours runs itself: the
+    pre-hooks before the state dict is checked, the post-hooks after our states are in place."""
+    pre, post = opt._optimizer_load_state_dict_pre_hooks, opt._optimizer_load_state_dict_post_hooks
+    opt._optimizer_load_state_dict_pre_hooks, opt._optimizer_load_state_dict_post_hooks = OrderedDict(), OrderedDict()
+    try:
+        yield
+    finally:
+        opt._optimizer_load_state_dict_pre_hooks, opt._optimizer_load_state_dict_post_hooks = pre, post
 
 
 def _host_float(x) -> float:

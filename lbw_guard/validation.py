@@ -13,6 +13,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+# Integer tensor dtypes a loss or grad norm may have (read as a float).
+INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
 # The hyperparameters every param group holds (validated before every step).
 HYPERPARAMETERS = ("lr", "betas", "eps", "weight_decay")
 
@@ -61,8 +64,12 @@ def check_lr_tensor(name: str, lr: Tensor) -> None:
                          f"with layout {lr.layout}")
 
 
-def check_hyperparameters(group: dict, where: str, read_device_lr: bool = True) -> None:
-    """Validate lr, betas, eps, weight_decay and the torch flags of one param group."""
+def check_hyperparameters(group: dict, where: str, read_device_lr: bool = True, between_steps: bool = False) -> None:
+    """Validate lr, betas, eps, weight_decay and the torch flags of one param group.
+
+    ``between_steps``: the values a scheduler left before a step. torch checks that betas are
+    both floats or both Tensors only when a group is made, and its OneCycleLR and CyclicLR
+    (``cycle_momentum``) then write a float beta1 beside a Tensor beta2, so that pair is fine here."""
     missing = [key for key in HYPERPARAMETERS if key not in group]
     if missing:
         raise ValueError(f"{where} has no {', '.join(map(repr, missing))} entry; every param group needs "
@@ -81,7 +88,7 @@ def check_hyperparameters(group: dict, where: str, read_device_lr: bool = True) 
     betas = group["betas"]
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"{where} betas must be a pair (beta1, beta2), got {betas!r}")
-    if isinstance(betas[0], Tensor) != isinstance(betas[1], Tensor):
+    if not between_steps and isinstance(betas[0], Tensor) != isinstance(betas[1], Tensor):
         raise ValueError(f"{where} betas must be either both floats or both Tensors, got {betas!r}")
     for i, beta in enumerate(betas):
         _check_one_element(where, f"betas[{i}]", beta)
@@ -188,10 +195,25 @@ def check_scalar(name: str, value: Any) -> None:
             raise ValueError(f"{name} is on the meta device and has no value; pass the real {name}")
         if value.layout != torch.strided:
             raise ValueError(f"{name} must be a dense tensor, got layout {value.layout}")
-        if not (value.is_floating_point() or value.dtype in (torch.int32, torch.int64)):
+        if not (value.is_floating_point() or value.dtype in INTEGER_DTYPES):
             raise TypeError(f"{name} must be a real number, got a {value.dtype} tensor")
     elif not _is_real(value):
         raise TypeError(f"{name} must be a float or a one-element tensor, got {type(value).__name__}")
+    else:
+        try:
+            float(value)
+        except OverflowError:
+            raise ValueError(f"{name} is too large for a float ({str(value)[:20]}...); pass the loss as a float "
+                             "or a floating tensor") from None
+
+
+def is_scalar(value: Any) -> bool:
+    """Whether ``check_scalar`` accepts ``value``."""
+    try:
+        check_scalar("value", value)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def loss_tensor(loss: Any, device: torch.device) -> Tensor:
@@ -199,6 +221,8 @@ def loss_tensor(loss: Any, device: torch.device) -> Tensor:
     copy never blocks)."""
     check_scalar("loss", loss)
     if isinstance(loss, Tensor):
+        if not loss.is_floating_point():
+            loss = loss.double()  # an integer loss: the kernels read a floating one
         if loss.device == device and loss.dim() == 0:
             return loss.detach()
         value = loss.detach().reshape(())

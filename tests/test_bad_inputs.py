@@ -288,6 +288,7 @@ BAD_LOSSES = [
     ("object", object(), TypeError, ["loss", "object"]),
     ("list", [1.0], TypeError, ["loss", "list"]),
     ("bool", True, TypeError, ["loss"]),
+    ("int too large for a float", 10 ** 400, ValueError, ["loss", "too large"]),
     ("meta", torch.tensor(1.0, device="meta"), ValueError, ["loss", "meta"]),
     ("complex tensor", torch.tensor(1.0 + 2.0j), TypeError, ["loss", "complex"]),
     ("complex", 1.0 + 2.0j, TypeError, ["loss", "complex"]),
@@ -310,8 +311,8 @@ def test_step_refuses_a_bad_loss_before_anything_changes(guard, name, loss, erro
 
 def test_step_refuses_a_closure_returning_a_bad_loss():
     model, params, opt = trained()
-    refuse(opt, params, lambda: opt.step(lambda: "nope"), TypeError, "loss")
-    refuse(opt, params, lambda: opt.step(lambda: torch.ones(3)), ValueError, "loss")
+    refuse(opt, params, lambda: opt.step(lambda: "nope"), TypeError, "loss", "step(closure, loss=...)")
+    refuse(opt, params, lambda: opt.step(lambda: torch.ones(3)), ValueError, "loss", "closure")
 
 
 def test_a_raising_closure_propagates_and_changes_nothing():
@@ -331,7 +332,8 @@ def test_fine_losses_are_used(guard):
     without a guard the step runs as AdamW's would."""
     np = pytest.importorskip("numpy")
     for loss, expect in ((torch.tensor(2.0, requires_grad=True) * 1.0, 2.0), (3, 3.0), (np.float32(1.5), 1.5),
-                         (torch.tensor([4.0]), 4.0), (torch.tensor(5, dtype=torch.int64), 5.0)):
+                         (torch.tensor([4.0]), 4.0), (torch.tensor(5, dtype=torch.int64), 5.0),
+                         (torch.tensor(6, dtype=torch.int8), 6.0), (torch.tensor(7, dtype=torch.uint8), 7.0)):
         def check(loss=loss, expect=expect):
             model, params, opt = trained(guard)
             opt.step(loss=loss)
@@ -470,7 +472,7 @@ BAD_HYPER = {
            torch.tensor(-1.0), torch.tensor(1e-3, requires_grad=True), torch.tensor(1 + 1j),
            torch.tensor(1e-3, device="meta"), torch.tensor(True)],
     "betas": [(NAN, 0.999), (0.9, INF), (-0.1, 0.999), (1.0, 0.999), (0.9, 1.0), "ab", (0.9,), None,
-              (0.9, "x"), (0.9, torch.tensor(0.99)), 0.5, (0.9, 0.99, 0.9)],
+              (0.9, "x"), 0.5, (0.9, 0.99, 0.9)],  # (0.9, tensor(0.99)) is OneCycleLR's: fine between steps
     "eps": [NAN, INF, -1e-8, "1e-8", None, True, torch.tensor([1e-8, 1e-8])],
     "weight_decay": [NAN, INF, -0.1, "0.1", None, False, torch.tensor(NAN)],
     "amsgrad": [True, torch.tensor([True, False])],
@@ -748,6 +750,21 @@ CHECKPOINT_CASES = [
     ("guard issued bad entry", _set(["guard", "issued"], {17: [[1.0, 1.0]]}), ValueError, ["state_dict['guard']"]),
     ("guard last_scale too short", _set(["guard", "controller", "last_scale"], []), ValueError,
      ["state_dict['guard']"]),
+    ("guard controller missing", _delete(["guard", "controller"]), ValueError, ["state_dict['guard']", "controller"]),
+    ("guard pending missing", _delete(["guard", "pending"]), ValueError, ["state_dict['guard']", "pending"]),
+    ("guard issued missing", _delete(["guard", "issued"]), ValueError, ["state_dict['guard']", "issued"]),
+    ("guard issued entry of floats", _set(["guard", "issued"], {15: [1.0, 1.0]}), ValueError,
+     ["state_dict['guard']", "issued"]),
+    ("guard issued entry of strs", _set(["guard", "issued"], {15: ["ab", "cd"]}), ValueError,
+     ["state_dict['guard']", "issued"]),
+    ("guard issued scale of 5 groups", _set(["guard", "issued"], {15: [[1.0] * 5, [1.0] * 5]}), ValueError,
+     ["state_dict['guard']", "issued"]),
+    ("guard last_snapshot str", _set(["guard", "last_snapshot"], "x"), ValueError, ["last_snapshot"]),
+    ("guard last_snapshot in the future", _set(["guard", "last_snapshot"], 10 ** 6), ValueError, ["last_snapshot"]),
+    ("guard pending record empty", _edit(["guard", "pending"], lambda ps: [{**ps[0], "record": []}] if ps else
+                                         [{"step": 1, "record": [], "num_groups": 2, "lrs": [0, 0],
+                                           "scale": [1, 1], "gate": [1, 1]}]),
+     ValueError, ["state_dict['guard']", "pending"]),
     # the snapshot ring
     ("snapshots not a dict", _set(["guard", "snapshots"], [1]), TypeError, ["state_dict['guard']", "snapshots"]),
     ("snapshot slot not a dict", _set(SLOT0, 5), TypeError, ["['snapshots']['slots'][0]"]),

@@ -138,3 +138,25 @@ def test_skipped_steps_reach_accelerate_and_its_scheduler_and_pre_clip_norms_rea
     for r in (r for r in opt.guard.records if r["type"] == "record"):  # the norms before the clip
         assert r["signals"]["grad_norm"] == pytest.approx(norms[r["step"] - 1], rel=1e-6)
     assert min(norms) > 0.01
+
+
+def test_the_pre_clip_norm_is_recorded_when_clip_grad_norm_starts_with_frozen_parameters():
+    """``model.parameters()`` of a LoRA model starts with frozen base weights the optimizer does
+    not hold: the norm is still this optimizer's."""
+    model, data = model_and_data()
+    model[0].requires_grad_(False)  # the frozen base layer comes first
+    opt = FusedGuardedAdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, backend="torch",
+                            guard=GuardConfig(keep_trace=True))
+    accelerator = Accelerator(cpu=True)
+    model, wrapped, data = accelerator.prepare(model, opt, data)
+    attach_guard(accelerator, wrapped)
+    norms = []
+    for x, y in data:
+        accelerator.backward(nn.functional.mse_loss(model(x), y))
+        norms.append(float(accelerator.clip_grad_norm_(model.parameters(), 0.01)))
+        wrapped.step()
+        wrapped.zero_grad()
+    records = [r for r in opt.guard.records if r["type"] == "record"]
+    assert len(records) == 7
+    for r in records:
+        assert r["signals"]["grad_norm"] == pytest.approx(norms[r["step"] - 1], rel=1e-6)

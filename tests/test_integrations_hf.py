@@ -122,6 +122,24 @@ def test_guarded_trainer_with_optimizer_cls_and_kwargs_and_grad_accumulation(tmp
     assert all("guard/regime" in h and "guard/mean_scale" in h for h in logged.values())
 
 
+@pytest.mark.parametrize("accumulation", [2, 4])
+def test_plain_trainer_callback_gives_the_guard_the_steps_loss_under_accumulation(tmp_path, accumulation):
+    """transformers normalises each micro-batch's loss by the token count of the whole window
+    (``num_items_in_batch``), so the step's loss is their sum, not their mean; 14 samples in
+    batches of 4 end each epoch on a shorter window."""
+    model = tiny_llama()
+    opt = FusedGuardedAdamW(model.parameters(), lr=1e-3, backend="torch", guard=GuardConfig(keep_trace=True))
+    trainer = Trainer(model=model, args=args(tmp_path, gradient_accumulation_steps=accumulation, max_steps=6),
+                      train_dataset=token_dataset(14), optimizers=(opt, None))
+    attach_guard(trainer)
+    trainer.train()
+    logged = train_logs(trainer.state.log_history)
+    seen = signals(opt)
+    assert len(seen) == 5
+    for step, s in seen.items():
+        assert math.isclose(s["loss"], logged[step]["loss"], rel_tol=1e-3, abs_tol=1e-4), (step, s["loss"])
+
+
 def test_optimizer_cls_and_kwargs_maps_training_arguments(tmp_path):
     a = args(tmp_path, learning_rate=3e-4, max_grad_norm=0.5, weight_decay=0.1)
     cls, kwargs = optimizer_cls_and_kwargs(a, guard="monitor", backend="torch")

@@ -99,6 +99,8 @@ BAD_TRACES = [
     ("beta1_one_short", line(rec(beta1=[0.9])), 1, "beta1"),
     ("snapshot_marker_without_step", good(2) + line({"type": "snapshot"}), 3, "step"),
     ("dropped_marker_bad_lrs", good(2) + line({"type": "dropped", "step": 3, "lrs": "x"}), 3, "lrs"),
+    ("resume_marker_not_a_controller_state", good(2) + line({"type": "resume", "step": 2,
+                                                             "controller": {"regime": "stable"}}), 3, "controller"),
     # not UTF-8, too long
     ("latin1_bytes", b'{"type": "event", "note": "caf\xe9"}\n', 1, "not UTF-8"),
     ("binary_garbage", good(2) + b"\xff\xfe\xfd\x00\x81\n", 3, "not UTF-8"),

@@ -159,7 +159,9 @@ class StressConfig:
              "corpus 'text-file' needs text_file")
         if self.text_file is not None:
             self.text_file = Path(self.text_file)
-            need(self.text_file.is_file(), "text_file", f"text file {self.text_file} does not exist")
+            need(self.text_file.is_file(), "text_file",
+                 f"text file {self.text_file} " + ("is a directory; pass a file" if self.text_file.is_dir()
+                                                   else "does not exist"))
         need(self.train_chars > 0 and self.heldout_chars > 0, "train_chars", "character budgets must be positive")
         if not self.precision:
             self.precision = "bf16" if self.device == "cuda" else "fp32"

@@ -14,6 +14,7 @@ Per step the optimizer calls :meth:`Guard.before_step` (the command for this ste
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from typing import Callable
@@ -22,6 +23,7 @@ import torch
 from torch import Tensor
 
 from lbw_guard.control import GuardCommand, StepRecord
+from lbw_kernels import contract as C
 from lbw_guard.distributed import is_distributed
 from lbw_guard.step_buffers import read_doubles, write_doubles
 
@@ -115,6 +117,13 @@ class Guard:
         """Attach to ``optimizer`` (again after ``add_param_group`` or ``load_state_dict``)."""
         if self.optimizer is not None and self.optimizer is not optimizer:
             raise ValueError("this Guard is already bound to another optimizer; build one Guard per optimizer")
+        path = self.config.trace_path
+        if path is not None and self._writer is None:
+            try:  # here, not inside the first step(), which would fail half-way through
+                open(path, "a").close()
+            except (OSError, ValueError) as exc:
+                raise ValueError(f"GuardConfig.trace_path={path!r} cannot be written ({exc}); pass a writable "
+                                 "file path, or trace_path=None") from None
         self.optimizer = optimizer
         G = len(optimizer.param_groups)
         if self.controller is None:
@@ -275,6 +284,8 @@ class Guard:
         gradients and Adam's first steps move the gradient and the loss to levels the running
         statistics say nothing of, so the detectors restart; the snapshots stay restorable (the
         joined parameters go back to their values with zero moments)."""
+        if self.controller is None:
+            return  # not attached yet: no statistics to restart
         step = self._steps_taken()
         self.controller.params_joined(step, count)
         self._trace_line({"type": "params_joined", "step": step, "count": int(count)})
@@ -282,6 +293,8 @@ class Guard:
 
     def notify_data_change(self) -> None:
         """Tell the guard the data changed on purpose: a loss at a new level is not a spike."""
+        if self.controller is None:
+            return  # not attached to an optimizer yet: nothing learnt from the old data
         step = self._steps_taken()
         self.controller.notify_data_change(step)
         self._ring.release_start()
@@ -336,7 +349,8 @@ class Guard:
             writer.write(run_start_line(self.config.to_dict()))
             writer.write({"type": "seed", "ratio": self._seed})
             writer.write_all(self.records)
-            writer.write_all(e.to_dict() for e in self.controller.events)
+            if self.controller is not None:
+                writer.write_all(e.to_dict() for e in self.controller.events)
 
     def close(self) -> None:
         """Finish the trace: the steps issued but not yet processed, so that replay issues the
@@ -383,7 +397,8 @@ class Guard:
         return out
 
     # ------------------------------------------------------------------ state
-    def state_dict(self) -> dict:
+    def state_dict(self, snapshots: bool | None = None) -> dict:
+        """``snapshots``: include the snapshot ring (None: as ``config.snapshots_in_state_dict``)."""
         pending = [self._host_record(p, None).to_dict() for p in self._pending]
         state = {
             "version": STATE_VERSION,
@@ -393,7 +408,7 @@ class Guard:
             "issued": {int(s): [list(v[0]), list(v[1])] for s, v in self._issued.items()},
             "last_snapshot": self._last_snapshot,
         }
-        if self.config.snapshots_in_state_dict:
+        if self.config.snapshots_in_state_dict if snapshots is None else snapshots:
             state["snapshots"] = self._ring.state_dict()
         start = self._ring.start_state_dict()
         if start is not None:  # held through the first records only (a copy of the parameters)
@@ -407,6 +422,9 @@ class Guard:
             if state.get("version") != STATE_VERSION:
                 raise ValueError(f"guard state version {state.get('version')!r} is not {STATE_VERSION} "
                                  "(saved by another version of lbw-guard)")
+            missing = [k for k in ("controller", "pending", "issued") if k not in state]
+            if missing:
+                raise ValueError(f"state_dict['guard'] lacks {missing} (not a Guard.state_dict())")
             ctrl = state.get("controller")
             if ctrl is not None:
                 if not isinstance(ctrl, dict):
@@ -416,14 +434,25 @@ class Guard:
                     raise ValueError(f"guard state has {ctrl.get('num_groups')} parameter groups, "
                                      f"the optimizer has {G}")
                 Controller(self.config, ctrl.get("num_groups", 1)).load_state_dict(ctrl)
-            for r in state.get("pending", []):
+            groups = ctrl.get("num_groups") if isinstance(ctrl, dict) else None
+            for r in state["pending"]:
                 rec = HostRecord.from_dict(r)
-                if not isinstance(rec.record, list) or not isinstance(rec.step, int) or rec.step > num_steps:
+                size = C.record_layout(rec.num_groups).size if isinstance(rec.num_groups, int) else None
+                if (not isinstance(rec.record, list) or not isinstance(rec.step, int) or rec.step > num_steps
+                        or len(rec.record) != size or (groups is not None and rec.num_groups != groups)):
                     raise ValueError(f"pending guard record of step {rec.step!r} is malformed or after step {num_steps}")
-            for step, value in state.get("issued", {}).items():
+            for step, value in state["issued"].items():
                 int(step)
-                if len(value) != 2:
-                    raise ValueError("state_dict['guard']['issued'] entries must be [scale, gate]")
+                if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(
+                        isinstance(v, (list, tuple)) and (groups is None or len(v) == groups)
+                        and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)
+                        for v in value)):
+                    raise ValueError("state_dict['guard']['issued'] entries must be [scale, gate], two lists of "
+                                     "one finite number per param group")
+            last = state.get("last_snapshot")
+            if last is not None and (isinstance(last, bool) or not isinstance(last, int) or not 0 <= last <= num_steps):
+                raise ValueError(f"state_dict['guard']['last_snapshot'] must be None or a step in [0, {num_steps}], "
+                                 f"got {last!r}")
             snaps = state.get("snapshots")
             if snaps is not None and not isinstance(snaps, dict):
                 raise TypeError("state_dict['guard']['snapshots'] must be a dict")
@@ -437,7 +466,33 @@ class Guard:
             kind = TypeError if isinstance(exc, TypeError) else ValueError
             raise kind(f"state_dict['guard'] is malformed: {type(exc).__name__}: {exc}") from None
 
+    def reset(self) -> None:
+        """Forget the run: a state without a guard's was loaded into the optimizer (a
+        ``torch.optim.AdamW`` or unguarded checkpoint), so the statistics, queued records,
+        snapshots and the held start of the run before it describe other weights. The guard goes
+        on as if attached to a freshly resumed optimizer (config and ``on_give_up`` kept)."""
+        self._pending = deque()
+        self._issued = {}
+        self._last_snapshot = None
+        self._step_clock = None
+        self._ring.clear()
+        self._ring.release_start()
+        self.records.clear()
+        if self.optimizer is not None:
+            self.controller = Controller(self.config, len(self.optimizer.param_groups))
+            self.controller.governor.seed_ratio(self._seed)
+        else:
+            self.controller = None
+        self._logged_events = 0
+        if self.config.trace_path is not None and self.controller is not None:  # replay restarts here
+            self._trace_line({"type": "resume", "step": self._steps_taken(),
+                              "controller": self.controller.state_dict()})
+
     def load_state_dict(self, state: dict) -> None:
+        if self.controller is None:
+            raise RuntimeError("Guard.load_state_dict needs the guard attached to its optimizer first: build "
+                               "FusedGuardedAdamW(..., guard=guard), then load the optimizer's state dict "
+                               "(which holds the guard's)")
         num_steps = self.optimizer.num_steps if self.optimizer is not None else 1 << 62
         self.check_state_dict(state, num_steps)
         if state["controller"] is not None:

@@ -149,8 +149,19 @@ MARKERS = {
     "end": {"step": _STEP},
     "rollback_failed": {"step": _STEP, "to_step": _STEP},
     "seed": {"ratio": _LRS},
-    "resume": {"step": _STEP, "controller": (lambda v: isinstance(v, dict), "a controller state (an object)")},
+    "resume": {"step": _STEP, "controller": (lambda v: _loadable_controller(v), "a controller state (Controller.state_dict())")},
 }
+
+
+def _loadable_controller(value) -> bool:
+    """A resume line's controller state loads into a fresh controller (checked before replaying)."""
+    if not isinstance(value, dict):
+        return False
+    try:
+        Controller(GuardConfig(), int(value.get("num_groups", 1))).load_state_dict(decode_floats(value))
+    except Exception:  # noqa: BLE001 - any failure means the line is not a controller state
+        return False
+    return True
 
 
 def _short(value) -> str:

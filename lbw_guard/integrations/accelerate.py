@@ -128,9 +128,10 @@ def record_grad_norms(accelerator, optimizer) -> None:
         parameters = list(parameters)
         norm = original(parameters, max_norm, norm_type=norm_type, **kwargs)
         if norm is not None and float(norm_type) == 2.0 and parameters:
-            first = parameters[0]
+            # the first trainable one: model.parameters() of a LoRA model starts with frozen weights
+            clipped = next((p for p in parameters if p.requires_grad), None)
             for opt in recorders:
-                if any(p is first for g in opt.param_groups for p in g["params"]):
+                if clipped is not None and any(p is clipped for g in opt.param_groups for p in g["params"]):
                     opt.record_grad_norm(norm)
         return norm
 

@@ -122,6 +122,7 @@ class GuardCallback(TrainerCallback):
         self._hook = None
         self._loss_sum = None
         self._loss_count = 0
+        self._window_normalised = False
         self._moved = None
 
     # ------------------------------------------------------------------ plumbing
@@ -134,12 +135,16 @@ class GuardCallback(TrainerCallback):
     def _guarded(self) -> bool:
         return isinstance(self.optimizer, FusedGuardedAdamW)
 
-    def _on_forward(self, module, args, output):
+    def _on_forward(self, module, args, kwargs, output):
         if not (module.training and torch.is_grad_enabled()):
             return  # evaluation and no-grad passes are not training steps
         loss = _loss_of(output)
         if loss is None:
             return
+        # Given num_items_in_batch (transformers passes it to models that accept it), the model
+        # divides by the token count of the whole accumulation window: the step's loss is the
+        # sum of the micro-batch losses, not their mean.
+        self._window_normalised = kwargs.get("num_items_in_batch") is not None
         self.add_loss(loss.mean())
 
     def add_loss(self, loss: torch.Tensor) -> None:
@@ -221,7 +226,7 @@ class GuardCallback(TrainerCallback):
         self._resolve(optimizer)
         self.events.skip_existing()  # on resume: logged by the run that raised them
         if self.capture_loss and model is not None and self._hook is None:
-            self._hook = model.register_forward_hook(self._on_forward)
+            self._hook = model.register_forward_hook(self._on_forward, with_kwargs=True)
         if not self._guarded():
             warnings.warn(f"lbw-guard: GuardCallback found a {type(self.optimizer).__name__}, not a "
                           "FusedGuardedAdamW; it only reports metrics", stacklevel=2)
@@ -239,7 +244,7 @@ class GuardCallback(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         self._resolve(optimizer)
         if self.capture_loss:
-            self.flush_loss(mean=True)
+            self.flush_loss(mean=not self._window_normalised)
 
     def on_step_end(self, args, state, control, **kwargs):
         self.events.update()
