@@ -12,7 +12,7 @@ and the guard run at 1x and 10x of it. The targets of issue 10 are judged per ru
 
     python -m benchmarks.heldout                         # the first set, seed 0 (10-15 min, 2 cores)
     python -m benchmarks.heldout --scenarios opt-const,mlp-const --seeds 0,1 --multiples 1,10,30   # to heldout-custom
-    python -m benchmarks.heldout --guard-config '{"omega_recent_max": null}'   # another config
+    python -m benchmarks.heldout --guard-config '{"omega_recent_max": null}' --out /tmp/omega   # another config
     python -m benchmarks.heldout --late-cut 5,10,20,40   # how early must a 10x run be cut?
 
 ``--fused-reference`` adds the fused optimizer without a guard (``FusedGuardedAdamW(guard=None)``,
@@ -56,6 +56,7 @@ import functools
 import json
 import math
 import os
+import sys
 import pathlib
 import statistics
 import sysconfig
@@ -422,11 +423,18 @@ def _train_star(args):
 
 # ------------------------------------------------------------------------------ the sweep
 def run(names, seeds, multiples, steps, out: pathlib.Path, guard_config, backend, workers, progress=True,
-        late_cuts=(), fused_reference=False, faults=()) -> list[dict]:
+        late_cuts=(), fused_reference=False, faults=(), write_table=True) -> list[dict]:
+    """Run what ``out/heldout.json`` lacks (saved after every run) and return the table's rows;
+    ``write_table``: also write ``out/heldout.md``."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / "heldout.json"
-    saved = json.loads(path.read_text()) if path.exists() else {}
+    try:
+        saved = json.loads(path.read_text()) if path.exists() else {}
+    except ValueError as exc:
+        raise ValueError(f"{path} is not a results file ({exc}); move it away to start over") from None
     settings = {"steps": steps, "guard_config": guard_config or {}}
+    if backend != "auto":  # (results made before the backend was recorded ran with "auto")
+        settings["backend"] = backend
     if saved and saved.get("settings") != settings:
         raise ValueError(f"--out {out} holds results for other settings ({saved.get('settings')}); "
                          "choose another --out, or remove heldout.json to start again")
@@ -436,6 +444,7 @@ def run(names, seeds, multiples, steps, out: pathlib.Path, guard_config, backend
         todo = [j for j in jobs if j.key not in results]
         if not todo:
             return
+        before = len(results)
         from rich.progress import Progress
         with Progress(disable=not progress) as bar, Pool(workers) as pool:
             task = bar.add_task(f"{label} ({len(todo)} runs)", total=len(todo))
@@ -443,8 +452,12 @@ def run(names, seeds, multiples, steps, out: pathlib.Path, guard_config, backend
                     for j in todo]
             for job, result in pool.imap_unordered(_train_star, args):
                 results[job.key] = result
-                path.write_text(json.dumps({"settings": settings, "runs": results}, indent=1))
+                tmp = path.with_name(path.name + ".tmp")  # an interrupt mid-write keeps the last file
+                tmp.write_text(json.dumps({"settings": settings, "runs": results}, indent=1))
+                os.replace(tmp, path)
                 bar.advance(task)
+                if not progress:  # a line per run in logs (the bar is off)
+                    print(f"{label}: {len(results) - before}/{len(todo)} {job.key}", flush=True)
 
     execute([Job(n, "adamw", lr, s) for n in names for lr in SCENARIOS[n].sweep for s in seeds], "AdamW sweep")
     best = {(n, s): min(SCENARIOS[n].sweep, key=lambda lr: results[Job(n, "adamw", lr, s).key]["final_loss"])
@@ -480,7 +493,8 @@ def run(names, seeds, multiples, steps, out: pathlib.Path, guard_config, backend
                     row["late_cut"] = {k: results[Job(n, f"adamw-cut@{k}", row["lr"], s).key]["final_loss"] / best_loss
                                        for k in late_cuts}
                 rows.append(row)
-    (out / "heldout.md").write_text(render(rows, settings))
+    if write_table:
+        (out / "heldout.md").write_text(render(rows, settings))
     return rows
 
 
@@ -609,6 +623,9 @@ def main(argv=None) -> None:
     unknown = [n for n in names if n not in SCENARIOS]
     if unknown:
         p.error(f"--scenarios: unknown {unknown}; choose from {list(SCENARIOS)}")
+    from lbw_kernels.backends import BACKEND_NAMES
+    if a.backend != "auto" and a.backend not in BACKEND_NAMES:
+        p.error(f"--backend: unknown {a.backend!r}; choose auto or one of {', '.join(BACKEND_NAMES)}")
     if a.steps < 2:
         p.error(f"--steps must be >= 2, got {a.steps}")
     try:
@@ -623,6 +640,9 @@ def main(argv=None) -> None:
         p.error(f"--faults: unknown {sorted(set(faults) - set(injectable))}; choose from {', '.join(injectable)}")
     if faults and 1.0 not in multiples:
         p.error("--faults runs the guard at the best lr, against its clean run there: add 1 to --multiples")
+    for option, values in (("--scenarios", names), ("--seeds", seeds), ("--multiples", multiples)):
+        if len(set(values)) != len(values):
+            p.error(f"{option} lists a value twice: {values}")
     if any(k < 0 for k in late_cuts):
         p.error(f"--late-cut must be step counts >= 0, got {a.late_cut}")
     if not all(math.isfinite(m) and m > 0 for m in multiples):
@@ -633,13 +653,24 @@ def main(argv=None) -> None:
             GuardConfig(**guard_config)
         except (TypeError, ValueError) as e:
             p.error(f"--guard-config: {e}")
+    out = pathlib.Path(a.out or OUT.get(a.scenarios, OTHER_OUT))
+    # The committed tables were made with more flags than one run gives: without --out they are
+    # kept, and the table goes to stdout only (new runs are still added to heldout.json).
+    write_table = a.out is not None or str(out) not in OUT.values()
     try:
-        out = pathlib.Path(a.out or OUT.get(a.scenarios, OTHER_OUT))
         rows = run(names, seeds, multiples, a.steps, out, guard_config, a.backend, max(1, a.workers),
                    progress=not a.no_progress, late_cuts=late_cuts, fused_reference=a.fused_reference,
-                   faults=faults)
+                   faults=faults, write_table=write_table)
     except ValueError as e:
         p.error(str(e))
+    except OSError as e:
+        p.error(f"--out {out}: {e}")
+    except KeyboardInterrupt:
+        print(f"interrupted: the finished runs are in {out / 'heldout.json'}; run the same command again "
+              "to continue", file=sys.stderr)
+        raise SystemExit(130) from None
+    if not write_table:
+        print(f"({out / 'heldout.md'} is a committed table and was left as it is; pass --out {out} to rewrite it)")
     print(render(rows, {"steps": a.steps, "guard_config": guard_config or {}}))
 
 

@@ -82,7 +82,9 @@ def prepare_load(opt, state_dict) -> LoadPlan:
                                  "than once; each parameter id must appear once")
         # Keys a saved group lacks (a torch.optim.AdamW state dict of another torch version, a
         # pruned checkpoint) keep the optimizer's current values, so every group stays complete.
-        filled = {**{k: v for k, v in group.items() if k != "params"}, **saved}
+        # (not the constructor options ZeRO copies into the live groups: a process group cannot
+        # be deep-copied by torch's load; the optimizer puts them back after it)
+        filled = {**{k: v for k, v in group.items() if k != "params" and k not in OPTION_KEYS}, **saved}
         validation.check_hyperparameters(filled, f"state_dict param group {i}")
         filled_groups.append(filled)
         params.extend(group["params"])

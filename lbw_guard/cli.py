@@ -18,7 +18,13 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse with one-line usage errors (``prog: error: ...``) and exit code 2."""
+    """argparse with one-line usage errors (``prog: error: ...``) and exit code 2, and no
+    abbreviated options: ``--step`` for ``--steps`` would escape the checks that read the
+    options as typed (``--smoke`` keeps what the user set; ``--matrix`` refuses sweep options)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")

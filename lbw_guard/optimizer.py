@@ -375,7 +375,7 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
 
         The whole state dict is validated first; nothing changes unless all of it is valid.
         """
-        from .checkpoint import prepare_load
+        from .checkpoint import OPTION_KEYS, prepare_load
 
         if isinstance(state_dict, dict):
             state_dict = state_dict.copy()  # shallow, as torch's: the pre-hooks may edit it
@@ -384,8 +384,11 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
             if result is not None:
                 state_dict = result
         plan = prepare_load(self, state_dict)
+        options = [{k: g[k] for k in OPTION_KEYS if k in g} for g in self.param_groups]  # ZeRO's copies
         with _load_hooks_paused(self):  # they run here, around our conversion, not inside torch's
             super().load_state_dict(plan.torch_state)
+        for group, kept in zip(self.param_groups, options):
+            group.update(kept)
         # torch casts loaded states to the parameter dtype and layout policy of torch.optim;
         # ours keep fp32 (fp64) moments in the parameter's memory format on its device.
         for p, state in plan.states.items():

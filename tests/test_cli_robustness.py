@@ -262,6 +262,33 @@ def test_resume_with_other_settings_is_refused(tmp_path, capsys, monkeypatch, sw
     _assert_one_line_error(capsys, "--resume", "steps")
 
 
+def test_resume_with_fewer_runs_planned_is_refused_rather_than_losing_finished_ones(tmp_path, capsys, monkeypatch,
+                                                                                   sweep_argv):
+    _install(monkeypatch, FakeTraining(fail_at=4, exc=KeyboardInterrupt()))
+    assert main(sweep_argv) == 130  # adamw and adamw-clip1.0 (and more) finished
+    capsys.readouterr()
+    fake = _install(monkeypatch, FakeTraining())
+    assert main([*sweep_argv, "--resume", "--arms", "adamw,guard"]) == 2
+    _assert_one_line_error(capsys, "--resume", "does not plan")
+    assert fake.calls == [] and len(json.loads((tmp_path / "out" / "results.partial.json").read_text())["runs"]) == 3
+
+
+def test_resume_on_a_finished_sweep_of_other_settings_is_refused(tmp_path, capsys, monkeypatch, sweep_argv):
+    _install(monkeypatch, FakeTraining())
+    assert main(sweep_argv) == 0
+    capsys.readouterr()
+    fake = _install(monkeypatch, FakeTraining())
+    assert main([*sweep_argv, "--resume", "--steps", "13"]) == 2
+    _assert_one_line_error(capsys, "--resume", "finished sweep", "steps")
+    assert fake.calls == [] and len(json.loads((tmp_path / "out" / "results.json").read_text())["runs"]) == 10
+
+
+@pytest.mark.parametrize("flag", ["--step", "--arm", "--lr"])
+def test_an_abbreviated_option_is_refused_not_silently_dropped(tmp_path, capsys, no_work, sweep_argv, flag):
+    assert main([*sweep_argv, flag, "30"]) == 2
+    _assert_one_line_error(capsys, flag)
+
+
 def test_a_crash_keeps_the_runs_finished_before_it(tmp_path, capsys, monkeypatch, sweep_argv):
     _install(monkeypatch, FakeTraining(fail_at=3, exc=RuntimeError("boom")))
     assert main(sweep_argv) == 1

@@ -199,7 +199,19 @@ def run_zero() -> dict:
     train(ddp, zero, rows, on_step=lambda step: scales.append(list(local_opt.guard.scale)))
     import io
 
-    torch.save(local_opt.state_dict(), io.BytesIO())  # the telemetry_group ZeRO copies into each group is left out
+    # The README's route: each rank saves and loads its own local state dict (the telemetry_group
+    # ZeRO copies into each group is left out, and kept by the live optimizer on load).
+    buffer = io.BytesIO()
+    torch.save(local_opt.state_dict(), buffer)
+    saved = local_opt.state_dict()
+    buffer.seek(0)
+    local_opt.load_state_dict(torch.load(buffer, weights_only=False))
+    again = local_opt.state_dict()
+    result["reloaded_same"] = (again["num_steps"] == saved["num_steps"]
+                               and again["guard"]["controller"]["processed"] == saved["guard"]["controller"]["processed"]
+                               and all(torch.equal(again["state"][k]["exp_avg"], v["exp_avg"])
+                                       for k, v in saved["state"].items())
+                               and all(g["telemetry_group"] is dist.group.WORLD for g in local_opt.param_groups))
     result.update(events=events_json(local_opt), scales=scales,
                   records=json.dumps(list(local_opt.guard.records), sort_keys=True),
                   params=[p.detach().clone() for p in model.parameters()])
@@ -303,6 +315,7 @@ def test_forced_rollback_restores_every_shard(ranks, kind):
 def test_zero_with_telemetry_group_decides_like_one_process(ranks, single):
     a, b = results_of(ranks, "zero")
     assert a["local_params"] != b["local_params"]  # each rank steps its own part
+    assert a["reloaded_same"] and b["reloaded_same"]  # each rank's own state dict loads back
     assert a["events"] == b["events"] and a["records"] == b["records"] and a["scales"] == b["scales"]
     actions = [(json.loads(e)["step"], json.loads(e)["action"]) for e in a["events"]]
     assert actions == single["actions"]  # the summed telemetry is the whole model's

@@ -105,6 +105,10 @@ def test_results_of_other_settings_are_never_overwritten(tmp_path, capsys):
     (["--guard-config", '{"omega_low": -1}'], "omega_low"),
     (["--faults", "spike-1e4,nope"], "--faults"),
     (["--faults", "nan-grad", "--multiples", "10"], "--multiples"),
+    (["--seeds", "0,0"], "--seeds"),
+    (["--multiples", "1,1"], "--multiples"),
+    (["--scenarios", "opt-const,opt-const"], "--scenarios"),
+    (["--backend", "bogus"], "--backend"),
 ])
 def test_bad_arguments_name_the_option(argv, words, capsys):
     with pytest.raises(SystemExit):
@@ -166,6 +170,28 @@ def test_the_schedules(kind, expected):
         opt.step()
         schedule.step()
     assert [seen[s] for s in (0, 30, 60, 80, 200)] == pytest.approx(expected, abs=1e-6)
+
+
+def test_a_committed_table_is_kept_without_out_and_rewritten_with_it(monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(heldout, "run", lambda *args, **kwargs: calls.append(kwargs["write_table"]) or [])
+    heldout.main(["--scenarios", "third", "--seeds", "0"])
+    assert "left as it is" in capsys.readouterr().out
+    heldout.main(["--scenarios", "third", "--out", heldout.OUT["third"]])
+    heldout.main(["--scenarios", "opt-const"])
+    assert calls == [False, True, True]
+
+
+def test_an_unreadable_results_file_and_an_unwritable_out_are_one_line_errors(tmp_path, capsys):
+    (tmp_path / "heldout.json").write_text('{"settings": {"steps": 2')  # cut off mid-write
+    with pytest.raises(SystemExit):
+        heldout.main(["--scenarios", "opt-const", "--out", str(tmp_path), "--no-progress"])
+    assert "heldout.json" in capsys.readouterr().err
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit):
+        heldout.main(["--scenarios", "opt-const", "--out", str(blocker / "sub"), "--no-progress"])
+    assert "--out" in capsys.readouterr().err
 
 
 def test_each_set_writes_to_its_own_folder(monkeypatch):

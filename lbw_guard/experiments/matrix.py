@@ -520,6 +520,12 @@ def load_resume(cfg: MatrixConfig, resume: bool) -> tuple[dict, dict, dict]:
         raise ValueError(f"--resume: {path} was run with different settings ({', '.join(diff)}); use the same "
                          "settings, or remove that file (or choose another --out) to start over")
     planned = set(planned_runs(cfg))
+    dropped = [k for k in runs if k not in planned]
+    if dropped and schema == PARTIAL_SCHEMA:  # unfinished work the rewrite from the plan would lose
+        raise ValueError(f"--resume: {path} holds {len(dropped)} finished run(s) this command does not plan "
+                         f"(e.g. {dropped[0]}); resume with the same or more --archs/--seeds/--slices, "
+                         "or choose another --out")
+    # (a finished matrix.json may be re-rendered for a subset: test_resume_from_a_finished_matrix_...)
     return ({k: r for k, r in runs.items() if k in planned}, doc.get("bases") or {}, doc.get("models") or {})
 
 

@@ -67,6 +67,8 @@ def load_resume(cfg: StressConfig, resume: bool) -> Resumed:
     cannot be used, or if one exists and ``--resume`` was not given (it would be overwritten)."""
     path = cfg.out_dir / PARTIAL_NAME
     if not path.exists():
+        if resume:
+            _check_finished(cfg, cfg.out_dir / "results.json")
         return Resumed()
     if not resume:
         raise ValueError(f"--out {cfg.out_dir} holds an unfinished sweep ({path}): add --resume to continue it, "
@@ -85,7 +87,30 @@ def load_resume(cfg: StressConfig, resume: bool) -> Resumed:
         raise ValueError(f"--resume: {path} was run with different settings ({', '.join(diff)}); use the same "
                          "settings, or remove that file (or choose another --out) to start over")
     planned = set(planned_runs(cfg))
-    return Resumed([r for r in runs if run_key(r) in planned], doc.get("models") or {}, doc.get("lora_base") or {})
+    dropped = [run_key(r) for r in runs if run_key(r) not in planned]
+    if dropped:  # the results file is rewritten from the plan: they would be lost
+        raise ValueError(f"--resume: {path} holds {len(dropped)} finished run(s) this command does not plan "
+                         f"(e.g. {dropped[0]}); resume with the same or more --sizes/--seeds/--lrs/--arms, "
+                         "or choose another --out")
+    return Resumed(runs, doc.get("models") or {}, doc.get("lora_base") or {})
+
+
+def _check_finished(cfg: StressConfig, path: Path) -> None:
+    """``--resume`` where a sweep finished: refused if it ran with other settings (its
+    results.json would be overwritten by a different sweep)."""
+    if not path.exists():
+        return
+    try:
+        theirs = {k: v for k, v in json.loads(path.read_text(encoding="utf-8"))["config"].items()
+                  if k not in RESUME_IGNORES}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"--resume: --out {cfg.out_dir} holds {path}, which cannot be read ({exc}); "
+                         "choose another --out") from None
+    mine = {k: v for k, v in cfg.to_json().items() if k not in RESUME_IGNORES}
+    diff = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+    if diff:
+        raise ValueError(f"--resume: --out {cfg.out_dir} holds a finished sweep run with different settings "
+                         f"({', '.join(diff)}); choose another --out, or drop --resume to replace it")
 
 
 # ---------------------------------------------------------------------------- running
