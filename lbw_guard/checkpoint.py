@@ -98,12 +98,17 @@ def prepare_load(opt, state_dict) -> LoadPlan:
         raise ValueError(f"state_dict['state'] has entries for unknown parameter ids {sorted(map(str, unknown))[:5]}")
     states = {}
     max_step = 0.0
-    for pid, p in zip(saved_ids, params):
-        if pid not in saved_state:
-            continue
-        state, step = _convert_state(opt, saved_state[pid], p, f"state_dict['state'][{pid!r}]")
-        states[p] = state
-        max_step = max(max_step, step)
+    refused = None
+    try:
+        for pid, p in zip(saved_ids, params):
+            if pid not in saved_state:
+                continue
+            state, step = _convert_state(opt, saved_state[pid], p, f"state_dict['state'][{pid!r}]")
+            states[p] = state
+            max_step = max(max_step, step)
+    except (TypeError, ValueError) as exc:
+        refused = exc
+    _agree_on_the_shards(params, refused)
     if from_section and isinstance(num_steps, int) and num_steps < max_step:
         # The packed copy rode along in a torch.optim.AdamW that went on training (it keeps
         # unknown group keys): its guard state and step count describe older weights.
@@ -123,6 +128,22 @@ def prepare_load(opt, state_dict) -> LoadPlan:
             _check_guard_state(opt, guard_state, num_steps, params)
     floors = check_spike_floor(spike_floor, len(params)) if spike_floor is not None else None
     return LoadPlan(sd, states, num_steps, dict(guard_state) if guard_state is not None else None, floors)
+
+
+def _agree_on_the_shards(params: list, refused: Exception | None) -> None:
+    """Each rank checks only its own shard of a sharded (FSDP2) moment: every rank refuses the
+    checkpoint if any did (one all-reduce of a flag), so none goes on to a collective alone."""
+    from . import distributed
+
+    group = distributed.shard_group(params)
+    if group is not None and distributed.is_distributed():
+        flag = torch.tensor([0.0 if refused is None else 1.0], device=params[0].device)
+        distributed.sum_over_group(flag, group)
+        if refused is None and float(flag) > 0:
+            raise ValueError("state_dict['state']: another rank refused its shard of the moments (its error names "
+                             "the entry); nothing was loaded")
+    if refused is not None:
+        raise refused
 
 
 def check_spike_floor(layouts, num_params: int, where: str = "state_dict['spike_floor']") -> dict:
@@ -379,9 +400,9 @@ def _pop_section(groups) -> tuple[list, object]:
     return out, section
 
 
-def apply_section(opt, section) -> None:
-    """Restore ``num_steps``, the guard state and the spike bound's floors from a packed section
-    (used where a loader dropped the param-group key, e.g. DCP's ``flatten_optimizer_state_dict``)."""
+def check_section(opt, section) -> tuple:
+    """A packed section, unpacked and checked against ``opt`` (raises before anything changes):
+    (num_steps, guard state, spike floors) for :func:`apply_section`."""
     num_steps, guard_state, spike_floor = unpack_section(section)
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 0:
         raise ValueError(f"the packed num_steps must be an int >= 0, got {num_steps!r}")
@@ -389,6 +410,14 @@ def apply_section(opt, section) -> None:
         opt.guard.check_state_dict(guard_state, num_steps)
     num_params = sum(len(g["params"]) for g in opt.param_groups)
     floors = check_spike_floor(spike_floor, num_params, "the packed spike_floor") if spike_floor is not None else None
+    return num_steps, guard_state, floors
+
+
+def apply_section(opt, section, checked: tuple | None = None) -> None:
+    """Restore ``num_steps``, the guard state and the spike bound's floors from a packed section
+    (used where a loader dropped the param-group key, e.g. DCP's ``flatten_optimizer_state_dict``);
+    ``checked``: what :func:`check_section` returned for it."""
+    num_steps, guard_state, floors = checked if checked is not None else check_section(opt, section)
     opt.num_steps = num_steps
     opt._load_spike_floor(floors)
     if opt.guard is not None:

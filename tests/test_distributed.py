@@ -8,6 +8,7 @@ All of it runs in one spawn of 2 processes (starting them costs more than the ch
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 
@@ -170,6 +171,20 @@ def dcp_round_trip(model, opt, out: str) -> dict:
             o.step(loss=loss)
             o.zero_grad()
     result["continued"] = guard_json(opt)
+    # A checkpoint whose moment holds a NaN in rank 0's shard only: every rank refuses it (one
+    # rank going on alone would hang the next collective), and nothing of the optimizer changes.
+    bad = copy.deepcopy(opt.state_dict())
+    first = next(iter(bad["state"].values()))["exp_avg"]
+    if dist.get_rank() == 0:
+        local(first).view(-1)[0] = float("nan")
+    before = [local(opt.state[p]["exp_avg"]).clone() for g in opt.param_groups for p in g["params"]]
+    try:
+        opt.load_state_dict(bad)
+        result["bad_shard"] = None
+    except ValueError as exc:
+        result["bad_shard"] = str(exc)
+    result["bad_shard_unchanged"] = all(torch.equal(local(opt.state[p]["exp_avg"]), b) for p, b in
+                                        zip([p for g in opt.param_groups for p in g["params"]], before))
     result["loaded"] = []
     for model2, opt2, how, num_steps, guard, moments_equal in loaded:
         same_params = all(torch.equal(local(p), local(q)) for p, q in zip(model.parameters(), model2.parameters()))
@@ -342,3 +357,5 @@ def test_dcp_checkpoint_of_fsdp2_keeps_guard_and_num_steps(ranks):
             assert loaded["same_params"] and loaded["continued"] == result["continued"], loaded["how"]
     a, b = results_of(ranks, "dcp")
     assert a["guard"] == b["guard"]
+    assert "NaN" in a["bad_shard"] and "another rank" in b["bad_shard"]
+    assert a["bad_shard_unchanged"] and b["bad_shard_unchanged"]

@@ -140,6 +140,22 @@ def test_flattened_helpers_keep_one_copy():
     assert opt2.num_steps == 9 and guard_json(opt2) == guard_json(opt)
 
 
+@pytest.mark.parametrize("section", [b"garbage", "a str"])
+def test_a_bad_flattened_section_is_refused_before_torch_loads_the_moments(section):
+    model, opt = make()
+    train(model, opt, 9)
+    options = StateDictOptions(flatten_optimizer_state_dict=True)
+    flat = lbw_dcp.get_optimizer_state_dict(model, opt, options=options)
+    flat[lbw_dcp.SECTION] = [section]
+    model2, opt2 = make()
+    train(model2, opt2, 3)
+    before, guard_before = moments(opt2), guard_json(opt2)
+    with pytest.raises((ValueError, TypeError)):
+        lbw_dcp.set_optimizer_state_dict(model2, opt2, flat, options=options)
+    assert opt2.num_steps == 3 and guard_json(opt2) == guard_before
+    assert all(torch.equal(a, b) for a, b in zip(moments(opt2), before))
+
+
 def test_plain_dcp_save_load_without_helpers(tmp_path):
     # What Accelerate's FSDP2 checkpointing does: torch's own functions and dcp.save/load.
     model, opt = make()

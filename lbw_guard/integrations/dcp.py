@@ -41,7 +41,7 @@ import torch
 from torch.distributed.checkpoint import state_dict as _dsd
 from torch.distributed.checkpoint.stateful import Stateful
 
-from lbw_guard.checkpoint import SECTION_KEY, apply_section, pack_section
+from lbw_guard.checkpoint import SECTION_KEY, apply_section, check_section, pack_section
 
 from . import unwrap_optimizer
 
@@ -91,14 +91,15 @@ def set_optimizer_state_dict(model: torch.nn.Module, optimizers: torch.optim.Opt
     opts = _as_tuple(optimizers)
     sd = dict(optim_state_dict)
     sections = sd.pop(SECTION, None)
+    checked = []
+    if sections is not None:  # checked before torch's setter changes anything
+        if not isinstance(sections, (list, tuple)) or len(sections) != len(opts):
+            raise ValueError(f"optim_state_dict[{SECTION!r}] must hold one section per optimizer ({len(opts)})")
+        checked = [(unwrap_optimizer(opt), section, check_section(unwrap_optimizer(opt), section))
+                   for opt, section in zip(opts, sections) if section is not None]
     _dsd.set_optimizer_state_dict(model, opts, sd, options=options)
-    if sections is None:
-        return
-    if not isinstance(sections, (list, tuple)) or len(sections) != len(opts):
-        raise ValueError(f"optim_state_dict[{SECTION!r}] must hold one section per optimizer ({len(opts)})")
-    for opt, section in zip(opts, sections):
-        if section is not None:
-            apply_section(unwrap_optimizer(opt), section)
+    for opt, section, parsed in checked:
+        apply_section(opt, section, parsed)
 
 
 class OptimizerState(Stateful):
