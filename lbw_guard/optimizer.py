@@ -547,7 +547,9 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
                 loss = _closure_loss(closure_loss)
         buckets = self._collect()  # validates every gradient before anything changes
         if not buckets:
-            return closure_loss
+            if not self._joins_collectives():
+                return closure_loss
+            buckets = [self._empty_bucket()]  # no gradient here, but the other ranks' sums wait for ours
         device = buckets[0].device
         loss_t = validation.loss_tensor(loss, device) if loss is not None else None
         self._check_step_hyperparameters()
@@ -646,6 +648,18 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
             b.positions.append(position)
             b.kinds.append(self._param_info[p][0])
         return list(buckets.values())
+
+    def _joins_collectives(self) -> bool:
+        """Under a ``telemetry_group`` (a partitioned optimizer) every rank's step sums the
+        telemetry with the others', so a rank with no gradient this step steps too, with nothing."""
+        return (self.telemetry_group is not None and distributed.is_distributed()
+                and any(g["params"] for g in self.param_groups))
+
+    def _empty_bucket(self) -> _Bucket:
+        """A bucket without tensors: the reference backend writes its record (zero telemetry,
+        the loss and the step checks) for the collective sums."""
+        p = next(p for g in self.param_groups for p in g["params"])
+        return _Bucket(p.device, p.dtype, True, backend=load_backend("torch", p.device))
 
     def _adopt(self, p: Tensor, gid: int, where: str) -> None:
         """A parameter put into an existing group's list directly (torch.optim steps whatever
@@ -771,7 +785,8 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
     def _grad_norm(self, buckets: list[_Bucket], grad_scale: Tensor | None) -> Tensor:
         """One read of every gradient: the global L2 norm (unscaled) as a float64 device scalar."""
         device = buckets[0].device
-        total = sum(b.backend.grad_norm_sq(b.grads).to(device) for b in buckets)
+        total = sum((b.backend.grad_norm_sq(b.grads).to(device) for b in buckets if b.grads),
+                    torch.zeros((), dtype=torch.float64, device=device))
         total = distributed.sum_over_group(total, distributed.shard_group([p for b in buckets for p in b.owners])
                                            or self.telemetry_group)
         norm = total.sqrt()

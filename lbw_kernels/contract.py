@@ -371,6 +371,8 @@ def group_fields(sums: Tensor, group_ids: Tensor, kinds: Tensor, steps: Tensor, 
     ``steps`` are the counters before the step; ``applied_gate`` is per group.
     """
     G = control.shape[0] - 1
+    if sums.shape[0] == 0:  # a rank whose share of a partitioned optimizer has no gradient
+        return torch.zeros(G, NUM_GROUP_FIELDS, dtype=torch.float64, device=sums.device)
     gid = group_ids.to(sums.device, torch.long)
     beta1 = control[:-1, BETA1][gid]
     beta2 = control[:-1, BETA2][gid]

@@ -231,6 +231,26 @@ def run_zero() -> dict:
                   records=json.dumps(list(local_opt.guard.records), sort_keys=True),
                   params=[p.detach().clone() for p in model.parameters()])
 
+    # A rank whose share is all frozen (a frozen layer large enough to be a partition of its own)
+    # still steps, with nothing, so the other rank's telemetry sums do not wait for it forever.
+    torch.manual_seed(0)
+    frozen = nn.Sequential(nn.Linear(8, 64), nn.Tanh(), nn.Linear(64, 4))
+    frozen[0].requires_grad_(False)
+    zero = ZeroRedundancyOptimizer(frozen.parameters(), optimizer_class=FusedGuardedAdamW, lr=1e-2,
+                                   backend="torch", guard=GuardConfig(keep_trace=True),
+                                   telemetry_group=dist.group.WORLD)
+    local_opt = unwrap_optimizer(zero)
+    result["holds_a_gradient"] = any(p.requires_grad for g in local_opt.param_groups for p in g["params"])
+    ddp = DDP(frozen)
+    gen = torch.Generator().manual_seed(rank)
+    for _ in range(4):
+        loss = ddp(torch.randn(4, 8, generator=gen)).square().mean()
+        loss.backward()
+        zero.step(loss=loss)
+        zero.zero_grad()
+    result["frozen_share_records"] = json.dumps(list(local_opt.guard.records), sort_keys=True)
+    result["frozen_share_steps"] = local_opt.num_steps
+
     model = make_model()
     zero = ZeroRedundancyOptimizer(param_groups(model), optimizer_class=FusedGuardedAdamW, lr=1e-2,
                                    backend="torch", guard=guard_config())
@@ -331,6 +351,9 @@ def test_zero_with_telemetry_group_decides_like_one_process(ranks, single):
     a, b = results_of(ranks, "zero")
     assert a["local_params"] != b["local_params"]  # each rank steps its own part
     assert a["reloaded_same"] and b["reloaded_same"]  # each rank's own state dict loads back
+    assert sorted([a["holds_a_gradient"], b["holds_a_gradient"]]) == [False, True]
+    assert a["frozen_share_steps"] == b["frozen_share_steps"] == 4
+    assert a["frozen_share_records"] == b["frozen_share_records"]  # the same summed telemetry and loss
     assert a["events"] == b["events"] and a["records"] == b["records"] and a["scales"] == b["scales"]
     actions = [(json.loads(e)["step"], json.loads(e)["action"]) for e in a["events"]]
     assert actions == single["actions"]  # the summed telemetry is the whole model's
