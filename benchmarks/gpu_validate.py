@@ -1103,8 +1103,11 @@ def parse_budgets(items: list[str]) -> dict[str, float]:
             if name not in SECTIONS:
                 raise ValueError
             out[name] = float(value)
+            if not (math.isfinite(out[name]) and out[name] > 0):
+                raise ValueError
         except ValueError:
-            raise SystemExit(f"--budget expects SECTION=SECONDS with SECTION in {list(SECTIONS)}, got {item!r}") from None
+            raise SystemExit(f"--budget expects SECTION=SECONDS (seconds > 0) with SECTION in {list(SECTIONS)}, "
+                             f"got {item!r}") from None
     return out
 
 
@@ -1120,6 +1123,8 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", action="append", default=[], metavar="SECTION=SECONDS", help="a section's budget")
     ap.add_argument("--note", default="", help="free text kept in the results file")
     args = ap.parse_args(argv)
+    if not (math.isfinite(args.total_budget) and args.total_budget > 0):
+        ap.error(f"--total-budget must be a number of seconds > 0, got {args.total_budget}")
 
     cuda = torch.cuda.is_available()
     if not cuda and not args.dry_run:

@@ -99,7 +99,7 @@ def test_bad_arguments_exit_with_status_2(tmp_path, capsys):
     assert "learning rates must be positive" in capsys.readouterr().out
 
 
-def test_merge_rebuilds_one_report_from_parts(full_run, tmp_path):
+def test_merge_rebuilds_one_report_from_parts(full_run, tmp_path, capsys):
     doc = json.loads((full_run / "results.json").read_text())
     parts = []
     for lr in doc["config"]["lrs"]:  # split the smoke run into one file per learning rate
@@ -112,3 +112,8 @@ def test_merge_rebuilds_one_report_from_parts(full_run, tmp_path):
     assert merged["summary"]["cells"] == doc["summary"]["cells"]
     assert merged["meta"]["wall_seconds"] == pytest.approx(doc["meta"]["wall_seconds"] * len(parts))
     _check_png(tmp_path / "merged" / "ppl_vs_lr.png")
+    capsys.readouterr()
+    # a part given twice would read as two seeds agreeing: refused
+    assert main(["stress", "--merge", parts[0], parts[0], "--out", str(tmp_path / "twice"), "--no-plots"]) == 2
+    captured = capsys.readouterr()
+    assert "merge each run once" in captured.out + captured.err

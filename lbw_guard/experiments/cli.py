@@ -25,10 +25,11 @@ SMOKE = dict(sizes=("nano",), lrs=(3e-3, 3e-2), steps=12, batch_size=4, seq_len=
              eval_windows=8, vocab_size=512, train_chars=200_000, heldout_chars=30_000, base_steps=10)
 
 
-def _split(text: str, flag: str, example: str) -> list[str]:
+def _split(text: str, flag: str | None = None, example: str | None = None) -> list[str]:
     items = [x.strip() for x in text.split(",") if x.strip()]
-    if not items:  # an explicit empty value is a mistake, not "the default"
-        raise argparse.ArgumentTypeError(f"empty list {text!r}: give at least one value (e.g. {flag} {example}) "
+    if not items:  # an explicit empty value is a mistake, not "the default" (argparse names the flag)
+        hint = f" (e.g. {flag} {example})" if flag else ""
+        raise argparse.ArgumentTypeError(f"empty list {text!r}: give at least one value{hint} "
                                          "or leave the flag out for the default")
     return items
 
@@ -50,7 +51,7 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def _names(text: str) -> tuple[str, ...]:
-    return tuple(_split(text, "--arms", "adamw,guard"))
+    return tuple(_split(text))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -135,7 +135,7 @@ class StressConfig:
                 raise StressConfigError("arms", str(exc)) from None
         need(len(self.seeds) > 0 and len(set(self.seeds)) == len(self.seeds), "seeds",
              "seeds must be non-empty and distinct")
-        need(all(s >= 0 for s in self.seeds), "seeds", "seeds must be non-negative")
+        need(all(0 <= s < 2**63 for s in self.seeds), "seeds", "seeds must be in [0, 2**63)")
         need(len(set(self.lrs)) == len(self.lrs), "lrs", f"learning rates must be distinct, got {self.lrs}")
         need(all(math.isfinite(x) and x > 0 for x in self.lrs), "lrs",
              f"learning rates must be positive, got {self.lrs}")
@@ -161,6 +161,7 @@ class StressConfig:
             self.text_file = Path(self.text_file)
             need(self.text_file.is_file(), "text_file",
                  f"text file {self.text_file} " + ("is a directory; pass a file" if self.text_file.is_dir()
+                                                   else "is not a regular file" if self.text_file.exists()
                                                    else "does not exist"))
         need(self.train_chars > 0 and self.heldout_chars > 0, "train_chars", "character budgets must be positive")
         if not self.precision:

@@ -151,14 +151,23 @@ def merge_results(paths: list[Path]) -> dict:
     docs = [json.loads(Path(p).read_text()) for p in paths]
     if not docs:
         raise ValueError("no results files to merge")
-    ignore = {"lrs", "seeds", "arms", "out_dir", "progress", "plots", "threads", "compare_speed", "speed_steps"}
+    # (cache_dir: where the tokenizer and LoRA bases are kept, per machine; it changes no result)
+    ignore = {"lrs", "seeds", "arms", "out_dir", "progress", "plots", "threads", "compare_speed", "speed_steps",
+              "cache_dir"}
     first = {k: v for k, v in docs[0]["config"].items() if k not in ignore}
     for p, d in zip(paths, docs):
         other = {k: v for k, v in d["config"].items() if k not in ignore}
         diff = sorted(k for k in first.keys() | other.keys() if first.get(k) != other.get(k))
         if diff:
             raise ValueError(f"{p} was run with different settings: {', '.join(diff)}")
-    runs = [run_from_json(r) for d in docs for r in d["runs"]]
+    runs, seen = [], {}
+    for p, d in zip(paths, docs):
+        for r in (run_from_json(r) for r in d["runs"]):
+            key = run_key(r)
+            if key in seen:  # counted twice it would read as two seeds agreeing
+                raise ValueError(f"{p} and {seen[key]} both hold the run {key}; merge each run once")
+            seen[key] = p
+            runs.append(r)
     config = dict(docs[0]["config"])
     config["lrs"] = sorted({r.lr for r in runs})
     config["seeds"] = sorted({r.seed for r in runs})
