@@ -141,7 +141,7 @@ def _agree_on_the_shards(params: list, refused: Exception | None) -> None:
         distributed.sum_over_group(flag, group)
         if refused is None and float(flag) > 0:
             raise ValueError("state_dict['state']: another rank refused its shard of the moments (its error names "
-                             "the entry); nothing was loaded")
+                             "the entry); refused on every rank")
     if refused is not None:
         raise refused
 

@@ -49,6 +49,13 @@ def shard_group(params: list[Tensor]):
     return None
 
 
+def group_device(group) -> torch.device:
+    """Where ``group`` communicates: the current CUDA device under NCCL, else the CPU."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def sum_over_group(t: Tensor, group) -> Tensor:
     """All-reduce a small tensor (sum) in place; a no-op without a group."""
     if group is not None and is_distributed():

@@ -652,14 +652,18 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
     def _joins_collectives(self) -> bool:
         """Under a ``telemetry_group`` (a partitioned optimizer) every rank's step sums the
         telemetry with the others', so a rank with no gradient this step steps too, with nothing."""
-        return (self.telemetry_group is not None and distributed.is_distributed()
-                and any(g["params"] for g in self.param_groups))
+        return self.telemetry_group is not None and distributed.is_distributed()
 
     def _empty_bucket(self) -> _Bucket:
         """A bucket without tensors: the reference backend writes its record (zero telemetry,
-        the loss and the step checks) for the collective sums."""
-        p = next(p for g in self.param_groups for p in g["params"])
-        return _Bucket(p.device, p.dtype, True, backend=load_backend("torch", p.device))
+        the loss and the step checks) for the collective sums. On the parameters' device, or
+        where the process group communicates when this rank's share is empty."""
+        p = next((p for g in self.param_groups for p in g["params"]), None)
+        if p is not None:
+            device, dtype = p.device, p.dtype
+        else:
+            device, dtype = distributed.group_device(self.telemetry_group), torch.float32
+        return _Bucket(device, dtype, True, backend=load_backend("torch", device))
 
     def _adopt(self, p: Tensor, gid: int, where: str) -> None:
         """A parameter put into an existing group's list directly (torch.optim steps whatever

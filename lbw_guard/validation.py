@@ -203,7 +203,7 @@ def check_scalar(name: str, value: Any) -> None:
         try:
             float(value)
         except OverflowError:
-            raise ValueError(f"{name} is too large for a float ({str(value)[:20]}...); pass the loss as a float "
+            raise ValueError(f"{name} is too large for a float ({str(value)[:20]}...); pass {name} as a float "
                              "or a floating tensor") from None
 
 
