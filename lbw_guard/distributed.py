@@ -11,6 +11,8 @@ these, every rank sees the same values and the guard takes the same decision on 
 
 from __future__ import annotations
 
+import zlib
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -73,20 +75,29 @@ def mean_over_ranks(t: Tensor, group=None) -> Tensor:
     return t / dist.get_world_size(group)
 
 
-def check_replicated(params: list[Tensor], telemetry_group) -> None:
+def check_replicated(params: list[Tensor], telemetry_group, settings: str = "") -> None:
     """Refuse, with the fix, an optimizer whose ranks hold different parameters without a
     ``telemetry_group``: each rank's guard would then judge only its own part and the ranks
-    would decide differently. Runs once, at the first step (one small all-gather)."""
+    would decide differently; or whose ranks were built with different ``settings`` (the
+    hyperparameters and the guard's config, as text): their steps and decisions would part.
+    Runs once, at the first step (one small all-gather)."""
     if not is_distributed() or telemetry_group is not None or any(is_sharded(p) for p in params):
         return
     device = params[0].device
     if dist.get_backend() == "nccl" and device.type != "cuda":
         return
     shapes = hash(tuple(tuple(p.shape) for p in params)) % (2**31)
-    mine = torch.tensor([len(params), sum(p.numel() for p in params), shapes], dtype=torch.float64, device=device)
+    mine = torch.tensor([len(params), sum(p.numel() for p in params), shapes, zlib.crc32(settings.encode())],
+                        dtype=torch.float64, device=device)
     every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
     dist.all_gather(every, mine)
-    if any(not torch.equal(mine, other) for other in every):
+    if any(not torch.equal(mine[3:], other[3:]) for other in every):
+        raise ValueError(
+            "FusedGuardedAdamW: the ranks were built with different settings (lr, betas, eps, weight_decay, "
+            "max_grad_norm or the GuardConfig), so their parameters and the guard's decisions would part. "
+            f"Build the optimizer alike on every rank; this rank's: {settings[:300]}"
+        )
+    if any(not torch.equal(mine[:3], other[:3]) for other in every):
         raise ValueError(
             "FusedGuardedAdamW: the ranks hold different parameters (a partitioned optimizer such as "
             "ZeroRedundancyOptimizer), so each rank's guard would see only its own part and the ranks "

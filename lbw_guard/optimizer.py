@@ -626,7 +626,7 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
                     found.append((gid, p, g, position))
                 position += 1
         if found and not self._checked_replicas and self._guard is not None:
-            distributed.check_replicated([p for _, p, _, _ in found], self.telemetry_group)
+            distributed.check_replicated([p for _, p, _, _ in found], self.telemetry_group, self._settings_text())
             self._checked_replicas = True
         buckets: dict[tuple, _Bucket] = {}
         for gid, p, g, position in found:
@@ -648,6 +648,15 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
             b.positions.append(position)
             b.kinds.append(self._param_info[p][0])
         return list(buckets.values())
+
+    def _settings_text(self) -> str:
+        """What every rank of a replicated run must agree on, as text: each group's hyperparameters,
+        the clip, and the guard's config less what is per rank by design (its trace file)."""
+        groups = [(_host_float(g["lr"]), [_host_float(b) for b in g["betas"]], _host_float(g["eps"]),
+                   _host_float(g["weight_decay"])) for g in self.param_groups]
+        per_rank = ("trace_path", "keep_trace")  # where each rank writes its trace, how much it keeps
+        config = {k: v for k, v in self._guard.config.to_dict().items() if k not in per_rank} if self._guard else None
+        return repr((groups, self.max_grad_norm, config))
 
     def _joins_collectives(self) -> bool:
         """Under a ``telemetry_group`` (a partitioned optimizer) every rank's step sums the

@@ -264,6 +264,27 @@ def run_zero() -> dict:
     return result
 
 
+def run_divergent(rank: int) -> dict:
+    """DDP ranks whose optimizers differ (another lr on rank 1; then the same lr, with each rank
+    tracing to its own file): the first is refused on every rank, the second runs."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    result = {}
+    for case, lr, config in (("lr", 1e-2 * (1 + rank), guard_config()),
+                             ("trace files", 1e-2, GuardConfig(keep_trace=rank == 0,
+                                                               trace_path=os.devnull if rank else None))):
+        model = make_model()
+        ddp = DDP(model)
+        opt = FusedGuardedAdamW(param_groups(model), lr=lr, backend="torch", guard=config)
+        ddp(batches()[0][0]).square().mean().backward()
+        try:
+            opt.step(loss=1.0)
+            result[case] = None
+        except ValueError as exc:
+            result[case] = str(exc)
+    return result
+
+
 def worker(rank: int, store: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
@@ -281,6 +302,7 @@ def worker(rank: int, store: str, out: str) -> None:
         torch.save(run_rank(model, opt), os.path.join(out, f"fsdp{rank}.pt"))
         torch.save(dcp_round_trip(model, opt, out), os.path.join(out, f"dcp{rank}.pt"))
         torch.save(run_zero(), os.path.join(out, f"zero{rank}.pt"))
+        torch.save(run_divergent(rank), os.path.join(out, f"divergent{rank}.pt"))
         dist.barrier()  # leave together: a rank tearing gloo down mid-collective aborts its peer
     finally:
         dist.destroy_process_group()
@@ -295,7 +317,7 @@ def ranks(tmp_path_factory):
     except Exception as exc:  # reported by the tests whose results are missing
         error = exc
     results = [{} for _ in range(WORLD)]
-    for kind in ("ddp", "fsdp", "dcp", "zero"):
+    for kind in ("ddp", "fsdp", "dcp", "zero", "divergent"):
         for r in range(WORLD):
             path = out / f"{kind}{r}.pt"
             if path.exists():
@@ -382,3 +404,9 @@ def test_dcp_checkpoint_of_fsdp2_keeps_guard_and_num_steps(ranks):
     assert a["guard"] == b["guard"]
     assert "NaN" in a["bad_shard"] and "another rank" in b["bad_shard"]
     assert a["bad_shard_unchanged"] and b["bad_shard_unchanged"]
+
+
+def test_ranks_built_with_different_settings_are_refused_on_every_rank(ranks):
+    for result in results_of(ranks, "divergent"):
+        assert result["lr"] is not None and "different settings" in result["lr"]
+        assert result["trace files"] is None  # per-rank by design: no refusal
