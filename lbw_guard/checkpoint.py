@@ -85,7 +85,7 @@ def prepare_load(opt, state_dict) -> LoadPlan:
         # (not the constructor options ZeRO copies into the live groups: a process group cannot
         # be deep-copied by torch's load; the optimizer puts them back after it)
         filled = {**{k: v for k, v in group.items() if k != "params" and k not in OPTION_KEYS}, **saved}
-        validation.check_hyperparameters(filled, f"state_dict param group {i}")
+        validation.check_hyperparameters(filled, f"state_dict param group {i}", between_steps=True)
         filled_groups.append(filled)
         params.extend(group["params"])
         saved_ids.extend(ids)
@@ -106,7 +106,7 @@ def prepare_load(opt, state_dict) -> LoadPlan:
             state, step = _convert_state(opt, saved_state[pid], p, f"state_dict['state'][{pid!r}]")
             states[p] = state
             max_step = max(max_step, step)
-    except (TypeError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - every rank must hear of any failure (the next collective)
         refused = exc
     _agree_on_the_shards(params, refused)
     if from_section and isinstance(num_steps, int) and num_steps < max_step:

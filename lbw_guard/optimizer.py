@@ -211,6 +211,8 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
         self._buffers: dict[torch.device, StepBuffers] = {}
         self._param_info: dict[Tensor, tuple[int, float]] = {}  # param -> (kind, rms when it joined)
         self._known_groups = 0  # param groups added through add_param_group (or unpickled)
+        self._known_params = 0  # parameters listed then (a change means the lists were edited)
+        self._section_follows = False  # set by the DCP helper: the guard's state comes after the load
         self._guard = None
         self.telemetry: Telemetry | None = None
         self.num_steps = 0
@@ -259,6 +261,7 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
         group["betas"] = tuple(group["betas"])
         self._probe_params(group["params"])
         self._known_groups = len(self.param_groups)
+        self._known_params = sum(len(g["params"]) for g in self.param_groups)
         self._buffers.clear()  # the control table and record are sized by the group count
         if self._guard is not None:
             self._guard.bind(self)
@@ -358,7 +361,8 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
         for buf in self._buffers.values():
             for key, out in buf.tensor_out.items():
                 layouts[key[-1]] = out[:, [C.T_MOMENT2_SUM, C.T_NUMEL]].cpu().tolist()
-        return [{"params": list(positions), "sums": sums} for positions, sums in layouts.items()]
+        # (a rank's empty step of a partitioned optimizer has a layout of no parameters)
+        return [{"params": list(positions), "sums": sums} for positions, sums in layouts.items() if positions]
 
     def _load_spike_floor(self, layouts: dict[tuple, list] | None) -> None:
         """Make the floors those of a checkpoint (validated by ``checkpoint.check_spike_floor``):
@@ -401,7 +405,7 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
             self._guard.bind(self)
             if plan.guard_state is not None:
                 self._guard.load_state_dict(plan.guard_state)
-            else:  # what the guard learnt was about the weights just replaced
+            elif not self._section_follows:  # what the guard learnt was about the weights just replaced
                 self._guard.reset()
         for hook in list(self._optimizer_load_state_dict_post_hooks.values()):
             hook(self)
@@ -449,6 +453,7 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
         self._init_runtime()
         super().__setstate__(state)
         self._known_groups = len(self.param_groups)
+        self._known_params = sum(len(g["params"]) for g in self.param_groups)
         params = [p for g in self.param_groups for p in g["params"]]
         if options is None or len(options.get("param_info", [])) != len(params):
             for group in self.param_groups:
@@ -618,24 +623,30 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
             for i, p in enumerate(group["params"]):
                 g = p.grad
                 if g is not None:
-                    where = f"param group {gid} params[{i}]"
-                    validation.check_grad(p, g, where)
-                    if p not in self._param_info:
-                        self._adopt(p, gid, where)
-                    self._check_state_matches(p, where)
-                    found.append((gid, p, g, position))
+                    validation.check_grad(p, g, f"param group {gid} params[{i}]")
+                    found.append((gid, i, p, g, position))
                 position += 1
+        if position != self._known_params:  # the lists were changed in place: no parameter twice
+            self._check_each_once(position)
         if found and not self._checked_replicas and self._guard is not None:
-            distributed.check_replicated([p for _, p, _, _ in found], self.telemetry_group, self._settings_text())
+            distributed.check_replicated([f[2] for f in found], self.telemetry_group, self._settings_text())
             self._checked_replicas = True
         buckets: dict[tuple, _Bucket] = {}
-        for gid, p, g, position in found:
+        for gid, i, p, g, position in found:
+            info = self._param_info.get(p)
+            if info is None:  # put into a group's list directly
+                info = self._adopt(p, gid, i)
             lp, lg = distributed.local_tensor(p), distributed.local_tensor(g)
             dense = is_dense(lp)
+            dtype = p.dtype
             state = self.state.get(p)
-            if dense and state:  # moments loaded with other strides than the param
-                dense = state["exp_avg"].stride() == lp.stride() == state["exp_avg_sq"].stride()
-            key = (p.device, p.dtype, dense)
+            if state:
+                m = state["exp_avg"]
+                if m.dtype is not (torch.float64 if dtype is torch.float64 else torch.float32) or m.shape != p.shape:
+                    self._refuse_changed(p, m, gid, i)
+                if dense:  # moments loaded with other strides than the param
+                    dense = m.stride() == lp.stride() == state["exp_avg_sq"].stride()
+            key = (p.device, dtype, dense)
             b = buckets.get(key)
             if b is None:
                 b = buckets[key] = _Bucket(p.device, p.dtype, dense, backend=self._backend_for(*key))
@@ -646,7 +657,7 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
             b.grads.append(lg)
             b.group_ids.append(gid)
             b.positions.append(position)
-            b.kinds.append(self._param_info[p][0])
+            b.kinds.append(info[0])
         return list(buckets.values())
 
     def _settings_text(self) -> str:
@@ -674,9 +685,9 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
             device, dtype = distributed.group_device(self.telemetry_group), torch.float32
         return _Bucket(device, dtype, True, backend=load_backend("torch", device))
 
-    def _adopt(self, p: Tensor, gid: int, where: str) -> None:
+    def _adopt(self, p: Tensor, gid: int, i: int) -> tuple[int, float]:
         """A parameter put into an existing group's list directly (torch.optim steps whatever
-        the list holds): checked and measured as add_param_group would."""
+        the list holds): checked and measured as add_param_group would; its (kind, rms)."""
         if gid >= self._known_groups:
             raise ValueError(f"param group {gid} was appended to param_groups directly; add it with "
                              "opt.add_param_group({'params': [...], ...}) so that it is checked and measured")
@@ -685,19 +696,29 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
         self._probe_params([p])
         if self._guard is not None:
             self._guard.bind(self)  # another parameter set: its snapshots cannot be restored
+        return self._param_info[p]
 
-    def _check_state_matches(self, p: Tensor, where: str) -> None:
-        """The moments were made for this parameter's shape and dtype: a parameter changed in
-        place after it was stepped (``model.double()``, a resized embedding) is refused here,
-        before any bucket steps, rather than half-way through the step."""
-        m = self.state.get(p, _NO_STATE).get("exp_avg")
-        if m is None:
-            return
-        if m.shape != p.shape or m.dtype != self._state_dtype(p):
-            raise ValueError(
-                f"{where} is now {p.dtype} of shape {tuple(p.shape)}, but its optimizer state was made "
-                f"for {tuple(m.shape)} with {m.dtype} moments (the parameter was changed in place after it "
-                "was stepped); build the optimizer again after changing the model, or load a matching state dict")
+    def _check_each_once(self, count: int) -> None:
+        """A parameter listed twice would be stepped twice in one fused call (torch steps it
+        twice in turn); checked when the number of listed parameters changed."""
+        seen: dict[int, tuple[int, int]] = {}
+        for gid, group in enumerate(self.param_groups):
+            for i, p in enumerate(group["params"]):
+                if id(p) in seen:
+                    raise ValueError(f"param group {gid} params[{i}] is also param group {seen[id(p)][0]} "
+                                     f"params[{seen[id(p)][1]}]; pass each parameter once")
+                seen[id(p)] = (gid, i)
+        self._known_params = count
+
+    @staticmethod
+    def _refuse_changed(p: Tensor, m: Tensor, gid: int, i: int) -> None:
+        """The moments were made for another shape or dtype: the parameter was changed in place
+        after it was stepped (``model.double()``, a resized embedding). Refused while the step
+        is still being gathered, before any bucket steps, not half-way through it."""
+        raise ValueError(
+            f"param group {gid} params[{i}] is now {p.dtype} of shape {tuple(p.shape)}, but its optimizer state "
+            f"was made for {tuple(m.shape)} with {m.dtype} moments (the parameter was changed in place after it "
+            "was stepped); build the optimizer again after changing the model, or load a matching state dict")
 
     def _init_missing_states(self, buckets: list[_Bucket]) -> int:
         """Create moments for parameters stepped for the first time (after validation); how
@@ -856,9 +877,6 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
 
     def _host_beta1(self) -> list[float]:
         return [_host_float(g["betas"][0]) for g in self.param_groups]
-
-
-_NO_STATE: dict = {}
 
 
 def _closure_loss(value):

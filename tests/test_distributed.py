@@ -250,6 +250,8 @@ def run_zero() -> dict:
         zero.zero_grad()
     result["frozen_share_records"] = json.dumps(list(local_opt.guard.records), sort_keys=True)
     result["frozen_share_steps"] = local_opt.num_steps
+    local_opt.load_state_dict(local_opt.state_dict())  # its empty steps leave nothing unloadable
+    result["frozen_share_reloads"] = local_opt.num_steps == 4
 
     model = make_model()
     zero = ZeroRedundancyOptimizer(param_groups(model), optimizer_class=FusedGuardedAdamW, lr=1e-2,
@@ -375,6 +377,7 @@ def test_zero_with_telemetry_group_decides_like_one_process(ranks, single):
     assert a["reloaded_same"] and b["reloaded_same"]  # each rank's own state dict loads back
     assert sorted([a["holds_a_gradient"], b["holds_a_gradient"]]) == [False, True]
     assert a["frozen_share_steps"] == b["frozen_share_steps"] == 4
+    assert a["frozen_share_reloads"] and b["frozen_share_reloads"]
     assert a["frozen_share_records"] == b["frozen_share_records"]  # the same summed telemetry and loss
     assert a["events"] == b["events"] and a["records"] == b["records"] and a["scales"] == b["scales"]
     actions = [(json.loads(e)["step"], json.loads(e)["action"]) for e in a["events"]]

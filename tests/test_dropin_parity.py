@@ -134,6 +134,8 @@ def test_tensor_betas_under_a_momentum_cycling_scheduler_step_as_under_torch(sch
     assert not isinstance(opt.param_groups[0]["betas"][0], torch.Tensor)  # the mixed pair was stepped
     for a, b in zip(ours, theirs):
         _close(a, b)
+    opt.load_state_dict(opt.state_dict())  # and its own checkpoint loads back, as torch's does
+    ref.load_state_dict(ref.state_dict())
 
 
 def test_a_parameter_appended_to_a_group_is_stepped_as_under_torch():
@@ -150,6 +152,34 @@ def test_a_parameter_appended_to_a_group_is_stepped_as_under_torch():
         ref.step()
     for a, b in zip(ours + extra_ours, theirs + extra_theirs):
         _close(a, b)
+
+
+def test_a_parameter_appended_to_a_second_group_is_refused_before_anything_changes():
+    ours, _ = _pair(13)
+    opt = FusedGuardedAdamW([{"params": ours[:1]}, {"params": ours[1:]}], lr=1e-2, guard=None, backend="torch")
+    _grads(80, ours)
+    opt.step()
+    opt.param_groups[0]["params"].append(ours[1])  # torch would step it twice in turn; a fused step cannot
+    _grads(81, ours)
+    before = [p.detach().clone() for p in ours]
+    with pytest.raises(ValueError, match=r"param group 1 params\[0\] is also param group 0 params\[1\]"):
+        opt.step()
+    assert opt.num_steps == 1 and all(torch.equal(p, b) for p, b in zip(ours, before))
+
+
+def test_a_checkpoint_taken_after_add_param_group_mid_run_loads_back():
+    """The guard's queued record of the step before the new group has one group fewer."""
+    ours, _ = _pair(14)
+    extra, _ = _pair(15, shapes=((3,),))
+    opt = _stepped(FusedGuardedAdamW, ours, steps=3, backend="torch")
+    opt.add_param_group({"params": extra})
+    saved = opt.state_dict()
+    assert [r["num_groups"] for r in saved["guard"]["pending"]] == [1]
+    opt.load_state_dict(saved)
+    copy.deepcopy(opt)
+    _grads(90, ours + extra)
+    opt.step(loss=1.0)
+    assert opt.num_steps == 4
 
 
 def test_a_group_appended_to_param_groups_directly_is_refused_naming_add_param_group():

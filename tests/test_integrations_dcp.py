@@ -125,6 +125,21 @@ def test_dcp_save_load_through_the_stateful(tmp_path, flatten):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_flattened_load_restores_the_guard_without_a_reset_first():
+    """torch's setter calls load_state_dict without the section, which follows: the guard must
+    not be reset in between (its kept trace and queued records would be lost)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 2))
+    opt = FusedGuardedAdamW(model.parameters(), lr=1e-2, backend="torch", guard=GuardConfig(keep_trace=100))
+    train(model, opt, 9)
+    options = StateDictOptions(flatten_optimizer_state_dict=True)
+    flat = lbw_dcp.get_optimizer_state_dict(model, opt, options=options)
+    kept = len(opt.guard.records)
+    assert kept > 0
+    lbw_dcp.set_optimizer_state_dict(model, opt, flat, options=options)
+    assert len(opt.guard.records) == kept and opt.num_steps == 9
+
+
 def test_flattened_helpers_keep_one_copy():
     model, opt = make()
     train(model, opt, 9)

@@ -135,7 +135,9 @@ class StressConfig:
                 raise StressConfigError("arms", str(exc)) from None
         need(len(self.seeds) > 0 and len(set(self.seeds)) == len(self.seeds), "seeds",
              "seeds must be non-empty and distinct")
-        need(all(0 <= s < 2**63 for s in self.seeds), "seeds", "seeds must be in [0, 2**63)")
+        # (the data and fault schedules seed torch with 1_000_003 * seed + 17, an int64)
+        need(all(0 <= s < 2**63 // 1_000_003 - 1 for s in self.seeds), "seeds",
+             f"seeds must be in [0, {2**63 // 1_000_003 - 1})")
         need(len(set(self.lrs)) == len(self.lrs), "lrs", f"learning rates must be distinct, got {self.lrs}")
         need(all(math.isfinite(x) and x > 0 for x in self.lrs), "lrs",
              f"learning rates must be positive, got {self.lrs}")

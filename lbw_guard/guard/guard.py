@@ -439,12 +439,12 @@ class Guard:
                 rec = HostRecord.from_dict(r)
                 size = C.record_layout(rec.num_groups).size if isinstance(rec.num_groups, int) else None
                 if (not isinstance(rec.record, list) or not isinstance(rec.step, int) or rec.step > num_steps
-                        or len(rec.record) != size or (groups is not None and rec.num_groups != groups)):
+                        or len(rec.record) != size or (groups is not None and not 1 <= rec.num_groups <= groups)):
                     raise ValueError(f"pending guard record of step {rec.step!r} is malformed or after step {num_steps}")
             for step, value in state["issued"].items():
                 int(step)
                 if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(
-                        isinstance(v, (list, tuple)) and (groups is None or len(v) == groups)
+                        isinstance(v, (list, tuple)) and (groups is None or len(v) <= groups)
                         and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)
                         for v in value)):
                     raise ValueError("state_dict['guard']['issued'] entries must be [scale, gate], two lists of "

@@ -97,7 +97,13 @@ def set_optimizer_state_dict(model: torch.nn.Module, optimizers: torch.optim.Opt
             raise ValueError(f"optim_state_dict[{SECTION!r}] must hold one section per optimizer ({len(opts)})")
         checked = [(unwrap_optimizer(opt), section, check_section(unwrap_optimizer(opt), section))
                    for opt, section in zip(opts, sections) if section is not None]
-    _dsd.set_optimizer_state_dict(model, opts, sd, options=options)
+    for opt, _, _ in checked:
+        opt._section_follows = True  # torch's setter loads the moments; the guard state comes next
+    try:
+        _dsd.set_optimizer_state_dict(model, opts, sd, options=options)
+    finally:
+        for opt, _, _ in checked:
+            opt._section_follows = False
     for opt, section, parsed in checked:
         apply_section(opt, section, parsed)
 
