@@ -253,3 +253,16 @@ def test_checkpoint_resume_restores_guard_exactly(tmp_path):
     slots = [[s["step"] for s in x["guard"]["snapshots"]["slots"]] for x in (a, b)]
     assert slots[0] == slots[1] and slots[0]
     assert full.num_steps == resumed.num_steps == 8
+
+
+def test_window_normalised_losses_are_scaled_back_by_the_data_parallel_ranks():
+    """With average_tokens_across_devices each rank's model divides by the whole world's token
+    count; compute_loss multiplies by the ranks after the forward the hook sees, so the hook
+    must too (the optimizer then averages over the ranks)."""
+    from types import SimpleNamespace
+
+    callback = GuardCallback()
+    assert callback._ranks_in_count(SimpleNamespace(average_tokens_across_devices=True, world_size=4)) == 4.0
+    assert callback._ranks_in_count(SimpleNamespace(average_tokens_across_devices=False, world_size=4)) == 1.0
+    callback.trainer = SimpleNamespace(accelerator=SimpleNamespace(num_processes=8), get_tp_size=lambda: 2)
+    assert callback._ranks_in_count(SimpleNamespace(average_tokens_across_devices=True, world_size=8)) == 4.0

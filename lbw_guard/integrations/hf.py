@@ -154,11 +154,11 @@ class GuardCallback(TrainerCallback):
         self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
         self._loss_count += 1
 
-    def flush_loss(self, mean: bool = True) -> None:
+    def flush_loss(self, mean: bool = True, scale: float = 1.0) -> None:
         """Hand the step's loss to the optimizer: the mean of the micro-batch losses, or
-        their sum when they were already divided by the accumulation steps."""
+        their sum (times ``scale``) when they were already divided by the accumulation steps."""
         if self._loss_sum is not None and self.optimizer is not None and hasattr(self.optimizer, "record_loss"):
-            loss = self._loss_sum / self._loss_count if mean else self._loss_sum
+            loss = self._loss_sum / self._loss_count if mean else self._loss_sum * scale
             self.optimizer.record_loss(loss)
         self._loss_sum, self._loss_count = None, 0
 
@@ -244,7 +244,19 @@ class GuardCallback(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         self._resolve(optimizer)
         if self.capture_loss:
-            self.flush_loss(mean=not self._window_normalised)
+            normalised = self._window_normalised
+            self.flush_loss(mean=not normalised, scale=self._ranks_in_count(args) if normalised else 1.0)
+
+    def _ranks_in_count(self, args) -> float:
+        """With ``average_tokens_across_devices`` the token count the model divides by is the
+        whole world's; the Trainer multiplies the loss back by its data-parallel ranks after the
+        forward (``compute_loss``), and the optimizer then averages over the ranks."""
+        if not getattr(args, "average_tokens_across_devices", False):
+            return 1.0
+        trainer = self.trainer
+        if trainer is not None and hasattr(trainer, "get_tp_size"):
+            return float(trainer.accelerator.num_processes // trainer.get_tp_size())
+        return float(max(getattr(args, "world_size", 1), 1))
 
     def on_step_end(self, args, state, control, **kwargs):
         self.events.update()
