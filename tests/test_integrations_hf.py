@@ -97,6 +97,9 @@ def test_plain_trainer_with_callback_feeds_loss_and_reports_honest_accounting(tm
         assert last[f"guard/{key}"] == float(summary[key]), key
     assert last["guard/steps"] == summary["steps"] == 5
     assert math.isclose(last["guard/grad_norm"], float(opt.telemetry.grad_norm()), rel_tol=1e-9)
+    # The Trainer's own log history carries them too (it copied the logs before the callbacks ran).
+    for entry in logged.values():
+        assert "guard/mean_scale" in entry and "guard/regime" in entry
 
 
 def test_guarded_trainer_with_optimizer_cls_and_kwargs_and_grad_accumulation(tmp_path):

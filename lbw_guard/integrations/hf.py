@@ -95,15 +95,19 @@ def _loss_of(output):
 class GuardCallback(TrainerCallback):
     """Connects a FusedGuardedAdamW (found as the Trainer's optimizer) to the Trainer loop.
 
-    - ``capture_loss``: a forward hook on the model sums the training losses of the
+    - ``capture_loss``: a forward hook on the model collects the training losses of the
       micro-batches of one optimizer step; their mean goes to ``optimizer.record_loss``
-      just before the step. Turn it off when something else records the loss.
+      just before the step (their sum, times the data-parallel ranks where transformers
+      averages tokens across devices, when the model was given ``num_items_in_batch``: it
+      then divides by the whole window's token count). Turn it off when something else
+      records the loss.
     - ``move_clipping``: at train begin, move the Trainer's ``max_grad_norm`` clip into the
       optimizer (see the module doc); else (or where the optimizer clips already) record
       the Trainer's pre-clip norm, which needs the trainer (:func:`attach_guard` gives it).
     - ``skipped_steps``: make the prepared optimizer's ``step_was_skipped`` report the
       guard's skips, so the lr scheduler does not step on them (one host sync per step).
-    - ``on_log`` adds :func:`guard_metrics` to the logs (keys already there are kept).
+    - ``on_log`` adds :func:`guard_metrics` to the logs (keys already there are kept), and to
+      the entry ``Trainer.log`` has just appended to ``state.log_history``.
     - Guard events are forwarded to Python :mod:`logging` after every step.
     """
 
@@ -264,6 +268,12 @@ class GuardCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, optimizer=None, **kwargs):
         if logs is not None:
             _add_guard_metrics(logs, self._resolve(optimizer), self.prefix)
+            # Trainer.log appended its copy of these logs to the history before the callbacks ran
+            last = state.log_history[-1] if state is not None and state.log_history else None
+            if last is not None and last.get("step") == state.global_step and all(
+                    last.get(k) == v for k, v in logs.items() if not k.startswith(self.prefix) and k in last):
+                for key, value in logs.items():
+                    last.setdefault(key, value)
 
     def on_train_end(self, args, state, control, **kwargs):
         self.events.update()
