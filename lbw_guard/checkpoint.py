@@ -413,11 +413,11 @@ def check_section(opt, section) -> tuple:
     return num_steps, guard_state, floors
 
 
-def apply_section(opt, section, checked: tuple | None = None) -> None:
+def apply_section(opt, checked: tuple) -> None:
     """Restore ``num_steps``, the guard state and the spike bound's floors from a packed section
     (used where a loader dropped the param-group key, e.g. DCP's ``flatten_optimizer_state_dict``);
     ``checked``: what :func:`check_section` returned for it."""
-    num_steps, guard_state, floors = checked if checked is not None else check_section(opt, section)
+    num_steps, guard_state, floors = checked
     opt.num_steps = num_steps
     opt._load_spike_floor(floors)
     if opt.guard is not None:

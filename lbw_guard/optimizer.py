@@ -252,19 +252,28 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
         super().add_param_group(param_group)  # names, sets, non-leaf tensors, overlaps
         group = self.param_groups[-1]
         try:
-            validation.check_params(group["params"], where)
-            for p in group["params"]:
-                self._backend_for(p.device, p.dtype, True)
+            self._check_joining(group["params"], where)
         except Exception:
             del self.param_groups[count:]
             raise
         group["betas"] = tuple(group["betas"])
         self._probe_params(group["params"])
-        self._known_groups = len(self.param_groups)
-        self._known_params = sum(len(g["params"]) for g in self.param_groups)
+        self._note_param_lists()
         self._buffers.clear()  # the control table and record are sized by the group count
         if self._guard is not None:
             self._guard.bind(self)
+
+    def _check_joining(self, params: list[Tensor], where: str) -> None:
+        """Parameters joining the optimizer: valid, and a backend takes their device and dtype."""
+        validation.check_params(params, where)
+        for p in params:
+            self._backend_for(p.device, p.dtype, True)
+
+    def _note_param_lists(self) -> None:
+        """The groups and parameters listed now, all checked: a later change of the count means
+        the lists were edited in place (see ``_collect``)."""
+        self._known_groups = len(self.param_groups)
+        self._known_params = sum(len(g["params"]) for g in self.param_groups)
 
     @torch.no_grad()
     def _probe_params(self, params: list[Tensor]) -> None:
@@ -452,8 +461,7 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
         self.telemetry_group = None
         self._init_runtime()
         super().__setstate__(state)
-        self._known_groups = len(self.param_groups)
-        self._known_params = sum(len(g["params"]) for g in self.param_groups)
+        self._note_param_lists()
         params = [p for g in self.param_groups for p in g["params"]]
         if options is None or len(options.get("param_info", [])) != len(params):
             for group in self.param_groups:
@@ -544,12 +552,7 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 closure_loss = closure()
         if loss is None:
-            # The closure's value is the loss telemetry. The guard needs it to be a scalar;
-            # without a guard anything goes (torch.optim returns whatever the closure returns),
-            # and only a scalar is recorded.
-            loss = self._pending_loss
-            if closure_loss is not None and (self._guard is not None or validation.is_scalar(closure_loss)):
-                loss = _closure_loss(closure_loss)
+            loss = self._pending_loss if closure_loss is None else self._closure_loss(closure_loss)
         buckets = self._collect()  # validates every gradient before anything changes
         if not buckets:
             if not self._joins_collectives():
@@ -626,8 +629,9 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
                     validation.check_grad(p, g, f"param group {gid} params[{i}]")
                     found.append((gid, i, p, g, position))
                 position += 1
-        if position != self._known_params:  # the lists were changed in place: no parameter twice
-            self._check_each_once(position)
+        if position != self._known_params:  # the lists were edited in place: no parameter twice
+            validation.check_each_once(self.param_groups)
+            self._known_params = position
         if found and not self._checked_replicas and self._guard is not None:
             distributed.check_replicated([f[2] for f in found], self.telemetry_group, self._settings_text())
             self._checked_replicas = True
@@ -669,6 +673,19 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
         config = {k: v for k, v in self._guard.config.to_dict().items() if k not in per_rank} if self._guard else None
         return repr((groups, self.max_grad_norm, config))
 
+    def _closure_loss(self, value):
+        """The closure's result as the loss telemetry. The guard needs a scalar (else an error
+        that says how to give one); without a guard anything goes, as in torch.optim, and only
+        a scalar is recorded."""
+        try:
+            validation.check_scalar("loss", value)
+        except (TypeError, ValueError) as exc:
+            if self._guard is None:
+                return self._pending_loss
+            raise type(exc)(f"step(closure): the guard reads the closure's result as the loss ({exc}); return "
+                            "the scalar loss from the closure, or pass it as step(closure, loss=...)") from None
+        return value
+
     def _joins_collectives(self) -> bool:
         """Under a ``telemetry_group`` (a partitioned optimizer) every rank's step sums the
         telemetry with the others', so a rank with no gradient this step steps too, with nothing."""
@@ -691,24 +708,11 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
         if gid >= self._known_groups:
             raise ValueError(f"param group {gid} was appended to param_groups directly; add it with "
                              "opt.add_param_group({'params': [...], ...}) so that it is checked and measured")
-        validation.check_params(self.param_groups[gid]["params"], f"param group {gid}")
-        self._backend_for(p.device, p.dtype, True)
+        self._check_joining(self.param_groups[gid]["params"], f"param group {gid}")
         self._probe_params([p])
         if self._guard is not None:
             self._guard.bind(self)  # another parameter set: its snapshots cannot be restored
         return self._param_info[p]
-
-    def _check_each_once(self, count: int) -> None:
-        """A parameter listed twice would be stepped twice in one fused call (torch steps it
-        twice in turn); checked when the number of listed parameters changed."""
-        seen: dict[int, tuple[int, int]] = {}
-        for gid, group in enumerate(self.param_groups):
-            for i, p in enumerate(group["params"]):
-                if id(p) in seen:
-                    raise ValueError(f"param group {gid} params[{i}] is also param group {seen[id(p)][0]} "
-                                     f"params[{seen[id(p)][1]}]; pass each parameter once")
-                seen[id(p)] = (gid, i)
-        self._known_params = count
 
     @staticmethod
     def _refuse_changed(p: Tensor, m: Tensor, gid: int, i: int) -> None:
@@ -877,16 +881,6 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
 
     def _host_beta1(self) -> list[float]:
         return [_host_float(g["betas"][0]) for g in self.param_groups]
-
-
-def _closure_loss(value):
-    """The closure's result as the guard's loss, or an error that says how to give it one."""
-    try:
-        validation.check_scalar("loss", value)
-    except (TypeError, ValueError) as exc:
-        raise type(exc)(f"step(closure): the guard reads the closure's result as the loss ({exc}); "
-                        "return the scalar loss from the closure, or pass it as step(closure, loss=...)") from None
-    return value
 
 
 @contextlib.contextmanager

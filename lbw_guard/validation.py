@@ -167,6 +167,18 @@ def check_params(params: list, where: str) -> None:
             )
 
 
+def check_each_once(param_groups: list[dict]) -> None:
+    """No parameter in two places of the groups' lists (``check_params`` checks one group): a
+    fused step would update it twice at once, where torch steps it twice in turn."""
+    seen: dict[int, tuple[int, int]] = {}
+    for gid, group in enumerate(param_groups):
+        for i, p in enumerate(group["params"]):
+            if id(p) in seen:
+                raise ValueError(f"param group {gid} params[{i}] is also param group {seen[id(p)][0]} "
+                                 f"params[{seen[id(p)][1]}]; pass each parameter once")
+            seen[id(p)] = (gid, i)
+
+
 def check_grad(p: Tensor, g: Tensor, where) -> None:
     """Called for every gradient before anything is modified, so a refused step changes nothing."""
     if g.is_sparse or g.layout != torch.strided:
@@ -205,15 +217,6 @@ def check_scalar(name: str, value: Any) -> None:
         except OverflowError:
             raise ValueError(f"{name} is too large for a float ({str(value)[:20]}...); pass {name} as a float "
                              "or a floating tensor") from None
-
-
-def is_scalar(value: Any) -> bool:
-    """Whether ``check_scalar`` accepts ``value``."""
-    try:
-        check_scalar("value", value)
-    except (TypeError, ValueError):
-        return False
-    return True
 
 
 def loss_tensor(loss: Any, device: torch.device) -> Tensor:

@@ -78,11 +78,9 @@ def load_resume(cfg: StressConfig, resume: bool) -> Resumed:
         if doc.get("schema") != PARTIAL_SCHEMA:
             raise ValueError(f"not a {PARTIAL_SCHEMA} file")
         runs = [run_from_json(r) for r in doc["runs"]]
-        theirs = {k: v for k, v in doc["config"].items() if k not in RESUME_IGNORES}
+        diff = _settings_diff(cfg, doc["config"])
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ValueError(f"--resume: cannot read {path} ({exc}); remove it to start over") from None
-    mine = {k: v for k, v in cfg.to_json().items() if k not in RESUME_IGNORES}
-    diff = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
     if diff:
         raise ValueError(f"--resume: {path} was run with different settings ({', '.join(diff)}); use the same "
                          "settings, or remove that file (or choose another --out) to start over")
@@ -95,19 +93,23 @@ def load_resume(cfg: StressConfig, resume: bool) -> Resumed:
     return Resumed(runs, doc.get("models") or {}, doc.get("lora_base") or {})
 
 
+def _settings_diff(cfg: StressConfig, saved_config: dict) -> list[str]:
+    """The settings (less ``RESUME_IGNORES``) in which a saved sweep differs from ``cfg``."""
+    theirs = {k: v for k, v in saved_config.items() if k not in RESUME_IGNORES}
+    mine = {k: v for k, v in cfg.to_json().items() if k not in RESUME_IGNORES}
+    return sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+
+
 def _check_finished(cfg: StressConfig, path: Path) -> None:
     """``--resume`` where a sweep finished: refused if it ran with other settings (its
     results.json would be overwritten by a different sweep)."""
     if not path.exists():
         return
     try:
-        theirs = {k: v for k, v in json.loads(path.read_text(encoding="utf-8"))["config"].items()
-                  if k not in RESUME_IGNORES}
+        diff = _settings_diff(cfg, json.loads(path.read_text(encoding="utf-8"))["config"])
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ValueError(f"--resume: --out {cfg.out_dir} holds {path}, which cannot be read ({exc}); "
                          "choose another --out") from None
-    mine = {k: v for k, v in cfg.to_json().items() if k not in RESUME_IGNORES}
-    diff = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
     if diff:
         raise ValueError(f"--resume: --out {cfg.out_dir} holds a finished sweep run with different settings "
                          f"({', '.join(diff)}); choose another --out, or drop --resume to replace it")

@@ -469,8 +469,9 @@ class Guard:
     def reset(self) -> None:
         """Forget the run: a state without a guard's was loaded into the optimizer (a
         ``torch.optim.AdamW`` or unguarded checkpoint), so the statistics, queued records,
-        snapshots and the held start of the run before it describe other weights. The guard goes
-        on as if attached to a freshly resumed optimizer (config and ``on_give_up`` kept)."""
+        snapshots and the held start of the run before it describe other weights. The guard (bound
+        to its optimizer) goes on as if attached to a freshly resumed one (config and
+        ``on_give_up`` kept)."""
         self._pending = deque()
         self._issued = {}
         self._last_snapshot = None
@@ -478,15 +479,15 @@ class Guard:
         self._ring.clear()
         self._ring.release_start()
         self.records.clear()
-        if self.optimizer is not None:
-            self.controller = Controller(self.config, len(self.optimizer.param_groups))
-            self.controller.governor.seed_ratio(self._seed)
-        else:
-            self.controller = None
+        self.controller = Controller(self.config, len(self.optimizer.param_groups))
+        self.controller.governor.seed_ratio(self._seed)
         self._logged_events = 0
-        if self.config.trace_path is not None and self.controller is not None:  # replay restarts here
-            self._trace_line({"type": "resume", "step": self._steps_taken(),
-                              "controller": self.controller.state_dict()})
+        self._trace_resume(self._steps_taken())
+
+    def _trace_resume(self, step: int) -> None:
+        """Replay of what follows starts from the controller as it is now."""
+        if self.config.trace_path is not None:
+            self._trace_line({"type": "resume", "step": step, "controller": self.controller.state_dict()})
 
     def load_state_dict(self, state: dict) -> None:
         if self.controller is None:
@@ -514,9 +515,7 @@ class Guard:
         rec.verified_snapshots = [s for s in rec.verified_snapshots if s in kept]
         rec.pending_snapshots = [s for s in rec.pending_snapshots if s in kept]
         self._logged_events = sum(self.controller.events.counts.values())
-        if self.config.trace_path is not None:  # replay of the resumed part starts from here
-            self._trace_line({"type": "resume", "step": num_steps if num_steps < 1 << 62 else 0,
-                              "controller": self.controller.state_dict()})
+        self._trace_resume(num_steps if num_steps < 1 << 62 else 0)
 
 
 def make_guard(spec) -> Guard | None:

@@ -136,6 +136,19 @@ RECORD_SCHEMA = {
     "grad_norm": (lambda v: v is None or _is_number(v), "a number or null"),
     "now": (lambda v: v is None or _is_step(v), "a non-negative integer or null"),
 }
+
+
+def _loadable_controller(value) -> bool:
+    """A resume line's controller state loads into a fresh controller (checked before replaying)."""
+    if not isinstance(value, dict):
+        return False
+    try:
+        Controller(GuardConfig(), int(value.get("num_groups", 1))).load_state_dict(decode_floats(value))
+    except Exception:  # noqa: BLE001 - any failure means the line is not a controller state
+        return False
+    return True
+
+
 # Other lines a replay reads, besides records: what the guard did between records.
 _STEP = (_is_step, "a non-negative integer")
 _LRS = (_is_numbers, "a list of numbers")
@@ -149,19 +162,8 @@ MARKERS = {
     "end": {"step": _STEP},
     "rollback_failed": {"step": _STEP, "to_step": _STEP},
     "seed": {"ratio": _LRS},
-    "resume": {"step": _STEP, "controller": (lambda v: _loadable_controller(v), "a controller state (Controller.state_dict())")},
+    "resume": {"step": _STEP, "controller": (_loadable_controller, "a controller state (Controller.state_dict())")},
 }
-
-
-def _loadable_controller(value) -> bool:
-    """A resume line's controller state loads into a fresh controller (checked before replaying)."""
-    if not isinstance(value, dict):
-        return False
-    try:
-        Controller(GuardConfig(), int(value.get("num_groups", 1))).load_state_dict(decode_floats(value))
-    except Exception:  # noqa: BLE001 - any failure means the line is not a controller state
-        return False
-    return True
 
 
 def _short(value) -> str:

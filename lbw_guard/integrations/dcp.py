@@ -95,17 +95,17 @@ def set_optimizer_state_dict(model: torch.nn.Module, optimizers: torch.optim.Opt
     if sections is not None:  # checked before torch's setter changes anything
         if not isinstance(sections, (list, tuple)) or len(sections) != len(opts):
             raise ValueError(f"optim_state_dict[{SECTION!r}] must hold one section per optimizer ({len(opts)})")
-        checked = [(unwrap_optimizer(opt), section, check_section(unwrap_optimizer(opt), section))
+        checked = [(unwrap_optimizer(opt), check_section(unwrap_optimizer(opt), section))
                    for opt, section in zip(opts, sections) if section is not None]
-    for opt, _, _ in checked:
+    for opt, _ in checked:
         opt._section_follows = True  # torch's setter loads the moments; the guard state comes next
     try:
         _dsd.set_optimizer_state_dict(model, opts, sd, options=options)
     finally:
-        for opt, _, _ in checked:
+        for opt, _ in checked:
             opt._section_follows = False
-    for opt, section, parsed in checked:
-        apply_section(opt, section, parsed)
+    for opt, parsed in checked:
+        apply_section(opt, parsed)
 
 
 class OptimizerState(Stateful):
