@@ -256,7 +256,7 @@ TUNING = dict(
     min_evidence=3, cut_factor=0.6, cut_interval=4, recovery_rate=0.02, release_drop=0.5, release_loss_z=1.0,
     max_scale_increase=0.05,
     snapshots=True, snapshot_interval=5, snapshot_budget=0.02, snapshot_ring=2, snapshot_device="cpu",
-    max_rollback_distance=50, max_rollbacks=3, rollback_window=500, rollback_scale=0.5, start_rise=0.2,
+    max_rollback_distance=50, max_rollbacks=3, rollback_window=500, rollback_scale=0.5, start_rise=0.2, start_rise_records=10,
     overshoot_restart=False,
     freeze_steps=20,
     max_frozen_fraction=0.25, give_up_after=25, event_capacity=1000, lag=1, keep_trace=0,

@@ -567,6 +567,7 @@ RANGE_EXTRAS = {
     "cut_interval": [0], "recovery_rate": [0.0, 1.5], "max_scale_increase": [0.0, 1.5],
     "snapshot_interval": [51], "snapshot_budget": [0.0, 1.5], "snapshot_ring": [0],
     "max_rollback_distance": [0], "rollback_window": [0], "rollback_scale": [0.0, 1.5], "start_rise": [0.0, -0.2],
+    "start_rise_records": [0],
     "max_frozen_fraction": [1.0], "give_up_after": [0], "event_capacity": [0],
 }
 GUARD_FIELD_CASES = [(f.name, value) for f in dataclasses.fields(GuardConfig) for value in _bad_values(f)]

@@ -438,6 +438,24 @@ def test_two_of_three_records_above_the_start_roll_back_to_it(losses):
     assert ctl.recovery.start_records == 0 and ctl.recovery.start_above == []
 
 
+@pytest.mark.parametrize("window, quiet, rolls_back", [(10, 1, True), (10, 7, True), (10, 8, False), (10, 15, False),
+                                                        (20, 15, True), (3, 0, True), (3, 1, False)])
+def test_the_rise_from_the_start_is_judged_in_the_first_start_rise_records(window, quiet, rolls_back):
+    """The same two records above the start roll back while they are within start_rise_records
+    of it (the second of them is record quiet + 3), and not after: later, minibatch noise alone
+    clears the bar. The start is still held for the other rules up to early_records."""
+    rng = random.Random(window * 100 + quiet)
+    config = explicit_config(start_rise=0.2, start_rise_records=window, early_records=20)
+    ctl = Controller(config, 1)
+    ctl.start_taken()
+    start = rng.uniform(1.0, 5.0)
+    losses = [start] + [start * rng.uniform(0.9, 1.1) for _ in range(quiet)] + [start * 1.3, start * 1.4]
+    decisions = _from_start(ctl, losses)
+    backs = [d["rollback_to"] for d in decisions]
+    assert backs == [None] * (len(losses) - 1) + [0 if rolls_back else None]
+    assert ctl.recovery.start_held == (rolls_back or len(losses) <= config.early_records)
+
+
 @pytest.mark.parametrize("case", ["healthy", "one above", "no start", "off", "non-finite", "data change"])
 def test_no_rollback_to_the_start_without_two_of_three_above_it(case):
     config = explicit_config(start_rise=None if case == "off" else 0.2)

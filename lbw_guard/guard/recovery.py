@@ -18,7 +18,7 @@ The policy answers faults, not level changes, and never harms a healthy run:
   exists the state the run began from while it is held;
 - divergence from the start rolls back to the start: before the detectors have statistics,
   the run's first loss is the reference, and two of three records above it by ``start_rise``
-  in the first ``early_records`` say the first steps made the model worse than it began (a
+  in the first ``start_rise_records`` say the first steps made the model worse than it began (a
   too-high lr in a fine-tune does it within 2-4 steps, and Adam's second moment then keeps
   those gradients for the rest of the run). The state the run began from is held until then;
 - the governor's first overshoot at a run's start (the loss efficiency) also goes back to the
@@ -196,7 +196,8 @@ class Recovery:
 
     def _diverged_from_start(self, sig: StepSignals, decision: dict) -> bool:
         """Two of the last three records with a loss above the first record's by ``start_rise``
-        (of its size), within ``early_records`` of the start; past them the start is let go."""
+        (of its size), within ``start_rise_records`` of the start; past ``early_records`` the
+        start is let go."""
         c = self.config
         if not self.start_held:
             return False
@@ -213,6 +214,8 @@ class Recovery:
         if self.start_loss is None:
             self.start_loss = float(loss)
             return False
+        if self.start_records > c.start_rise_records:
+            return False  # the start stays held for the other rules; noise alone clears the bar later
         above = loss - self.start_loss > c.start_rise * abs(self.start_loss)
         self.start_above = (self.start_above + [int(above)])[-3:]
         return sum(self.start_above) >= 2
