@@ -639,18 +639,17 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
         for gid, i, p, g, position in found:
             info = self._param_info.get(p)
             if info is None:  # put into a group's list directly
-                info = self._adopt(p, gid, i)
+                info = self._adopt(p, gid)
             lp, lg = distributed.local_tensor(p), distributed.local_tensor(g)
             dense = is_dense(lp)
-            dtype = p.dtype
             state = self.state.get(p)
             if state:
                 m = state["exp_avg"]
-                if m.dtype is not (torch.float64 if dtype is torch.float64 else torch.float32) or m.shape != p.shape:
+                if m.dtype != self._state_dtype(p) or m.shape != p.shape:
                     self._refuse_changed(p, m, gid, i)
                 if dense:  # moments loaded with other strides than the param
                     dense = m.stride() == lp.stride() == state["exp_avg_sq"].stride()
-            key = (p.device, dtype, dense)
+            key = (p.device, p.dtype, dense)
             b = buckets.get(key)
             if b is None:
                 b = buckets[key] = _Bucket(p.device, p.dtype, dense, backend=self._backend_for(*key))
@@ -702,7 +701,7 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
             device, dtype = distributed.group_device(self.telemetry_group), torch.float32
         return _Bucket(device, dtype, True, backend=load_backend("torch", device))
 
-    def _adopt(self, p: Tensor, gid: int, i: int) -> tuple[int, float]:
+    def _adopt(self, p: Tensor, gid: int) -> tuple[int, float]:
         """A parameter put into an existing group's list directly (torch.optim steps whatever
         the list holds): checked and measured as add_param_group would; its (kind, rms)."""
         if gid >= self._known_groups:
