@@ -656,7 +656,7 @@ def main(argv=None) -> None:
     out = pathlib.Path(a.out or OUT.get(a.scenarios, OTHER_OUT))
     # The committed tables were made with more flags than one run gives: without --out they are
     # kept, and the table goes to stdout only (new runs are still added to heldout.json).
-    write_table = a.out is not None or str(out) not in OUT.values()
+    write_table = a.out is not None or a.scenarios not in OUT
     try:
         rows = run(names, seeds, multiples, a.steps, out, guard_config, a.backend, max(1, a.workers),
                    progress=not a.no_progress, late_cuts=late_cuts, fused_reference=a.fused_reference,

@@ -78,7 +78,7 @@ def load_resume(cfg: StressConfig, resume: bool) -> Resumed:
         if doc.get("schema") != PARTIAL_SCHEMA:
             raise ValueError(f"not a {PARTIAL_SCHEMA} file")
         runs = [run_from_json(r) for r in doc["runs"]]
-        diff = _settings_diff(cfg, doc["config"])
+        diff = _settings_diff(cfg.to_json(), doc["config"])
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ValueError(f"--resume: cannot read {path} ({exc}); remove it to start over") from None
     if diff:
@@ -93,10 +93,10 @@ def load_resume(cfg: StressConfig, resume: bool) -> Resumed:
     return Resumed(runs, doc.get("models") or {}, doc.get("lora_base") or {})
 
 
-def _settings_diff(cfg: StressConfig, saved_config: dict) -> list[str]:
-    """The settings (less ``RESUME_IGNORES``) in which a saved sweep differs from ``cfg``."""
-    theirs = {k: v for k, v in saved_config.items() if k not in RESUME_IGNORES}
-    mine = {k: v for k, v in cfg.to_json().items() if k not in RESUME_IGNORES}
+def _settings_diff(mine: dict, theirs: dict, ignore: set[str] = RESUME_IGNORES) -> list[str]:
+    """The settings (less ``ignore``) in which two sweeps' configs differ."""
+    mine = {k: v for k, v in mine.items() if k not in ignore}
+    theirs = {k: v for k, v in theirs.items() if k not in ignore}
     return sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
 
 
@@ -106,7 +106,7 @@ def _check_finished(cfg: StressConfig, path: Path) -> None:
     if not path.exists():
         return
     try:
-        diff = _settings_diff(cfg, json.loads(path.read_text(encoding="utf-8"))["config"])
+        diff = _settings_diff(cfg.to_json(), json.loads(path.read_text(encoding="utf-8"))["config"])
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise ValueError(f"--resume: --out {cfg.out_dir} holds {path}, which cannot be read ({exc}); "
                          "choose another --out") from None
@@ -153,13 +153,9 @@ def merge_results(paths: list[Path]) -> dict:
     docs = [json.loads(Path(p).read_text()) for p in paths]
     if not docs:
         raise ValueError("no results files to merge")
-    # (cache_dir: where the tokenizer and LoRA bases are kept, per machine; it changes no result)
-    ignore = {"lrs", "seeds", "arms", "out_dir", "progress", "plots", "threads", "compare_speed", "speed_steps",
-              "cache_dir"}
-    first = {k: v for k, v in docs[0]["config"].items() if k not in ignore}
+    # the parts must share the model sizes; the rest of what a resume may change can differ
     for p, d in zip(paths, docs):
-        other = {k: v for k, v in d["config"].items() if k not in ignore}
-        diff = sorted(k for k in first.keys() | other.keys() if first.get(k) != other.get(k))
+        diff = _settings_diff(docs[0]["config"], d["config"], RESUME_IGNORES - {"sizes"})
         if diff:
             raise ValueError(f"{p} was run with different settings: {', '.join(diff)}")
     runs, seen = [], {}
