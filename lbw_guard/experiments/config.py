@@ -15,6 +15,7 @@ from lbw_kernels.backends import BACKEND_NAMES
 
 from ..guard.config import PRESETS as GUARD_PRESETS
 from .arms import DEFAULT_ARMS, parse_arm
+from .data import MAX_SEED
 from .models import ARCHITECTURES, SIZES
 
 MODES = ("full", "lora")
@@ -135,9 +136,7 @@ class StressConfig:
                 raise StressConfigError("arms", str(exc)) from None
         need(len(self.seeds) > 0 and len(set(self.seeds)) == len(self.seeds), "seeds",
              "seeds must be non-empty and distinct")
-        # (the data and fault schedules seed torch with 1_000_003 * seed + 17, an int64)
-        need(all(0 <= s < 2**63 // 1_000_003 - 1 for s in self.seeds), "seeds",
-             f"seeds must be in [0, {2**63 // 1_000_003 - 1})")
+        need(all(0 <= s < MAX_SEED for s in self.seeds), "seeds", f"seeds must be in [0, {MAX_SEED})")
         need(len(set(self.lrs)) == len(self.lrs), "lrs", f"learning rates must be distinct, got {self.lrs}")
         need(all(math.isfinite(x) and x > 0 for x in self.lrs), "lrs",
              f"learning rates must be positive, got {self.lrs}")

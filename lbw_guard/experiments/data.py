@@ -10,6 +10,13 @@ from dataclasses import dataclass
 
 import torch
 
+# The batch schedules seed torch with schedule_seed(seed), an int64: seeds stay below MAX_SEED.
+MAX_SEED = 2**63 // 1_000_003 - 1
+
+
+def schedule_seed(seed: int) -> int:
+    return 1_000_003 * seed + 17
+
 
 @dataclass
 class TokenData:
@@ -27,7 +34,7 @@ class TokenData:
 
     def batch_schedule(self, steps: int, batch_size: int, seed: int) -> torch.Tensor:
         """[steps, batch_size] start offsets of training windows, a pure function of the seed."""
-        gen = torch.Generator().manual_seed(1_000_003 * seed + 17)
+        gen = torch.Generator().manual_seed(schedule_seed(seed))
         high = self.train.numel() - self.seq_len - 1
         return torch.randint(0, high, (steps, batch_size), generator=gen)
 

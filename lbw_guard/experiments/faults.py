@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .data import TokenData
+from .data import TokenData, schedule_seed
 
 FAULTS = ("spike-1e3", "spike-1e4", "spike-1e5", "spike-1e6", "spike-early", "nan-grad", "random-batch",
           "data-switch")
@@ -128,7 +128,7 @@ class SwitchData(TokenData):
         self.switch_step = switch_step
 
     def batch_schedule(self, steps: int, batch_size: int, seed: int) -> torch.Tensor:
-        gen = torch.Generator().manual_seed(1_000_003 * seed + 17)
+        gen = torch.Generator().manual_seed(schedule_seed(seed))
         pre = min(self.switch_step, steps)
         prose_high = self.boundary - self.seq_len - 1
         code_high = self.train.numel() - self.boundary - self.seq_len - 1
