@@ -825,6 +825,35 @@ def test_a_first_overshoot_while_the_start_is_held_restarts_the_run_once_at_the_
     assert resumed.recovery.returned_to_start
 
 
+@pytest.mark.parametrize("bulk_at_floor", [True, False])
+def test_an_overshoot_restart_needs_a_cut_that_lowers_most_parameters_lr(bulk_at_floor):
+    """Going back to the start redoes the start at the cut lr. Where the group holding most of
+    the parameters already sits at min_scale (the update envelope held its first steps there),
+    the cut lowers only the small group above it: no restart, the cut alone. Where the cut
+    lowers the bulk, the run restarts."""
+    config = explicit_config(efficiency_records=30, overshoot_restart=True, max_update_ratio=1.0)
+    sim = Sim(config, groups=2)
+    sim.controller.start_taken()
+    numel = [random.randint(500, 5000), random.randint(1, 20)]  # a matrix group, a vector group
+    if not bulk_at_floor:
+        numel.reverse()
+    overshoot = _start(loss_fall=0.02, cos=-0.05, predicted=0.5)
+    # group 0's first steps move its matrices by 100x their norm: the envelope holds it at min_scale
+    sim.run(config.early_records - 2, lambda n, cmd: {**overshoot(n, cmd), "ratio": [100.0 * cmd.scale[0], None],
+                                                      "numel": numel})
+    cuts = [e for e in sim.events if e.action == "decrease_scale" and e.detail["why"] == "overshoot"]
+    assert cuts and {e.detail["group"] for e in cuts} == {1}  # group 0 was at its floor
+    # (from the first command issued after a record of it)
+    assert all(sim.commands[n].scale[0] == pytest.approx(config.min_scale) for n in sim.commands if n > 1 + sim.lag)
+    backs = [e for e in sim.events if e.action == "rollback"]
+    if bulk_at_floor:
+        assert not backs and sim.controller.accounting.rollbacks == 0
+        assert sim.controller.governor.start_cap == [None, None]
+    else:
+        assert [(e.detail["why"], e.detail["to_step"]) for e in backs] == [("overshoot", 0)]
+        assert sim.controller.recovery.returned_to_start
+
+
 def test_no_overshoot_restart_for_a_run_that_already_went_back_to_its_start():
     """A run sent back to its start (here: its loss rose above the start's) continues from an lr
     chosen on evidence; an overshoot found after that cuts in place."""

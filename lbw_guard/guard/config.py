@@ -261,9 +261,14 @@ class GuardConfig:
     best, after 10 steps 20). Held-out QK-norm Qwen3 at 10x sat on a plateau under the cuts
     (1.36-1.43 of the best loss, plain AdamW 1.27-1.33) and ends at 1.25-1.30 with the restart.
     Once only: a run that went back to its start already continues from an lr chosen on
-    evidence, and restarting it again cost held-out MLP runs 9-19% of their loss. With
-    ``start_cap`` the cut lr is also the most the restarted run may climb back to. The
-    measurements: ``benchmarks/results/overshoot-restart/``. False: the cut alone."""
+    evidence, and restarting it again cost held-out MLP runs 9-19% of their loss. Only when the
+    cut lowered the parameters' lr, element-weighted, by at least half a cut: where the update
+    envelope already holds most of them at ``min_scale`` the cut lowers only the small groups
+    above it (norm weights and biases), and going back would replay the same start at the same
+    lr, throwing the steps away (the stress demo at 33x its best lr: perplexity 214 with that
+    restart, 156 without; no held-out run restarted so). With ``start_cap`` the cut lr is also
+    the most the restarted run may climb back to. The measurements:
+    ``benchmarks/results/overshoot-restart/``. False: the cut alone."""
     start_cap: bool = True
     """After a rollback to the start, the lr scale it continues from (the scale it diverged at x
     ``rollback_scale``: a fraction of the schedule's lr, so a warmup still reaches that fraction

@@ -133,7 +133,7 @@ class Controller:
                 cuts = self.governor.observe(sig, issued_scale, lrs)
                 for cut in cuts:
                     self._event(rec.step, "decrease_scale", signals=signals, detail=cut, bound=None)
-                if c.overshoot_restart and any(cut["why"] == "overshoot" for cut in cuts):
+                if c.overshoot_restart and self._overshoot_cut_lowered_the_lr(cuts, sig):
                     self._restart_after_overshoot(rec.step, now, decision, signals, lrs)
 
         numel = [gs.numel for gs in sig.groups]
@@ -147,6 +147,17 @@ class Controller:
             decision["give_up"] = None
         decision["signals"] = signals
         return decision
+
+    def _overshoot_cut_lowered_the_lr(self, cuts: list[dict], sig: StepSignals) -> bool:
+        """An overshoot cut that lowered the parameters' lr, element-weighted, by at least half a
+        cut. Going back to the start redoes the start at the cut lr: where most parameters
+        already sat at ``min_scale`` (a 33x lr under the update envelope, with only the small
+        vector group above it) the cut leaves their lr as it was, and the restart would only
+        throw their steps away."""
+        written = sum(gs.numel for gs in sig.groups if gs.written)
+        removed = sum(sig.groups[cut["group"]].numel * (1.0 - cut["to_lr"] / cut["from_lr"])
+                      for cut in cuts if cut["why"] == "overshoot")
+        return written > 0 and removed >= 0.5 * (1.0 - self.config.cut_factor) * written
 
     def _restart_after_overshoot(self, step: int, now: int, decision: dict, signals: dict, lrs: list[float]) -> None:
         """The governor's first overshoot, found while the start is held, sends the run back to

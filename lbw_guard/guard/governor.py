@@ -100,7 +100,10 @@ per-layer param groups):
   oscillation cut (``cut_factor``), and the efficiency then starts again from the new ceiling.
   The first such cut, while the start is held, also sends the run back to its start
   (``overshoot_restart``, decided by the controller with recovery): the steps already taken
-  at the too-high lr did damage the cut cannot undo. The restarted run is judged afresh
+  at the too-high lr did damage the cut cannot undo. Only a cut that lowered the parameters'
+  lr (element-weighted) by at least half a cut does: where the envelope already holds most of
+  them at ``min_scale`` the cut lowers only the small groups above it, and going back would
+  only throw the steps away. The restarted run is judged afresh
   (:meth:`StepSizeGovernor.on_restart`), and the cut lr is the most it may climb back to
   (``start_cap``): restarted runs that climbed back ended worse than with the cut alone.
 - **not used**: the secant estimate of the best step along the update (-g_t.u_t over
