@@ -1,0 +1,185 @@
+"""A fine-tune that starts near its loss floor: where the guard's loss efficiency stands.
+
+Each tiny model (GPT-2 or Llama from a ``transformers`` config, random init) is first trained
+with plain AdamW on a low-entropy source (a fixed, peaked Markov chain over 64 tokens) until its
+loss is near the source's entropy; then it is fine-tuned on fresh samples of the same source with
+plain AdamW and with ``FusedGuardedAdamW`` at several lrs. Near the floor the loss stops
+following the first-order prediction of the steps at any lr that is not small, so this is where
+the loss efficiency (the start-of-run overshoot rule, ``lbw_guard.guard.governor``) can take a
+good lr for a too-high one. The table says, per lr, the guard's held-out loss against AdamW's at
+the same lr, its rollbacks (the overshoot's return to the start counts as one) and the share of
+steps it capped.
+
+    python -m benchmarks.lowloss_finetune                       # 2 models x 2 sources x 3 seeds (~5 min, 1 core)
+    python -m benchmarks.lowloss_finetune --archs gpt2 --seeds 0 --lrs 1e-3
+
+Writes ``results.json`` and ``results.md`` under ``--out``. CPU only; nothing is downloaded.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import pathlib
+import statistics
+import time
+
+import torch
+
+VOCAB, SEQ_LEN, BATCH = 64, 64, 8
+PRETRAIN_STEPS, PRETRAIN_LR, FINETUNE_STEPS, EVAL_BATCHES = 150, 3e-3, 80, 8
+CHAIN_SEED = 1234  # one transition matrix for every run: the source, not the sample, is fixed
+
+
+def markov_batches(temperature: float, seed: int):
+    """Endless batches from a fixed Markov chain whose transition logits are N(0, 1) / temperature
+    (lower: more peaked, a lower entropy floor)."""
+    logits = torch.randn(VOCAB, VOCAB, generator=torch.Generator().manual_seed(CHAIN_SEED))
+    probs = torch.softmax(logits / temperature, -1)
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        x = torch.empty(BATCH, SEQ_LEN, dtype=torch.long)
+        x[:, 0] = torch.randint(VOCAB, (BATCH,), generator=gen)
+        for t in range(1, SEQ_LEN):
+            x[:, t] = torch.multinomial(probs[x[:, t - 1]], 1, generator=gen).squeeze(1)
+        yield x
+
+
+def build_model(arch: str, seed: int):
+    import transformers as tf
+    torch.manual_seed(seed)
+    if arch == "llama":
+        return tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                                                  max_position_embeddings=SEQ_LEN))
+    if arch == "gpt2":
+        return tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=SEQ_LEN))
+    raise ValueError(f"unknown arch {arch!r}: use llama or gpt2")
+
+
+def pretrained(arch: str, temperature: float, seed: int, steps: int) -> tuple[dict, float]:
+    """The model's state after ``steps`` of plain AdamW at PRETRAIN_LR, and its last training loss."""
+    model = build_model(arch, seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=PRETRAIN_LR)
+    data = markov_batches(temperature, seed)
+    for _ in range(steps):
+        x = next(data)
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return {k: v.clone() for k, v in model.state_dict().items()}, loss.item()
+
+
+def finetune(arch: str, state: dict, temperature: float, seed: int, arm: str, lr: float, steps: int,
+             backend: str) -> dict:
+    from lbw_guard import FusedGuardedAdamW
+
+    model = build_model(arch, seed)
+    model.load_state_dict(state)
+    if arm == "adamw":
+        opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    else:
+        opt = FusedGuardedAdamW(model.parameters(), lr=lr, backend=backend)
+    data = markov_batches(temperature, seed + 100)  # fresh samples of the same source
+    for _ in range(steps):
+        x = next(data)
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step() if arm == "adamw" else opt.step(loss=loss.detach())
+        opt.zero_grad()
+    model.eval()
+    held_out = markov_batches(temperature, seed + 999)
+    with torch.no_grad():
+        final = statistics.fmean(model(input_ids=x, labels=x).loss.item()
+                                 for x in (next(held_out) for _ in range(EVAL_BATCHES)))
+    out = {"final_loss": final if math.isfinite(final) else math.inf}
+    if arm == "guard":
+        summary = opt.guard.summary()
+        out.update({k: summary[k] for k in ("capped_fraction", "mean_scale", "rollbacks", "actions")})
+    return out
+
+
+def table(runs: dict, settings: list[tuple[str, float]], lrs: list[float], seeds: list[int]) -> str:
+    lines = ["| model | source temperature | lr | AdamW held-out loss | guard / AdamW | guard runs rolled back "
+             "| guard capped (mean) |",
+             "|---|---|---|---|---|---|---|"]
+    for arch, temp in settings:
+        adamw = {lr: statistics.fmean(runs[f"{arch}|{temp}|adamw|{lr}|{s}"]["final_loss"] for s in seeds) for lr in lrs}
+        best = min(adamw, key=adamw.get)
+        for lr in lrs:
+            guard = [runs[f"{arch}|{temp}|guard|{lr}|{s}"] for s in seeds]
+            ratio = statistics.fmean(g["final_loss"] / runs[f"{arch}|{temp}|adamw|{lr}|{s}"]["final_loss"]
+                                     for g, s in zip(guard, seeds))
+            mark = " (best)" if lr == best else ""
+            lines.append(f"| {arch} | {temp:g} | {lr:g}{mark} | {adamw[lr]:.4f} | {ratio:.4f} | "
+                         f"{sum(1 for g in guard if g['rollbacks'])} of {len(seeds)} | "
+                         f"{statistics.fmean(g['capped_fraction'] for g in guard):.0%} |")
+    return "\n".join(lines)
+
+
+def run(archs: list[str], temperatures: list[float], lrs: list[float], seeds: list[int], out: pathlib.Path,
+        pretrain_steps: int = PRETRAIN_STEPS, finetune_steps: int = FINETUNE_STEPS, backend: str = "cpu",
+        progress: bool = True) -> dict:
+    """Every (model, source, seed): one pre-training, then AdamW and the guard at each lr; writes
+    ``results.json`` and ``results.md`` under ``out`` and returns the runs by key."""
+    torch.set_num_threads(1)
+    settings = [(a, t) for a in archs for t in temperatures]
+    runs, pretrain_loss = {}, {}
+    total, done, start = len(settings) * len(seeds) * len(lrs) * 2, 0, time.time()
+    for arch, temp in settings:
+        for seed in seeds:
+            state, pretrain_loss[f"{arch}|{temp}|{seed}"] = pretrained(arch, temp, seed, pretrain_steps)
+            for lr in lrs:
+                for arm in ("adamw", "guard"):
+                    runs[f"{arch}|{temp}|{arm}|{lr}|{seed}"] = r = finetune(arch, state, temp, seed, arm, lr,
+                                                                            finetune_steps, backend)
+                    done += 1
+                    if progress:
+                        guard = (f", rollbacks {r['rollbacks']}, capped {r['capped_fraction']:.0%}"
+                                 if arm == "guard" else "")
+                        print(f"[{done}/{total} {time.time() - start:.0f}s] {arch} t={temp:g} seed {seed} {arm} "
+                              f"lr {lr:g}: held-out {r['final_loss']:.4f}{guard}", flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    doc = {"what": "low-loss fine-tune: AdamW and the guard after a plain-AdamW pre-training",
+           "torch": torch.__version__, "backend": backend,
+           "pretrain": {"steps": pretrain_steps, "lr": PRETRAIN_LR, "last_loss": pretrain_loss},
+           "finetune_steps": finetune_steps, "runs": runs}
+    (out / "results.json").write_text(json.dumps(doc, indent=1) + "\n")
+    (out / "results.md").write_text(table(runs, settings, lrs, seeds) + "\n")
+    return runs
+
+
+def _numbers(p: argparse.ArgumentParser, option: str, text: str, kind=float) -> list:
+    try:
+        values = [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        p.error(f"{option}: {text!r} is not a comma list of numbers")
+    if (not values or not all(math.isfinite(v) for v in values) or min(values) < (0 if kind is int else 1e-300)
+            or len(set(values)) != len(values)):
+        p.error(f"{option}: give distinct values, " + ("0 or more" if kind is int else "above 0"))
+    return values
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--archs", default="gpt2,llama", help="comma list of gpt2, llama")
+    p.add_argument("--temperatures", default="0.07,0.15", help="source temperatures (lower: lower loss floor)")
+    p.add_argument("--lrs", default="3e-4,1e-3,3e-3", help="fine-tuning lrs")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--backend", default="cpu", choices=("cpu", "torch"), help="the guarded optimizer's backend")
+    p.add_argument("--out", default="benchmarks/results/lowloss-finetune")
+    args = p.parse_args(argv)
+    archs = [a for a in args.archs.split(",") if a]
+    unknown = [a for a in archs if a not in ("gpt2", "llama")] or (not archs and ["(none)"])
+    if unknown:
+        p.error(f"--archs: unknown {unknown[0]!r} (use gpt2, llama)")
+    temps = _numbers(p, "--temperatures", args.temperatures)
+    lrs = _numbers(p, "--lrs", args.lrs)
+    seeds = _numbers(p, "--seeds", args.seeds, int)
+    runs = run(archs, temps, lrs, seeds, pathlib.Path(args.out), backend=args.backend)
+    print(table(runs, [(a, t) for a in archs for t in temps], lrs, seeds))
+
+
+if __name__ == "__main__":
+    main()
