@@ -10,7 +10,7 @@ good lr for a too-high one. The table says, per lr, the guard's held-out loss ag
 the same lr, its rollbacks (the overshoot's return to the start counts as one) and the share of
 steps it capped.
 
-    python -m benchmarks.lowloss_finetune                       # 2 models x 2 sources x 3 seeds (~5 min, 1 core)
+    python -m benchmarks.lowloss_finetune                       # 2 models x 2 sources x 3 seeds (~2 min, 1 core)
     python -m benchmarks.lowloss_finetune --archs gpt2 --seeds 0 --lrs 1e-3
 
 Writes ``results.json`` and ``results.md`` under ``--out``. CPU only; nothing is downloaded.
@@ -73,6 +73,8 @@ def pretrained(arch: str, temperature: float, seed: int, steps: int) -> tuple[di
 
 def finetune(arch: str, state: dict, temperature: float, seed: int, arm: str, lr: float, steps: int,
              backend: str) -> dict:
+    """``steps`` of ``arm`` ("adamw" or "guard") from ``state`` on fresh samples; the held-out loss
+    (and the guard's accounting)."""
     from lbw_guard import FusedGuardedAdamW
 
     model = build_model(arch, seed)
