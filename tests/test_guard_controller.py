@@ -783,6 +783,8 @@ def test_governor_cuts_a_start_whose_loss_does_not_follow_the_predicted_decrease
     ("the predicted decrease is within the loss noise", _start(loss_fall=0.02, cos=-0.05, predicted=0.05)),
     ("after the first records", _start(loss_fall=0.02, cos=-0.05, predicted=0.5, start=20)),
     ("a first step that overshoots and is recovered from", _catapult),
+    ("a loss that never moves (a constant passed to step)",
+     lambda n, cmd: {**_start(loss_fall=0.02, cos=-0.05, predicted=0.5)(n, cmd), "loss": 4.0}),
 ])
 def test_governor_does_not_cut_on_the_loss_efficiency_without_all_its_evidence(why, spec):
     sim = Sim(explicit_config()).run(60, spec)

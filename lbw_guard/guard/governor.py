@@ -90,7 +90,8 @@ per-layer param groups):
   agreeing with the last step, so a cut also needs the filtered whole-model cosine of g_t with
   the previous direction below 0 (the hypergradient's sign: the step overshot). The efficiency
   is judged only when the steps predicted a decrease of at least ``efficiency_min_drop`` (30%)
-  of the loss, below which two minibatch losses decide, and only in the first
+  of the loss, below which two minibatch losses decide, never on a loss that did not move at
+  all (a constant passed to ``step``: it was cut by record 7), and only in the first
   ``efficiency_records`` (12): later the schedule moves the lr (the end of a warmup, a restart)
   and healthy runs read 0.0-0.1 (GPT-2 under warm restarts, Gemma under polynomial decay).
   Reaching to the end of a 24-step warmup (30 records, the last 6 steps with the last 3 also
@@ -431,13 +432,15 @@ class StepSizeGovernor:
         steps predicted to first order (and they predicted enough to be judged against the
         minibatch noise), while the gradient turned against the previous step's direction (the
         filtered whole-model cosine is below 0). A loss plateau also stops following the
-        prediction, but its gradients keep agreeing."""
+        prediction, but its gradients keep agreeing; a loss that never moves is no evidence."""
         c = self.config
         window = self.early_losses
         if len(window) < c.efficiency_window + 1:  # also empty after the first records
             return False
         if self.cos_samples < c.min_evidence or not self.cos < 0.0:
             return False
+        if len({loss for loss, _ in window}) == 1:
+            return False  # a loss that never moves (a constant passed to step) says nothing about the steps
         predicted = sum(p for _, p in window[:-1])
         if not predicted > c.efficiency_min_drop * abs(window[0][0]):
             return False
