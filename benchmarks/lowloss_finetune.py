@@ -45,16 +45,26 @@ def markov_batches(temperature: float, seed: int):
         yield x
 
 
+ARCHS = {  # 2 layers, width 64, random init
+    "gpt2": lambda tf: tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4,
+                                                        n_positions=SEQ_LEN)),
+    "llama": lambda tf: tf.LlamaForCausalLM(tf.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=SEQ_LEN)),
+}
+
+
 def build_model(arch: str, seed: int):
-    import transformers as tf
+    import transformers
+
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}: use {', '.join(ARCHS)}")
     torch.manual_seed(seed)
-    if arch == "llama":
-        return tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
-                                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                                                  max_position_embeddings=SEQ_LEN))
-    if arch == "gpt2":
-        return tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=SEQ_LEN))
-    raise ValueError(f"unknown arch {arch!r}: use llama or gpt2")
+    return ARCHS[arch](transformers)
+
+
+def run_key(arch: str, temperature: float, arm: str, lr: float, seed: int) -> str:
+    return f"{arch}|{temperature}|{arm}|{lr}|{seed}"
 
 
 def pretrained(arch: str, temperature: float, seed: int, steps: int) -> tuple[dict, float]:
@@ -107,11 +117,12 @@ def table(runs: dict, settings: list[tuple[str, float]], lrs: list[float], seeds
              "| guard capped (mean) |",
              "|---|---|---|---|---|---|---|"]
     for arch, temp in settings:
-        adamw = {lr: statistics.fmean(runs[f"{arch}|{temp}|adamw|{lr}|{s}"]["final_loss"] for s in seeds) for lr in lrs}
+        adamw = {lr: statistics.fmean(runs[run_key(arch, temp, "adamw", lr, s)]["final_loss"] for s in seeds)
+                 for lr in lrs}
         best = min(adamw, key=adamw.get)
         for lr in lrs:
-            guard = [runs[f"{arch}|{temp}|guard|{lr}|{s}"] for s in seeds]
-            ratio = statistics.fmean(g["final_loss"] / runs[f"{arch}|{temp}|adamw|{lr}|{s}"]["final_loss"]
+            guard = [runs[run_key(arch, temp, "guard", lr, s)] for s in seeds]
+            ratio = statistics.fmean(g["final_loss"] / runs[run_key(arch, temp, "adamw", lr, s)]["final_loss"]
                                      for g, s in zip(guard, seeds))
             mark = " (best)" if lr == best else ""
             lines.append(f"| {arch} | {temp:g} | {lr:g}{mark} | {adamw[lr]:.4f} | {ratio:.4f} | "
@@ -134,7 +145,7 @@ def run(archs: list[str], temperatures: list[float], lrs: list[float], seeds: li
             state, pretrain_loss[f"{arch}|{temp}|{seed}"] = pretrained(arch, temp, seed, pretrain_steps)
             for lr in lrs:
                 for arm in ("adamw", "guard"):
-                    runs[f"{arch}|{temp}|{arm}|{lr}|{seed}"] = r = finetune(arch, state, temp, seed, arm, lr,
+                    r = runs[run_key(arch, temp, arm, lr, seed)] = finetune(arch, state, temp, seed, arm, lr,
                                                                             finetune_steps, backend)
                     done += 1
                     if progress:
@@ -153,19 +164,20 @@ def run(archs: list[str], temperatures: list[float], lrs: list[float], seeds: li
 
 
 def _numbers(p: argparse.ArgumentParser, option: str, text: str, kind=float) -> list:
+    """Distinct values from a comma list: floats above 0, or integers from 0."""
     try:
         values = [kind(v) for v in text.split(",") if v.strip()]
     except ValueError:
         p.error(f"{option}: {text!r} is not a comma list of numbers")
-    if (not values or not all(math.isfinite(v) for v in values) or min(values) < (0 if kind is int else 1e-300)
-            or len(set(values)) != len(values)):
+    in_range = (lambda v: v >= 0) if kind is int else (lambda v: math.isfinite(v) and v > 0)
+    if not values or not all(map(in_range, values)) or len(set(values)) != len(values):
         p.error(f"{option}: give distinct values, " + ("0 or more" if kind is int else "above 0"))
     return values
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--archs", default="gpt2,llama", help="comma list of gpt2, llama")
+    p.add_argument("--archs", default=",".join(ARCHS), help=f"comma list of {', '.join(ARCHS)}")
     p.add_argument("--temperatures", default="0.07,0.15", help="source temperatures (lower: lower loss floor)")
     p.add_argument("--lrs", default="3e-4,1e-3,3e-3", help="fine-tuning lrs")
     p.add_argument("--seeds", default="0,1,2")
@@ -173,14 +185,15 @@ def main(argv=None) -> None:
     p.add_argument("--out", default="benchmarks/results/lowloss-finetune")
     args = p.parse_args(argv)
     archs = [a for a in args.archs.split(",") if a]
-    unknown = [a for a in archs if a not in ("gpt2", "llama")] or (not archs and ["(none)"])
-    if unknown:
-        p.error(f"--archs: unknown {unknown[0]!r} (use gpt2, llama)")
+    unknown = [a for a in archs if a not in ARCHS]
+    if unknown or not archs:
+        p.error(f"--archs: {f'unknown {unknown[0]!r}' if unknown else 'none given'} (use {', '.join(ARCHS)})")
     temps = _numbers(p, "--temperatures", args.temperatures)
     lrs = _numbers(p, "--lrs", args.lrs)
     seeds = _numbers(p, "--seeds", args.seeds, int)
-    runs = run(archs, temps, lrs, seeds, pathlib.Path(args.out), backend=args.backend)
-    print(table(runs, [(a, t) for a in archs for t in temps], lrs, seeds))
+    out = pathlib.Path(args.out)
+    run(archs, temps, lrs, seeds, out, backend=args.backend)
+    print((out / "results.md").read_text(), end="")
 
 
 if __name__ == "__main__":
