@@ -1268,6 +1268,27 @@ def test_a_group_whose_gradients_alone_are_nonfinite_twice_is_frozen_within_the_
     assert all(cmd.gate == [1.0, 1.0] for cmd in sim.commands.values())
 
 
+@pytest.mark.parametrize("garbled_records", [1, 2])
+def test_one_record_s_garbled_size_cannot_move_the_frozen_fraction_bound(garbled_records):
+    """Group sizes count for the bound once two records in a row report them. Two equal groups:
+    freezing either is half the parameters, over max_frozen_fraction 0.25. A record that says
+    group 0 is 3x its size (while group 1's gradients are non-finite for the second record in a
+    row) would have let group 1 be frozen; two such records in a row are the sizes."""
+    size = float(random.randint(10, 1000))
+    config = explicit_config(freeze_steps=6)
+    faults = {30: dict(nonfinite=[0.0, 3.0]), 31: dict(nonfinite=[0.0, 3.0])}
+    garbled = range(31 - garbled_records + 1, 32)
+    sim = Sim(config, groups=2).run(
+        40, lambda n, cmd: dict(numel=[3 * size if n in garbled else size, size], **faults.get(n, {})))
+    freezes = [(e.action, e.detail["groups"]) for e in sim.events if e.action.startswith("freeze")]
+    if garbled_records == 1:
+        assert freezes == [("freeze_refused", [1])]
+        assert all(cmd.gate == [1.0, 1.0] for cmd in sim.commands.values())
+    else:  # reported twice in a row: group 1 is then a quarter of the parameters
+        assert freezes == [("freeze", [1])]
+        assert [e.step for e in sim.events if e.action == "freeze"] == [31]
+
+
 def test_a_frozen_group_with_persistently_nonfinite_gradients_lets_the_others_train():
     config = explicit_config(freeze_steps=20)
     sim = Sim(config, groups=2, snapshot_every=5)

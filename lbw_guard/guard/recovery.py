@@ -10,7 +10,8 @@ The policy answers faults, not level changes, and never harms a healthy run:
   (Adam's steps do not depend on it): the gradient statistics restart. Both jumping by one
   factor (``rescale_tolerance``) is a weight on the loss: both restart;
 - a group whose gradients alone are non-finite or spiking in two records in a row is frozen
-  (gated off) for ``freeze_steps``, within ``max_frozen_fraction`` of the parameters;
+  (gated off) for ``freeze_steps``, within ``max_frozen_fraction`` of the parameters (the
+  group sizes as two records in a row report them);
 - divergence rolls back when it is corroborated: non-finite parameters, or a loss spike right
   after a gradient spike was applied (the step did the damage); or when trouble persists for
   ``min(8, give_up_after)`` records in a row. The target is the newest *verified* snapshot
@@ -87,6 +88,7 @@ class Recovery:
         self.freeze_until = resized(getattr(self, "freeze_until", []), num_groups, 0)
         self.hot_streak = resized(getattr(self, "hot_streak", []), num_groups, 0)
         self.numel = resized(getattr(self, "numel", []), num_groups, 0.0)
+        self.numel_reported = resized(getattr(self, "numel_reported", []), num_groups, 0.0)
         self.num_groups = num_groups
 
     # ------------------------------------------------------------------ gates
@@ -125,9 +127,7 @@ class Recovery:
         decision: dict = {"events": [], "rollback_to": None, "rollback_cuts_lr": True, "give_up": None,
                           "rebaseline_loss": False, "rebaseline_grad": False, "rebaseline_scale": False,
                           "release_start": False}
-        for g, gs in enumerate(sig.groups):
-            if gs.numel > 0:
-                self.numel[g] = gs.numel
+        self._fold_sizes(sig)
         self._release_frozen(now, decision)
         trouble = a.trouble
         decision["events"].extend(self._confirm_snapshots(step, trouble))
@@ -330,6 +330,17 @@ class Recovery:
                 "verified_snapshots": list(self.verified_snapshots),
                 "recent": list(self.recent_reasons), "signals": sig.summary()}
 
+    def _fold_sizes(self, sig: StepSignals) -> None:
+        """A group's size, for the frozen-fraction bound, once two records in a row report it:
+        one record's garbled telemetry cannot move the bound (a size inflated by it let a group
+        of half the parameters be frozen under ``max_frozen_fraction`` 0.25)."""
+        for g, gs in enumerate(sig.groups):
+            if not (gs.numel > 0 and math.isfinite(gs.numel)):
+                continue  # a group with nothing written reports no size
+            if gs.numel == self.numel_reported[g]:
+                self.numel[g] = gs.numel
+            self.numel_reported[g] = gs.numel
+
     def _cool_hot(self) -> None:
         for g in range(self.num_groups):
             self.hot_streak[g] = 0
@@ -383,6 +394,7 @@ class Recovery:
             "freeze_until": list(self.freeze_until),
             "hot_streak": list(self.hot_streak),
             "numel": list(self.numel),
+            "numel_reported": list(self.numel_reported),
             "start_held": self.start_held,
             "start_loss": self.start_loss,
             "start_records": self.start_records,
@@ -407,6 +419,8 @@ class Recovery:
         self.freeze_until = [int(x) for x in per_group("freeze_until", state["freeze_until"], G)]
         self.hot_streak = [int(x) for x in per_group("hot_streak", state["hot_streak"], G)]
         self.numel = [float(x) for x in per_group("numel", state["numel"], G)]
+        self.numel_reported = [float(x) for x in per_group("numel_reported", state.get("numel_reported", self.numel),
+                                                           G)]  # came later: the sizes as known
         # the start came later: a state saved without it holds none
         self.start_held = bool(state.get("start_held", False))
         self.start_loss = None if state.get("start_loss") is None else float(state["start_loss"])
