@@ -211,7 +211,7 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
         self._buffers: dict[torch.device, StepBuffers] = {}
         self._param_info: dict[Tensor, tuple[int, float]] = {}  # param -> (kind, rms when it joined)
         self._known_groups = 0  # param groups added through add_param_group (or unpickled)
-        self._known_params = 0  # parameters listed then (a change means the lists were edited)
+        self._known_layout: list[int] = []  # the lists as last checked (see _layout): a change means they were edited
         self._section_follows = False  # set by the DCP helper: the guard's state comes after the load
         self._guard = None
         self.telemetry: Telemetry | None = None
@@ -258,8 +258,9 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
             raise
         group["betas"] = tuple(group["betas"])
         self._probe_params(group["params"])
+        if len(self.param_groups) != self._known_groups:
+            self._buffers.clear()  # the control table and record are sized by the group count
         self._note_param_lists()
-        self._buffers.clear()  # the control table and record are sized by the group count
         if self._guard is not None:
             self._guard.bind(self)
 
@@ -270,10 +271,18 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
             self._backend_for(p.device, p.dtype, True)
 
     def _note_param_lists(self) -> None:
-        """The groups and parameters listed now, all checked: a later change of the count means
-        the lists were edited in place (see ``_collect``)."""
+        """The groups and parameters listed now, all checked: a later change means the lists
+        were edited in place (see ``_collect``)."""
         self._known_groups = len(self.param_groups)
-        self._known_params = sum(len(g["params"]) for g in self.param_groups)
+        self._known_layout = self._layout()
+
+    def _layout(self) -> list[int]:
+        """Which parameter is where: each group as -1 followed by its parameters' ids."""
+        out = []
+        for group in self.param_groups:
+            out.append(-1)
+            out.extend(map(id, group["params"]))
+        return out
 
     @torch.no_grad()
     def _probe_params(self, params: list[Tensor]) -> None:
@@ -539,6 +548,9 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
         device tensors on the optimizer; gradients are unscaled inside the kernel and a
         step with ``found_inf`` is skipped on the device, as torch's fused AdamW does.
         """
+        if closure is not None and not callable(closure):
+            raise TypeError(f"step(closure) takes a callable that returns the loss, got {type(closure).__name__}; "
+                            "pass a loss as a keyword: opt.step(loss=loss)")
         # torch.distributed.checkpoint's initialising step (state_dict._init_optim_state: no state
         # yet, every lr 0, zero grads) only creates the states; it is no training step (no
         # num_steps, no guard record). See lbw_guard.checkpoint.dcp_initialising_step.
@@ -629,17 +641,14 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
                     validation.check_grad(p, g, f"param group {gid} params[{i}]")
                     found.append((gid, i, p, g, position))
                 position += 1
-        if position != self._known_params:  # the lists were edited in place: no parameter twice
-            validation.check_each_once(self.param_groups)
-            self._known_params = position
+        if self._layout() != self._known_layout:
+            self._adopt_edited_lists()
         if found and not self._checked_replicas and self._guard is not None:
             distributed.check_replicated([f[2] for f in found], self.telemetry_group, self._settings_text())
             self._checked_replicas = True
         buckets: dict[tuple, _Bucket] = {}
         for gid, i, p, g, position in found:
-            info = self._param_info.get(p)
-            if info is None:  # put into a group's list directly
-                info = self._adopt(p, gid)
+            info = self._param_info[p]
             lp, lg = distributed.local_tensor(p), distributed.local_tensor(g)
             dense = is_dense(lp)
             state = self.state.get(p)
@@ -701,17 +710,27 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
             device, dtype = distributed.group_device(self.telemetry_group), torch.float32
         return _Bucket(device, dtype, True, backend=load_backend("torch", device))
 
-    def _adopt(self, p: Tensor, gid: int) -> tuple[int, float]:
-        """A parameter put into an existing group's list directly (torch.optim steps whatever
-        the list holds): checked and measured as add_param_group would; its (kind, rms)."""
-        if gid >= self._known_groups:
-            raise ValueError(f"param group {gid} was appended to param_groups directly; add it with "
+    def _adopt_edited_lists(self) -> None:
+        """The param lists were edited in place (torch.optim steps whatever they hold): a group
+        appended directly or a parameter listed twice is refused; parameters put into a group's
+        list are checked and measured as add_param_group would; and the guard binds to the new
+        layout, since its per-group state and snapshots were of the old one (a parameter moved
+        to another group, or removed, made a rollback restore the wrong tensors). Before the
+        step changes anything."""
+        if len(self.param_groups) > self._known_groups:
+            raise ValueError(f"param group {self._known_groups} was appended to param_groups directly; add it with "
                              "opt.add_param_group({'params': [...], ...}) so that it is checked and measured")
-        self._check_joining(self.param_groups[gid]["params"], f"param group {gid}")
-        self._probe_params([p])
+        validation.check_each_once(self.param_groups)
+        for gid, group in enumerate(self.param_groups):
+            joining = [p for p in group["params"] if p not in self._param_info]
+            if joining:
+                self._check_joining(group["params"], f"param group {gid}")
+                self._probe_params(joining)
+        if len(self.param_groups) != self._known_groups:
+            self._buffers.clear()  # the control table and record are sized by the group count
+        self._note_param_lists()
         if self._guard is not None:
-            self._guard.bind(self)  # another parameter set: its snapshots cannot be restored
-        return self._param_info[p]
+            self._guard.bind(self)
 
     @staticmethod
     def _refuse_changed(p: Tensor, m: Tensor, gid: int, i: int) -> None:

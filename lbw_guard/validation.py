@@ -86,8 +86,14 @@ def check_hyperparameters(group: dict, where: str, read_device_lr: bool = True, 
         if not math.isfinite(value) or value < 0.0:
             raise ValueError(f"Invalid learning rate: {lr} ({where} lr must be finite and >= 0)")
     betas = group["betas"]
+    if not isinstance(betas, (tuple, list)):
+        try:  # a pair of another kind, as torch takes: a ListConfig (Hydra), a NumPy array, a 1-d tensor
+            betas = tuple(betas)
+        except TypeError:
+            pass
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise ValueError(f"{where} betas must be a pair (beta1, beta2), got {betas!r}")
+        raise ValueError(f"{where} betas must be a pair (beta1, beta2), got {group['betas']!r} "
+                         f"({type(group['betas']).__name__}); pass a tuple of two floats such as (0.9, 0.999)")
     if not between_steps and isinstance(betas[0], Tensor) != isinstance(betas[1], Tensor):
         raise ValueError(f"{where} betas must be either both floats or both Tensors, got {betas!r}")
     for i, beta in enumerate(betas):

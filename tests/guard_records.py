@@ -248,7 +248,7 @@ class GuardDriver:
 TUNING = dict(
     mode="act", warmup_steps=5, ema_beta=0.97, winsor_z=3.0, min_grad_log_std=0.2, min_loss_rel_std=0.02,
     z_grad=6.0, z_loss=6.0, spike_fraction=0.05, warmup_grad_factor=100.0, level_shift_records=2,
-    rescale_tolerance=0.5,
+    rescale_tolerance=0.5, lr_spike_factor=10.0,
     spike_k=10.0, spike_warmup=0, clamp_spikes=True, loss_check=True, same_step_grad_skip=False,
     governor="evidence", min_scale=0.1, max_update_ratio=None,
     early_records=20, omega_low=0.35, omega_high=0.6, omega_recent_max=1.0, omega_worsening=0.7,

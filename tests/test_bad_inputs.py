@@ -541,8 +541,8 @@ def _bad_values(field: dataclasses.Field) -> list:
     kind = kind.replace("typing.", "").replace("Optional[float]", "float | None").replace("Optional[str]", "str | None")
     table = {
         "int": [-1, 1.5, "3", None, NAN, INF] + ([] if field.name == "keep_trace" else [True]),
-        "float": [-1.0, NAN, INF, -INF, "0.5", None, True, [0.5]],
-        "float | None": [-1.0, NAN, INF, "0.5", True, [0.5]],
+        "float": [-1.0, NAN, INF, -INF, "0.5", None, True, [0.5], 10**400],
+        "float | None": [-1.0, NAN, INF, "0.5", True, [0.5], 10**400],
         "bool": [1, 0, "yes", None, 1.0],
         "str": [123, None, "no-such-choice", b"act"],
         "str | None": [123, 4.5, b"trace.jsonl", ["trace.jsonl"]],
@@ -560,7 +560,7 @@ INF_MEANS_NONE = {"spike_k_warmup"}  # float fields where inf is a valid setting
 RANGE_EXTRAS = {
     "warmup_steps": [0], "ema_beta": [0.0, 1.0], "winsor_z": [0.0], "min_grad_log_std": [0.0],
     "min_loss_rel_std": [0.0], "z_grad": [0.0], "z_loss": [0.0], "spike_fraction": [0.0, 1.5],
-    "warmup_grad_factor": [1.0, 0.5], "level_shift_records": [0], "rescale_tolerance": [0.0], "spike_k": [0.0], "spike_k_warmup": [0.0], "min_scale": [0.0, 1.5],
+    "warmup_grad_factor": [1.0, 0.5], "level_shift_records": [0], "rescale_tolerance": [0.0], "lr_spike_factor": [1.0, 0.5], "spike_k": [0.0], "spike_k_warmup": [0.0], "min_scale": [0.0, 1.5],
     "max_update_ratio": [0.0],
     "early_records": [], "omega_low": [0.0, 0.95], "omega_high": [0.01],  # below the default omega_low
     "omega_worsening": [0.0, 1.5], "omega_window": [0], "min_evidence": [0], "cut_factor": [0.0, 1.0],
@@ -586,6 +586,21 @@ def test_every_guard_config_field_refuses_bad_values_naming_the_field(name, valu
         GuardConfig(**{name: value})
     assert name in str(info.value), str(info.value)
     TALLY["clean"] += 1
+
+
+def test_guard_config_takes_numpy_scalars_as_python_numbers():
+    """Values from np.linspace / np.arange in a sweep: checked and kept as the numbers they are
+    (a trace header and a checkpoint write the config as JSON)."""
+    import json
+
+    import numpy as np
+
+    config = GuardConfig(lag=np.int64(2), z_grad=np.float32(7.5), min_scale=np.float64(0.2))
+    assert (config.lag, config.z_grad, config.min_scale) == (2, 7.5, 0.2)
+    assert type(config.lag) is int and type(config.z_grad) is float
+    json.dumps(config.to_dict())
+    with pytest.raises(ValueError, match="min_scale must be in"):
+        GuardConfig(min_scale=np.float32(1.5))
 
 
 def test_guard_config_refusals_through_every_door_name_the_field():

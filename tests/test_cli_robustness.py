@@ -175,7 +175,7 @@ def test_merge_without_matplotlib_and_with_bad_files(tmp_path, capsys, monkeypat
     (["--help"], ["stress", "replay"]),
     (["stress", "--help"], ["(default: 200)", "(default: stress-results)", "(default: default)",
                             ", ".join(PRESETS)]),
-    (["replay", "--help"], ["(default: default)", "--run N"]),
+    (["replay", "--help"], ["(default: the config the trace recorded", "--run N"]),
 ])
 def test_help_shows_defaults(capsys, argv, shown):
     assert main(argv) == 0

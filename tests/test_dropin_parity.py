@@ -195,6 +195,79 @@ def test_a_group_appended_to_param_groups_directly_is_refused_naming_add_param_g
     assert opt.num_steps == 2 and all(torch.equal(p, b) for p, b in zip(ours + extra, before))
 
 
+def test_a_group_deleted_mid_run_leaves_the_others_stepping_as_under_torch():
+    ours, theirs = _pair(16, shapes=((4, 3), (3,), (5,)))
+    opt = FusedGuardedAdamW([{"params": ours[:1]}, {"params": ours[1:2]}, {"params": ours[2:]}], lr=1e-2,
+                            backend="torch")  # the default guard, whose queued record is of three groups
+    ref = torch.optim.AdamW([{"params": theirs[:1]}, {"params": theirs[1:2]}, {"params": theirs[2:]}], lr=1e-2)
+    for step in range(6):
+        if step == 3:
+            del opt.param_groups[0], ref.param_groups[0]
+        _grads(100 + step, ours, theirs)
+        opt.step(loss=1.0)
+        ref.step()
+    assert opt.num_steps == 6 and opt.guard.controller.num_groups == 2
+    for a, b in zip(ours, theirs):
+        _close(a, b)
+
+
+def test_a_parameter_moved_to_another_group_drops_the_snapshots_of_the_old_layout():
+    """A rollback restores by position: after the move a snapshot taken before it would put one
+    weight's values into the other."""
+    ours, _ = _pair(17, shapes=((4, 3), (4, 3)))
+    opt = FusedGuardedAdamW([{"params": ours[:1]}, {"params": ours[1:]}], lr=1e-3, backend="torch",
+                            guard=GuardConfig(snapshot_interval=1, warmup_steps=2))
+    for step in range(12):
+        _grads(120 + step, ours)
+        opt.step(loss=1.0)
+    guard = opt.guard
+    assert guard.controller.recovery.verified_snapshots and guard._ring.steps()
+    opt.param_groups[0]["params"][0], opt.param_groups[1]["params"][0] = ours[1], ours[0]
+    _grads(140, ours)
+    opt.step(loss=1.0)
+    assert guard.controller.recovery.verified_snapshots == [] and guard._ring.steps() in ([], [13])
+
+
+def test_a_record_queued_before_add_param_group_keeps_its_own_values():
+    ours, _ = _pair(18)
+    extra, _ = _pair(19, shapes=((3,),))
+    opt = FusedGuardedAdamW(ours, lr=1e-2, backend="torch", guard=GuardConfig(keep_trace=10))
+    losses = [1.5, 1.25, 1.125]
+    for step, loss in enumerate(losses):
+        _grads(150 + step, ours)
+        opt.step(loss=loss)
+    opt.add_param_group({"params": extra})  # the record of the last step is still queued
+    _grads(160, ours + extra)
+    opt.step(loss=1.0)
+    assert [r["signals"]["loss"] for r in opt.guard.records if r["type"] == "record"] == losses
+
+
+@pytest.mark.parametrize("kind", ["ndarray", "1-d tensor"])
+def test_betas_given_as_another_kind_of_pair_step_as_under_torch(kind):
+    import numpy as np
+
+    betas = np.array([0.8, 0.95]) if kind == "ndarray" else torch.tensor([0.8, 0.95])
+    ours, theirs = _pair(20)
+    opt = FusedGuardedAdamW(ours, lr=1e-2, betas=betas, guard=None, backend="torch")
+    ref = torch.optim.AdamW(theirs, lr=1e-2, betas=(0.8, 0.95))
+    for step in range(4):
+        _grads(170 + step, ours, theirs)
+        opt.step()
+        ref.step()
+    for a, b in zip(ours, theirs):
+        _close(a, b)
+
+
+def test_a_loss_passed_as_the_closure_names_the_keyword_before_anything_changes():
+    ours, _ = _pair(21)
+    opt = FusedGuardedAdamW(ours, lr=1e-2, backend="torch")
+    _grads(180, ours)
+    before = [p.detach().clone() for p in ours]
+    with pytest.raises(TypeError, match=r"opt\.step\(loss=loss\)"):
+        opt.step(torch.tensor(1.0))
+    assert opt.num_steps == 0 and all(torch.equal(p, b) for p, b in zip(ours, before))
+
+
 @pytest.mark.parametrize("change", ["dtype", "shape"])
 def test_a_parameter_changed_in_place_after_stepping_is_refused_before_any_bucket_steps(change):
     ours, _ = _pair(10, shapes=((4, 3), (3,)))

@@ -1408,3 +1408,91 @@ def test_whole_model_cosine_survives_norms_whose_product_underflows():
     rec = make_record(5, grad_sq=1e-200, gdp=-5e-201)
     rec.record[C.T_PREV_SQ] = 1e-200
     assert StepSizeGovernor._whole_model_cos(derive(rec), [0]) == pytest.approx(-0.5)
+
+
+# ---------------------------------------------------------------------------- lr spikes
+def _lr_gates(config, lrs_per_step, groups=1):
+    """The gates the controller issues for each step's lrs (no records: the rule is decided at
+    command time), and its events."""
+    ctl = Controller(config, groups)
+    gates = [ctl.command(n, lrs).gate for n, lrs in enumerate(lrs_per_step, 1)]
+    return gates, ctl
+
+
+@pytest.mark.parametrize("factor", [20.0, 1e3])
+def test_a_one_step_lr_spike_is_skipped_and_the_schedule_goes_on(factor):
+    rng = random.Random(int(factor))
+    base = 10 ** rng.uniform(-5, -2)
+    spike_at = rng.randint(12, 30)
+    lrs = [[base * (1 + 0.01 * rng.random()), base] for _ in range(40)]
+    lrs[spike_at - 1] = [lrs[spike_at - 1][0] * factor, base]  # group 0 only
+    gates, ctl = _lr_gates(explicit_config(spike_warmup=10), lrs, groups=2)
+    assert [n for n, g in enumerate(gates, 1) if g != [1.0, 1.0]] == [spike_at]
+    assert gates[spike_at - 1] == [0.0, 1.0]
+    skips = [e for e in ctl.events if e.action == "skip"]
+    assert [(e.step, e.detail["why"], e.detail["group"], e.bound) for e in skips] == \
+        [(spike_at, "lr_spike", 0, "lr_spike_factor")]
+    assert skips[0].detail["lr"] == lrs[spike_at - 1][0]
+    assert skips[0].detail["peak_lr"] == max(lr for lr, _ in lrs[:spike_at - 1])
+    assert ctl.recovery.lr_peak[0] == max(lr for n, (lr, _) in enumerate(lrs, 1) if n != spike_at)
+
+
+@pytest.mark.parametrize("records", [1, 2, 3])
+def test_an_lr_that_stays_up_is_the_users_after_level_shift_records_skipped_steps(records):
+    lrs = [[1e-4]] * 15 + [[1e-2]] * 10  # a deliberate 100x bump at step 16
+    gates, ctl = _lr_gates(explicit_config(level_shift_records=records, spike_warmup=10), lrs)
+    skipped = [n for n, g in enumerate(gates, 1) if g == [0.0]]
+    assert skipped == list(range(16, 16 + records))
+    shift = [e for e in ctl.events if e.action == "rebaseline"]
+    assert [(e.step, e.detail["why"], e.detail["records"]) for e in shift] == [(16 + records, "lr_level_shift", records)]
+    assert ctl.recovery.lr_peak == [1e-2] and ctl.recovery.lr_spike_streak == [0]
+
+
+def test_schedules_that_return_to_their_peak_or_warm_up_are_never_lr_spikes():
+    import torch.optim.lr_scheduler as S
+
+    def lrs_of(make, steps=300):
+        p = torch.nn.Parameter(torch.zeros(1))
+        opt = torch.optim.SGD([p], lr=3e-4)
+        sched = make(opt)
+        out = []
+        for _ in range(steps):
+            out.append([opt.param_groups[0]["lr"]])
+            opt.step()
+            sched.step()
+        return out
+
+    schedules = {
+        "warm restarts to 0": lambda o: S.CosineAnnealingWarmRestarts(o, T_0=30),
+        "cyclic": lambda o: S.CyclicLR(o, base_lr=3e-6, max_lr=3e-4, step_size_up=20, cycle_momentum=False),
+        "onecycle": lambda o: S.OneCycleLR(o, max_lr=3e-4, total_steps=300),
+        # fastest at its second step (13x), inside the first spike_warmup steps, which only set the peak
+        "warmup from 1%": lambda o: S.LinearLR(o, start_factor=0.01, total_iters=8),
+        "warmup from 0": lambda o: S.LambdaLR(o, lambda k: min(1.0, k / 10)),
+    }
+    for name, make in schedules.items():
+        gates, ctl = _lr_gates(explicit_config(spike_warmup=10), lrs_of(make))
+        assert all(g == [1.0] for g in gates), name
+        assert not [e for e in ctl.events if e.detail.get("why") in ("lr_spike", "lr_level_shift")], name
+
+
+def test_no_lr_spike_rule_when_it_is_off_or_the_lr_cannot_be_read():
+    lrs = [[1e-4]] * 12 + [[1.0]] + [[1e-4]] * 3
+    gates, _ = _lr_gates(explicit_config(lr_spike_factor=None), lrs)
+    assert all(g == [1.0] for g in gates)
+    # an lr tensor on a device reads NaN on the host: never judged, and no peak from it
+    gates, ctl = _lr_gates(explicit_config(), [[math.nan]] * 12 + [[1.0]])
+    assert all(g == [1.0] for g in gates) and ctl.recovery.lr_peak == [1.0]
+    gates, _ = _lr_gates(explicit_config(mode="monitor"), lrs)  # monitor mode never acts
+    assert all(g == [1.0] for g in gates)
+
+
+def test_an_lr_spike_counts_as_a_skipped_step_not_a_frozen_one():
+    driver = GuardDriver(explicit_config(spike_warmup=10, lag=0), groups=2)
+    for n in range(1, 21):
+        driver.step(lrs=[1e-3 * (100 if n == 15 else 1), 1e-3 * (100 if n == 15 else 1)])
+    summary = driver.guard.summary()
+    assert driver.commands[15].gate == [0.0, 0.0]
+    assert summary["skipped_fraction"] * summary["steps"] == pytest.approx(1.0)
+    assert summary["frozen_fraction"] == 0.0
+    assert driver.controller.lr_skipped == {}  # forgotten once its record was processed

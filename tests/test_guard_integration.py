@@ -3,7 +3,8 @@ random init) learning a random sparse Markov chain, on the CPU (backend="torch",
 reference; the foreach fallback is checked on its own, see test_backend_survives_...):
 
 - faults survived: gradient spikes x1e3..x1e6, NaN and inf gradient elements, a random-token
-  batch, each ending with finite parameters within 10% of the clean run's eval loss;
+  batch, each ending with finite parameters within 10% of the clean run's eval loss; an lr
+  x1000 for one step, skipped before it reaches the parameters;
 - a healthy run ends within 1% of plain AdamW, with no rollback;
 - resuming from ``state_dict`` is bit-identical; checkpoints stay bounded;
 - a NaN lr on a snapshot step, sustained trouble (GuardGaveUp / on_give_up), rollback
@@ -15,6 +16,7 @@ import math
 
 import pytest
 import torch
+from guard_records import same
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from lbw_guard.guard import Guard, GuardConfig, GuardGaveUp
@@ -185,6 +187,40 @@ def test_a_spike_in_the_first_two_steps_rolls_back_to_the_start_without_an_lr_cu
     assert plain > 1.10 * clean_loss  # what the rollback saved the run from
     assert not [e for e in events if e.action in ("cap_scale", "decrease_scale", "give_up")]
     assert opt.guard.summary()["mean_scale"] == 1.0
+
+
+def train_with_lr_spike(guard, factor, plain=False):
+    """The standard run with the lr multiplied by ``factor`` at step FAULT_AT only; also returns
+    whether that step left the parameters as they were."""
+    table = successor_table()
+    model = tiny_model()
+    if plain:
+        opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=1e-2)
+    else:
+        opt = FusedGuardedAdamW(model.parameters(), lr=LR, guard=guard, backend=BACKEND)
+    run(model, opt, table, 1, FAULT_AT - 1, plain=plain)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.param_groups[0]["lr"] = LR * factor  # a scheduler bug, a mistyped manual lr
+    run(model, opt, table, FAULT_AT, FAULT_AT, plain=plain)
+    untouched = all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    opt.param_groups[0]["lr"] = LR
+    run(model, opt, table, FAULT_AT + 1, STEPS, plain=plain)
+    return opt, (eval_loss(model, table) if finite(model) else math.nan), untouched
+
+
+def test_a_one_step_lr_spike_is_skipped_before_it_reaches_the_parameters(clean_loss):
+    """x1000 for one step: plain AdamW ends at 25 (clean 1.94); its gradients stay bounded, so
+    without the lr rule the guard saw a loss-only level shift, rebaselined, and ended at 30."""
+    opt, loss, untouched = train_with_lr_spike("default", 1000.0)
+    _, plain, _ = train_with_lr_spike(None, 1000.0, plain=True)
+    print(f"\nlr x1000 at step {FAULT_AT}: clean {clean_loss:.4f}  guard {loss:.4f}  AdamW {plain:.4f}")
+    assert untouched
+    events = [(e.step, e.action, e.detail.get("why")) for e in opt.guard.events if e.action != "transition"]
+    assert events == [(FAULT_AT, "skip", "lr_spike")]
+    assert abs(loss - clean_loss) <= 0.01 * clean_loss  # one batch fewer
+    assert plain > 1.10 * clean_loss  # what the skip saved the run from
+    summary = opt.guard.summary()
+    assert summary["skipped_fraction"] * summary["steps"] == pytest.approx(1.0) and summary["frozen_fraction"] == 0.0
 
 
 def test_healthy_run_matches_adamw_without_rollback(clean_loss):
@@ -483,6 +519,37 @@ def test_on_give_up_hook_is_called_and_the_run_goes_on():
     losses = [_mlp_step(model, opt, xs, ys) for _ in range(40)]
     assert finite(model) and losses[-1] < losses[0]
     assert opt.guard.summary()["actions"]["give_up"] == 2
+
+
+def test_an_on_give_up_hook_may_load_a_checkpoint_and_the_loaded_state_stands():
+    """The hook goes back to the last good checkpoint: nothing of the abandoned step (a snapshot
+    under its step number, restarted statistics) may land on the loaded state."""
+    import copy
+
+    model, xs, ys = _mlp()
+    saved, calls = {}, []
+
+    def reload(exc):
+        calls.append(exc)
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(copy.deepcopy(saved["opt"]))
+
+    config = GuardConfig(snapshot_interval=5, give_up_after=5, max_rollbacks=0, snapshots_in_state_dict=True)
+    opt = FusedGuardedAdamW(model.parameters(), lr=1e-2, guard=Guard(config, on_give_up=reload), backend=BACKEND)
+    for _ in range(30):
+        _mlp_step(model, opt, xs, ys)
+    saved.update(model=copy.deepcopy(model.state_dict()), opt=copy.deepcopy(opt.state_dict()))
+    loaded = {k: v for k, v in opt.state_dict()["guard"].items() if k not in ("snapshots", "start")}
+    for _ in range(20):
+        _mlp_step(model, opt, xs, ys, loss_scale=math.nan)
+        if calls:  # the hook went back to step 30
+            break
+    assert len(calls) == 1 and opt.num_steps == 30 and same({k: v for k, v in opt.state_dict()["guard"].items() if k in loaded}, loaded)
+    for _ in range(10):
+        _mlp_step(model, opt, xs, ys)
+    fresh = FusedGuardedAdamW(model.parameters(), lr=1e-2, guard=config, backend=BACKEND)
+    fresh.load_state_dict(opt.state_dict())  # its checkpoints load (a snapshot past num_steps did not)
+    assert opt.guard._last_snapshot <= opt.num_steps
 
 
 @pytest.mark.parametrize("backend", ["torch", "foreach"])

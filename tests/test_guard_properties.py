@@ -3,7 +3,8 @@ that jump, vanish or go non-finite, gates the device did or did not apply).
 
 Invariants: the issued scale stays in [min_scale, 1] and rises by at most max_scale_increase
 per step; rollbacks go to a verified snapshot within max_rollback_distance and at most
-max_rollbacks per rollback_window; the frozen fraction stays within max_frozen_fraction; the
+max_rollbacks per rollback_window; the frozen fraction stays within max_frozen_fraction; an lr
+spike is skipped for at most level_shift_records steps in a row; the
 event ring, the pending records, the kept trace and the snapshots stay bounded; the controller
 never raises (give-up is a decision; only the Guard raises GuardGaveUp) and never skips
 silently forever; monitor mode never acts; a controller restored from its state_dict decides
@@ -63,6 +64,7 @@ def scenarios(draw, mode="act"):
         mode=mode,
         warmup_steps=draw(st.integers(1, 10)),
         level_shift_records=draw(st.integers(1, 4)),
+        lr_spike_factor=draw(st.one_of(st.none(), st.floats(1.5, 1000.0))),
         rescale_tolerance=draw(st.floats(0.01, 5.0)),
         min_scale=draw(st.floats(0.05, 0.9)),
         max_update_ratio=draw(st.one_of(st.none(), st.floats(0.01, 1.0))),
@@ -143,6 +145,7 @@ class Checked:
         self.last_snapshot = None
         self.cmd = None
         self.log = []  # (kind, step, value) of everything decided, for comparisons
+        self.lr_skip_run = [0] * groups  # consecutive steps each group was gated off for an lr spike
 
     def step(self, n: int, step: dict, check: bool = True) -> None:
         c, ctl = self.config, self.ctl
@@ -153,7 +156,7 @@ class Checked:
         cmd = ctl.command(n, lrs)
         self.log.append(("cmd", n, (list(cmd.scale), list(cmd.gate), cmd.loss_limit, cmd.spike_k)))
         if check:
-            self.check_command(cmd, before, lrs)
+            self.check_command(cmd, before, lrs, ctl.lr_skipped.get(n, []))
         kw = record_kwargs(step, self.groups, self.numel, self.cmd)
         self.cmd = cmd
         kw.update(lrs=lrs, scale=list(cmd.scale), gate=list(cmd.gate))
@@ -191,7 +194,7 @@ class Checked:
         self.last_snapshot = n
         ctl.snapshot_taken(n)
 
-    def check_command(self, cmd, before: list, lrs: list) -> None:
+    def check_command(self, cmd, before: list, lrs: list, lr_skipped: list) -> None:
         c = self.config
         assert len(cmd.scale) == len(cmd.gate) == self.groups
         for g in range(self.groups):
@@ -208,7 +211,14 @@ class Checked:
             else:
                 assert s == 1.0
             assert cmd.gate[g] in (0.0, 1.0)
-        frozen = sum(n for g, n in enumerate(self.numel) if cmd.gate[g] == 0.0)
+        for g in range(self.groups):
+            # an lr spike is skipped only while it is new: then the lr is the user's
+            self.lr_skip_run[g] = self.lr_skip_run[g] + 1 if g in lr_skipped else 0
+            assert self.lr_skip_run[g] <= c.level_shift_records
+            if g in lr_skipped:
+                assert c.acts and c.lr_spike_factor is not None and cmd.gate[g] == 0.0
+                assert lrs[g] > c.lr_spike_factor * self.ctl.recovery.lr_peak[g]
+        frozen = sum(n for g, n in enumerate(self.numel) if cmd.gate[g] == 0.0 and g not in lr_skipped)
         assert frozen <= c.max_frozen_fraction * sum(self.numel) + 1e-9
         assert not math.isnan(cmd.loss_limit) and not math.isnan(cmd.grad_norm_limit)
         assert cmd.spike_k > 0

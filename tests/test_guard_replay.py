@@ -186,6 +186,31 @@ def test_replay_through_the_cli(tmp_path, capsys):
     assert cli.main(["replay", str(path), "--config", str(tmp_path / "missing.json")]) == 2
 
 
+def test_the_cli_replays_with_the_config_the_trace_recorded_unless_told_otherwise(tmp_path, capsys):
+    path = tmp_path / "trace.jsonl"
+    config = GuardConfig(trace_path=str(path), snapshot_interval=5, warmup_steps=40)
+    live = Live(config).run(100, FAULTS, data_change=60)
+    live.guard.close()
+    default_events, *_ = replayed(path, GuardConfig(snapshot_interval=5))
+    assert [key(e) for e in default_events] != [key(e) for e in live.guard.events]  # the config matters here
+    out_events = tmp_path / "events.jsonl"
+    assert cli.main(["replay", str(path), "--events", str(out_events), "--quiet"]) == 0
+    assert "with the config the trace recorded" in capsys.readouterr().out
+    assert [(e["step"], e["action"], e["bound"]) for e in read_jsonl(out_events)] == \
+        [(e.step, e.action, e.bound) for e in live.guard.events]
+    assert cli.main(["replay", str(path), "--config", "default", "--quiet"]) == 0
+    assert "with --config default" in capsys.readouterr().out
+
+
+def test_the_cli_refuses_to_write_the_events_over_the_trace(tmp_path, capsys):
+    path = tmp_path / "trace.jsonl"
+    live = Live(GuardConfig(trace_path=str(path))).run(30)
+    live.guard.close()
+    before = path.read_bytes()
+    assert cli.main(["replay", str(path), "--events", str(path)]) == 2
+    assert "is the trace itself" in capsys.readouterr().err and path.read_bytes() == before
+
+
 def test_two_runs_in_one_trace_replay_the_last_by_default(tmp_path, capsys):
     path = tmp_path / "trace.jsonl"
     config = GuardConfig(trace_path=str(path), snapshot_interval=5)
@@ -248,11 +273,11 @@ def test_replay_keeps_the_order_of_a_data_change_right_after_a_rollback(tmp_path
 
 def test_replay_uses_the_live_lrs_at_the_end_of_a_trace(tmp_path):
     path = tmp_path / "trace.jsonl"
-    config = explicit_config(trace_path=str(path), max_update_ratio=0.5)
+    config = explicit_config(trace_path=str(path), max_update_ratio=0.05)
     driver = GuardDriver(config)
     for _ in range(20):
         driver.step(lrs=[1e-3], ratio=0.01)  # 1% of the params per step at lr 1e-3
-    driver.step(lrs=[0.1], ratio=0.01)  # the lr jumps 100x at the last step: the envelope caps it
+    driver.step(lrs=[8e-3], ratio=0.01)  # the lr jumps 8x (not a spike) at the last step: the envelope caps it
     driver.guard.close()
     live = driver.guard.events
     assert [(e.step, e.action, e.bound) for e in live][-1:] == [(21, "cap_scale", "update_envelope")]

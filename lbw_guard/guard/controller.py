@@ -52,6 +52,7 @@ class Controller:
         self.num_groups = 0
         self.last_scale: list[float] = []
         self.capped: list[str | None] = []
+        self.lr_skipped: dict[int, list[int]] = {}  # step -> groups gated off for an lr spike, until observed
         self.resize(num_groups)
 
     def resize(self, num_groups: int) -> None:
@@ -69,7 +70,7 @@ class Controller:
         G = self.num_groups
         if not c.acts:
             return GuardCommand.plain(G)
-        scales, gates = [], []
+        scales, gates, lr_skipped = [], [], []
         for g in range(G):
             lr = _as_float(lrs[g]) if g < len(lrs) else math.nan
             target, bound = self.governor.target(g, lr)
@@ -77,7 +78,14 @@ class Controller:
             self._note_cap(step, g, issued, bound, lr)
             self.last_scale[g] = issued
             scales.append(issued)
-            gates.append(self.recovery.gate(g, step))
+            lr_gate, event = self.recovery.lr_gate(g, step, lr)
+            if event is not None:
+                self._recovery_events(step, [event], {})
+            if lr_gate == 0.0:
+                lr_skipped.append(g)
+            gates.append(min(lr_gate, self.recovery.gate(g, step)))
+        if lr_skipped:
+            self.lr_skipped[step] = lr_skipped  # a skip, not a freeze, in the accounting
         # (the kernels add no bound before a tensor's third step: lbw_kernels.contract)
         spike_k = c.spike_k if self.processed >= c.spike_warmup else c.spike_k_warmup
         return GuardCommand(
@@ -137,7 +145,9 @@ class Controller:
                     self._restart_after_overshoot(rec.step, now, decision, signals, lrs)
 
         numel = [gs.numel for gs in sig.groups]
-        self.accounting.add(issued_scale, issued_gate, [gs.applied_gate for gs in sig.groups], numel,
+        lr_skipped = self._lr_skipped_at(rec.step)
+        freeze_gate = [1.0 if g in lr_skipped else x for g, x in enumerate(issued_gate)]
+        self.accounting.add(issued_scale, freeze_gate, [gs.applied_gate for gs in sig.groups], numel,
                             sig.spike_fraction > 0 or sig.nonfinite > 0)
         self._move_regime(rec.step, a, signals, decision)
         if decision["give_up"] is not None and c.acts:
@@ -147,6 +157,12 @@ class Controller:
             decision["give_up"] = None
         decision["signals"] = signals
         return decision
+
+    def _lr_skipped_at(self, step: int) -> list[int]:
+        """The groups gated off for an lr spike at ``step``; forgets it and every earlier step."""
+        for s in [s for s in self.lr_skipped if s < step]:
+            del self.lr_skipped[s]
+        return self.lr_skipped.pop(step, [])
 
     def _overshoot_cut_lowered_the_lr(self, cuts: list[dict], sig: StepSignals) -> bool:
         """An overshoot cut that lowered the parameters' lr, element-weighted, by at least half a
@@ -265,6 +281,7 @@ class Controller:
             "clean_streak": self.clean_streak,
             "last_scale": list(self.last_scale),
             "capped": list(self.capped),
+            "lr_skipped": [[s, list(g)] for s, g in self.lr_skipped.items()],
             "detectors": self.detectors.state_dict(),
             "governor": self.governor.state_dict(),
             "recovery": self.recovery.state_dict(),
@@ -281,6 +298,7 @@ class Controller:
         self.clean_streak = int(state["clean_streak"])
         self.last_scale = [float(x) for x in per_group("last_scale", state["last_scale"], self.num_groups)]
         self.capped = per_group("capped", state["capped"], self.num_groups)
+        self.lr_skipped = {int(s): [int(g) for g in groups] for s, groups in state.get("lr_skipped", [])}  # came later
         self.detectors.load_state_dict(state["detectors"])
         self.governor.load_state_dict(state["governor"])
         self.recovery.load_state_dict(state["recovery"])

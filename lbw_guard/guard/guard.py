@@ -43,20 +43,20 @@ class _HostCopies:
 
     def __init__(self, slots: int):
         self.slots = slots
-        self.buffers: list[Tensor] = []
-        self.events: list = []
+        self.buffers: list[Tensor | None] = [None] * slots
+        self.events: list = [None] * slots
         self.next = 0
 
     def push(self, record: Tensor) -> int:
-        size = record.numel()
-        if not self.buffers or self.buffers[0].numel() != size:
-            pin = record.device.type == "cuda"
-            self.buffers = [torch.empty(size, dtype=torch.float64, pin_memory=pin) for _ in range(self.slots)]
-            self.events = [None] * self.slots
         i = self.next % self.slots
         self.next += 1
         if self.events[i] is not None:
             self.events[i].synchronize()
+        size = record.numel()
+        # one slot at a time: the others hold queued records, which keep their size (the group
+        # count changes with add_param_group, and a queued record is of the groups before it)
+        if self.buffers[i] is None or self.buffers[i].numel() != size:
+            self.buffers[i] = torch.empty(size, dtype=torch.float64, pin_memory=record.device.type == "cuda")
         if record.device.type == "cuda":
             self.buffers[i].copy_(record, non_blocking=True)
             self.events[i] = torch.cuda.Event()
@@ -129,6 +129,8 @@ class Guard:
         if self.controller is None:
             self.controller = Controller(self.config, G)
         elif G != self.controller.num_groups:
+            if G < self.controller.num_groups:
+                self._drop_pending()  # records of groups that are gone
             self.controller.resize(G)
         params = [p for g in optimizer.param_groups for p in g["params"]]
         key = tuple((id(p), tuple(p.shape)) for p in params)
@@ -179,6 +181,8 @@ class Guard:
                 break
             if decision["give_up"] is not None:
                 self._give_up(decision["give_up"])
+                if self.optimizer.num_steps != now:
+                    return  # the hook loaded a checkpoint: its state stands, nothing of this step's
         self._maybe_snapshot(now)
 
     def _host_record(self, pending: _Pending, now: int | None) -> HostRecord:
@@ -228,10 +232,14 @@ class Guard:
             self._ring.release_start()
             return
         self._ring.retain(self.controller.recovery.verified_snapshots)
+        self._drop_pending()  # the queued records describe the abandoned trajectory
+        self._issued = {s: v for s, v in self._issued.items() if s > now}
+
+    def _drop_pending(self) -> None:
+        """Forget the queued records, unprocessed."""
         for p in self._pending:  # replay needs their lrs to issue the same commands
             self._trace_line({"type": "dropped", "step": p.rec.step, "lrs": p.rec.lrs})
-        self._pending.clear()  # the queued records describe the abandoned trajectory
-        self._issued = {s: v for s, v in self._issued.items() if s > now}
+        self._pending.clear()
 
     def _give_up(self, evidence: dict) -> None:
         exc = GuardGaveUp(
@@ -245,8 +253,8 @@ class Guard:
         self._flush_events()
         if self.on_give_up is None:
             raise exc
+        self.controller.accept_give_up()  # first: a hook that loads a checkpoint replaces this state
         self.on_give_up(exc)
-        self.controller.accept_give_up()
 
     def _maybe_take_start(self) -> None:
         """Before the first step the guard sees, hold the state the run begins from."""

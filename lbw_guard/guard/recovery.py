@@ -29,6 +29,9 @@ The policy answers faults, not level changes, and never harms a healthy run:
   steps, a loose one through ``spike_warmup`` records) rolls back to the start too (seen one
   record later, against the neighbouring records' grad norms), without an lr cut: the fault
   was the data's;
+- an lr spike (a group's commanded lr more than ``lr_spike_factor`` above the highest lr
+  commanded to it so far) skips the group's step before it is taken; ``level_shift_records``
+  of them in a row are the user's new lr, which then runs (a deliberate bump);
 - trouble that persists with no rollback left ends in :class:`GuardGaveUp` (or the user's
   hook) with the evidence, never in skipping forever.
 """
@@ -89,6 +92,8 @@ class Recovery:
         self.hot_streak = resized(getattr(self, "hot_streak", []), num_groups, 0)
         self.numel = resized(getattr(self, "numel", []), num_groups, 0.0)
         self.numel_reported = resized(getattr(self, "numel_reported", []), num_groups, 0.0)
+        self.lr_peak = resized(getattr(self, "lr_peak", []), num_groups, None)
+        self.lr_spike_streak = resized(getattr(self, "lr_spike_streak", []), num_groups, 0)
         self.num_groups = num_groups
 
     # ------------------------------------------------------------------ gates
@@ -100,6 +105,32 @@ class Recovery:
         if total <= 0:
             return 0.0
         return sum(n for g, n in enumerate(self.numel) if n > 0 and step <= self.freeze_until[g]) / total
+
+    def lr_gate(self, g: int, step: int, lr: float) -> tuple[float, dict | None]:
+        """Group ``g``'s gate for optimizer step ``step`` at commanded ``lr``, and the event it
+        raised (or None).
+
+        Decided before the step, on the host: an lr spike must not reach the parameters, and
+        the lr is known before the step (an lr tensor on a device reads NaN here: not judged).
+        The first ``spike_warmup`` steps only set the peak: a warm-up from a small factor rises
+        fastest on its second step (torch's ``LinearLR`` from 0.01 over 8 steps: 13x).
+        """
+        factor = self.config.lr_spike_factor
+        if factor is None or not (math.isfinite(lr) and lr > 0):
+            return 1.0, None
+        peak = self.lr_peak[g]
+        if peak is not None and step > self.config.spike_warmup and lr > factor * peak:
+            self.lr_spike_streak[g] += 1
+            if self.lr_spike_streak[g] <= self.config.level_shift_records:
+                return 0.0, {"action": "skip", "why": "lr_spike", "group": g, "lr": lr, "peak_lr": peak,
+                             "bound": "lr_spike_factor"}
+            event = {"action": "rebaseline", "why": "lr_level_shift", "group": g, "lr": lr, "peak_lr": peak,
+                     "records": self.lr_spike_streak[g] - 1}
+        else:
+            event = None
+        self.lr_spike_streak[g] = 0
+        self.lr_peak[g] = lr if peak is None else max(peak, lr)
+        return 1.0, event
 
     # ------------------------------------------------------------------ snapshots
     def snapshot_taken(self, step: int) -> None:
@@ -401,6 +432,8 @@ class Recovery:
             "start_above": list(self.start_above),
             "start_grads": [list(x) for x in self.start_grads],
             "returned_to_start": self.returned_to_start,
+            "lr_peak": list(self.lr_peak),
+            "lr_spike_streak": list(self.lr_spike_streak),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -429,6 +462,9 @@ class Recovery:
         self.start_grads = [[None if x is None else float(x), bool(w)]  # came later
                             for x, w in state.get("start_grads", [])][-3:]
         self.returned_to_start = bool(state.get("returned_to_start", False))
+        # came later: a state saved without them has no lr history, as a fresh run
+        self.lr_peak = [None if x is None else float(x) for x in per_group("lr_peak", state.get("lr_peak", [None] * G), G)]
+        self.lr_spike_streak = [int(x) for x in per_group("lr_spike_streak", state.get("lr_spike_streak", [0] * G), G)]
 
 
 __all__ = ["GuardGaveUp", "Recovery"]

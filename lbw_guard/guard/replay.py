@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -29,12 +30,19 @@ PROG = "lbw-guard replay"
 
 
 # ---------------------------------------------------------------------------- configuration
-def load_config(spec: str | None, overrides: list[str]) -> GuardConfig:
-    """A preset name or a JSON file of GuardConfig fields, plus KEY=VALUE overrides.
+def load_config(spec: str | None, overrides: list[str], recorded: dict | None = None) -> GuardConfig:
+    """A preset name or a JSON file of GuardConfig fields (None: ``recorded``, the config the
+    trace's header holds, else the default preset), plus KEY=VALUE overrides.
 
     Every problem is a ValueError with a one-line message naming the option.
     """
-    if spec is None:
+    if spec is None and recorded is not None:
+        try:
+            config = GuardConfig.from_dict(recorded)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"the trace's recorded config is not a valid GuardConfig ({exc}); "
+                             "choose one with --config") from None
+    elif spec is None:
         config = PRESETS["default"]
     elif spec in PRESETS:
         config = PRESETS[spec]
@@ -90,6 +98,7 @@ class TraceRun:
 
     records: list[dict] = field(default_factory=list)
     lines: list[int] = field(default_factory=list)
+    config: dict | None = None  # the config its header recorded (the live guard's), if any
 
     def record_lines(self) -> list[dict]:
         return [r for r in self.records if r.get("type", "record") == "record"]
@@ -208,6 +217,8 @@ def read_runs(path: str, on_warning=None) -> list[TraceRun]:
         if kind in RUN_HEADERS:
             if runs[-1].records:
                 runs.append(TraceRun())
+            recorded = obj.get("config")
+            runs[-1].config = recorded if isinstance(recorded, dict) else None
             continue
         if kind in MARKERS:
             try:
@@ -266,14 +277,16 @@ def replay(records: list[dict], config: GuardConfig):
     lrs_by_step = {r["step"]: r["lrs"] for r in records
                    if r.get("type", "record") in ("record", "dropped", "issued")}
 
-    def ensure(num_groups: int) -> Controller:
+    def ensure(num_groups: int, bind: bool = False) -> Controller:
+        """The controller, sized as the live one was: it is resized at a bind (a seed line); a
+        record queued before a bind that added groups has fewer groups than the controller."""
         nonlocal controller
         if controller is None:
             controller = Controller(config, num_groups)
             controller.governor.seed_ratio(seed)
             if start:
                 controller.start_taken()
-        elif num_groups != controller.num_groups:
+        elif num_groups > controller.num_groups or (bind and num_groups != controller.num_groups):
             controller.resize(num_groups)
         return controller
 
@@ -299,10 +312,10 @@ def replay(records: list[dict], config: GuardConfig):
                 controller.accept_give_up()  # the live run went on, so its hook returned
             if decision["signals"].get("reasons"):
                 flagged.append((rec.step, decision["signals"]["reasons"]))
-        elif kind == "seed":
+        elif kind == "seed":  # written at every bind: one ratio per group of the new layout
             seed = [decode_float(x) for x in line["ratio"]]
             if controller is not None:
-                controller.governor.seed_ratio(seed)
+                ensure(max(len(seed), 1), bind=True).governor.seed_ratio(seed)
         elif kind == "start":
             start = True
             if controller is not None:
@@ -346,17 +359,21 @@ def _os_message(exc: OSError, default: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        config = load_config(args.config, args.set or [])
-    except ValueError as exc:
-        return _fail(str(exc))
+    if args.config is not None:
+        try:  # a bad option fails before the trace is read
+            load_config(args.config, args.set or [])
+        except ValueError as exc:
+            return _fail(str(exc))
     try:
         runs = read_runs(args.trace, _warn)
         number, trace_run = pick_run(runs, args.run, args.trace, _warn)
+        config = load_config(args.config, args.set or [], trace_run.config)
     except OSError as exc:
         return _fail(f"cannot read the trace {_os_message(exc, args.trace)}")
     except ValueError as exc:
         return _fail(str(exc))
+    if args.events and _same_file(args.events, args.trace):
+        return _fail(f"--events {args.events} is the trace itself; write the events to another file")
     try:  # opened before replaying, so an unwritable path fails first
         writer = JsonlWriter(args.events, mode="w") if args.events else None
     except OSError as exc:
@@ -384,12 +401,22 @@ def run(args: argparse.Namespace) -> int:
     lines = [r for r in lines if r.get("type", "record") == "record"]
     steps = len(lines)
     which = f", run {number} of {len(runs)}" if len(runs) > 1 else ""
-    print(f"replayed {steps} records (steps {lines[0]['step']}..{lines[-1]['step']}{which}): "
+    source = f"--config {args.config}" if args.config is not None else (
+        "the config the trace recorded" if trace_run.config is not None else "the default config")
+    source += " with --set" if args.set else ""
+    print(f"replayed {steps} records (steps {lines[0]['step']}..{lines[-1]['step']}{which}) with {source}: "
           f"{len(flagged)} flagged, {interventions} interventions "
           f"({1000.0 * interventions / steps:.2f} per 1000 steps); final regime {controller.regime}", file=out)
     if actions:
         print("actions: " + ", ".join(f"{k}={v}" for k, v in sorted(actions.items())), file=out)
     return 0
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return False
 
 
 def _positive_int(text: str) -> int:
@@ -413,8 +440,9 @@ def register(subparsers) -> argparse.ArgumentParser:
         formatter_class=HelpFormatter,
     )
     parser.add_argument("trace", help="a JSONL trace written by the guard (trace_path=...)")
-    parser.add_argument("--config", default="default",
-                        help=f"guard preset ({', '.join(PRESETS)}) or JSON file of GuardConfig fields")
+    parser.add_argument("--config", default=None,
+                        help=f"guard preset ({', '.join(PRESETS)}) or JSON file of GuardConfig fields "
+                             "(default: the config the trace recorded, which reproduces the live decisions)")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one GuardConfig field (repeatable)")
     parser.add_argument("--run", type=_positive_int, metavar="N",
                         help="which run of a trace holding several (appended) runs to replay; default the last")
