@@ -108,13 +108,16 @@ def run(model, opt, table, start, stop, faults=None, plain=False, loss_hook=None
             opt.step(loss=loss.detach())
 
 
-def train(guard, faults=None, steps=STEPS, lr=LR, plain=False):
-    table = successor_table()
+def model_and_optimizer(guard, lr=LR, plain=False):
     model = tiny_model()
     if plain:
-        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-2)
-    else:
-        opt = FusedGuardedAdamW(model.parameters(), lr=lr, guard=guard, backend=BACKEND)
+        return model, torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-2)
+    return model, FusedGuardedAdamW(model.parameters(), lr=lr, guard=guard, backend=BACKEND)
+
+
+def train(guard, faults=None, steps=STEPS, lr=LR, plain=False):
+    table = successor_table()
+    model, opt = model_and_optimizer(guard, lr, plain)
     run(model, opt, table, 1, steps, faults, plain)
     return model, opt, (eval_loss(model, table) if finite(model) else math.nan)
 
@@ -193,11 +196,7 @@ def train_with_lr_spike(guard, factor, plain=False):
     """The standard run with the lr multiplied by ``factor`` at step FAULT_AT only; also returns
     whether that step left the parameters as they were."""
     table = successor_table()
-    model = tiny_model()
-    if plain:
-        opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=1e-2)
-    else:
-        opt = FusedGuardedAdamW(model.parameters(), lr=LR, guard=guard, backend=BACKEND)
+    model, opt = model_and_optimizer(guard, plain=plain)
     run(model, opt, table, 1, FAULT_AT - 1, plain=plain)
     before = [p.detach().clone() for p in model.parameters()]
     opt.param_groups[0]["lr"] = LR * factor  # a scheduler bug, a mistyped manual lr
