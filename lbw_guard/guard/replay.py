@@ -359,15 +359,17 @@ def _os_message(exc: OSError, default: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    config = None
     if args.config is not None:
         try:  # a bad option fails before the trace is read
-            load_config(args.config, args.set or [])
+            config = load_config(args.config, args.set or [])
         except ValueError as exc:
             return _fail(str(exc))
     try:
         runs = read_runs(args.trace, _warn)
         number, trace_run = pick_run(runs, args.run, args.trace, _warn)
-        config = load_config(args.config, args.set or [], trace_run.config)
+        if config is None:
+            config = load_config(None, args.set or [], trace_run.config)
     except OSError as exc:
         return _fail(f"cannot read the trace {_os_message(exc, args.trace)}")
     except ValueError as exc:
