@@ -656,6 +656,10 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
                 m = state["exp_avg"]
                 if m.dtype != self._state_dtype(p) or m.shape != p.shape:
                     self._refuse_changed(p, m, gid, i)
+                step = state.get("step")
+                if not (isinstance(step, Tensor) and step.dtype == torch.float32 and step.dim() == 0
+                        and step.device == p.device):
+                    self._refuse_step(step, p, gid, i)
                 if dense:  # moments loaded with other strides than the param
                     dense = m.stride() == lp.stride() == state["exp_avg_sq"].stride()
             key = (p.device, p.dtype, dense)
@@ -741,6 +745,16 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
             f"param group {gid} params[{i}] is now {p.dtype} of shape {tuple(p.shape)}, but its optimizer state "
             f"was made for {tuple(m.shape)} with {m.dtype} moments (the parameter was changed in place after it "
             "was stepped); build the optimizer again after changing the model, or load a matching state dict")
+
+    @staticmethod
+    def _refuse_step(step, p: Tensor, gid: int, i: int) -> None:
+        """``state["step"]`` written directly (load_state_dict converts what it loads): the
+        kernels count in a float32 scalar tensor on the parameter's device."""
+        what = (f"a {step.dtype} tensor of shape {tuple(step.shape)} on {step.device}" if isinstance(step, Tensor)
+                else f"{type(step).__name__} {step!r:.40}")
+        raise TypeError(f"param group {gid} params[{i}]: optimizer.state[p]['step'] is {what}; it must be a float32 "
+                        f"scalar tensor on {p.device}, e.g. torch.tensor(float(n), device=p.device), as "
+                        "load_state_dict makes it")
 
     def _init_missing_states(self, buckets: list[_Bucket]) -> int:
         """Create moments for parameters stepped for the first time (after validation); how

@@ -395,6 +395,19 @@ def test_step_refuses_a_bad_gradient_before_anything_changes(name, spoil, needle
     step_works(opt, params)
 
 
+@pytest.mark.parametrize("step", [5, 5.0, torch.tensor(5), torch.tensor(5.0, dtype=torch.float64),
+                                  torch.tensor([5.0]), torch.tensor(5.0, device="meta")],
+                         ids=["int", "float", "int64", "float64", "shape (1,)", "meta"])
+def test_a_step_count_written_directly_is_refused_before_anything_changes(step):
+    model, params, opt = trained()
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.state[params[3]]["step"] = step
+    refuse(opt, params, lambda: opt.step(loss=1.0), TypeError, "param group 1 params[1]", "['step']", "float32")
+    opt.state[params[3]]["step"] = torch.tensor(float(opt.num_steps))
+    step_works(opt, params)
+
+
 def test_gradients_torch_cannot_attach_are_refused_by_check_grad():
     """torch's grad setter refuses these; check_grad refuses them too (for custom loops that
     build gradients another way, e.g. through DTensor or .data)."""
@@ -601,6 +614,29 @@ def test_guard_config_takes_numpy_scalars_as_python_numbers():
     json.dumps(config.to_dict())
     with pytest.raises(ValueError, match="min_scale must be in"):
         GuardConfig(min_scale=np.float32(1.5))
+
+
+def test_huge_ring_lag_and_event_sizes_cost_only_what_is_used():
+    """A ring, lag or capacity of 10**9 is valid; memory grows with what is held, not the size."""
+    import tracemalloc
+
+    def train(config):
+        params = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(3))]
+        opt = FusedGuardedAdamW(params, lr=1e-2, backend="torch", guard=config)
+        for _ in range(20):
+            for p in params:
+                p.grad = torch.randn_like(p)
+            opt.step(loss=torch.rand(()))
+        return opt
+
+    train(GuardConfig(snapshot_interval=5))  # the modules a step imports on first use
+    tracemalloc.start()
+    opt = train(GuardConfig(snapshot_ring=10**9, lag=10**9, event_capacity=10**9, keep_trace=10**9,
+                            snapshot_interval=5, max_rollback_distance=10**9))
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < 4 << 20, f"{peak / 2**20:.1f} MiB"
+    assert opt.num_steps == 20 and len(opt.guard._copies.buffers) == 20  # one per queued record
 
 
 def test_guard_config_refusals_through_every_door_name_the_field():

@@ -138,6 +138,13 @@ def test_out_that_is_a_file_fails_up_front(tmp_path, capsys, no_work):
     _assert_one_line_error(capsys, "--out")
 
 
+@pytest.mark.parametrize("name", ["results.json", "report.md", "results.partial.json"])
+def test_an_output_file_that_is_a_directory_fails_up_front(tmp_path, capsys, no_work, name):
+    (tmp_path / "out" / name).mkdir(parents=True)
+    assert main(_base(tmp_path)) == 2
+    _assert_one_line_error(capsys, "--out", name, "is not a file")
+
+
 @pytest.mark.parametrize("package,extra", [
     ("rich", []), ("transformers", []), ("tokenizers", ["--tokenizer", "bpe"]), ("peft", ["--mode", "lora"]),
     ("matplotlib", None),  # None: with plots

@@ -14,6 +14,7 @@ against torch on fresh random inputs (every element, fp32 tolerance of a few ulp
 from __future__ import annotations
 
 import copy
+import os
 import warnings
 
 import pytest
@@ -365,3 +366,27 @@ def test_an_unwritable_trace_path_is_refused_when_the_guard_is_attached(tmp_path
         warnings.simplefilter("ignore")
         with pytest.raises(ValueError, match="trace_path"):
             FusedGuardedAdamW(params, backend="torch", guard=GuardConfig(trace_path=str(path)))
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (every write fails: disk full)")
+def test_a_trace_that_cannot_be_written_stops_tracing_with_one_warning_and_training_goes_on():
+    runs = []
+    for trace_path in (None, "/dev/full"):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+        opt = FusedGuardedAdamW(model.parameters(), lr=1e-2, backend="torch",
+                                guard=GuardConfig(snapshot_interval=5, trace_path=trace_path))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _train(opt, model, torch.Generator().manual_seed(1), 30)
+            with torch.no_grad():
+                model[0].weight[0, 0] = float("nan")  # the guard must still roll back
+            _train(opt, model, torch.Generator().manual_seed(2), 10)
+            opt.guard.close()
+        runs.append((model, opt, [str(w.message) for w in caught if "could not be written" in str(w.message)]))
+    (clean, clean_opt, none), (traced, traced_opt, warned) = runs
+    assert none == [] and len(warned) == 1 and "/dev/full" in warned[0]
+    assert "rollback" in [e.action for e in traced_opt.guard.events]
+    assert [(e.step, e.action) for e in traced_opt.guard.events] == [(e.step, e.action) for e in clean_opt.guard.events]
+    for a, b in zip(clean.parameters(), traced.parameters()):
+        assert torch.equal(a, b)

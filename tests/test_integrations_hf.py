@@ -196,6 +196,37 @@ def test_pre_clip_norm_recorded_when_the_optimizer_clips_itself(tmp_path):
         _clip_run(tmp_path / "b", False, "default", max_grad_norm=0.5, callbacks=[GuardCallback()])
 
 
+class FailAt(TrainerCallback):
+    """Raises at the end of one step, as an out-of-memory error or a dead data loader would."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise RuntimeError("the run failed")
+
+
+@pytest.mark.parametrize("attach", [True, False])
+def test_a_run_that_raises_leaves_the_trainers_clip_for_the_retry(tmp_path, attach):
+    model = tiny_llama()
+    opt = FusedGuardedAdamW(model.parameters(), lr=1e-3, backend="torch", guard="default")
+    a = args(tmp_path, max_steps=4, max_grad_norm=1.0)
+    callback = GuardCallback()
+    trainer = Trainer(model=model, args=a, train_dataset=token_dataset(16), optimizers=(opt, None),
+                      callbacks=[] if attach else [callback, FailAt(2)])
+    if attach:
+        attach_guard(trainer, callback)
+        trainer.add_callback(FailAt(2))
+    with pytest.raises(RuntimeError, match="the run failed"):
+        trainer.train()
+    if attach:  # put back as the exception leaves train(), with the loss hook removed
+        assert a.max_grad_norm == 1.0 and opt.max_grad_norm is None and callback._hook is None
+    trainer.callback_handler.callbacks = [cb for cb in trainer.callback_handler.callbacks if not isinstance(cb, FailAt)]
+    trainer.train()  # the retry: a bare callback puts the clip back when the retry begins
+    assert callback.clipping == "moved" and a.max_grad_norm == 1.0 and opt.max_grad_norm is None
+
+
 class PoisonLoss(TrainerCallback):
     """Gives the guard a NaN loss at one step, after the GuardCallback recorded the real one:
     the default guard skips that step on the device."""

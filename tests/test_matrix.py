@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 
 import pytest
@@ -189,11 +190,27 @@ def test_a_run_that_raises_is_recorded_and_the_rest_go_on(smoke, tmp_path, monke
     (["--arms", "adamw,adamw-guardlr"], "needs the guard arm"),
     (["--guard", "nope"], "unknown guard preset"),
     (["--workers", "0"], "workers must be >= 1"),
+    (["--workers", str(4 * (os.cpu_count() or 1) + 1)], "per core"),
+    (["--seeds", "1000000000"], "N <= 1000"),
 ])
 def test_bad_matrix_arguments_fail_up_front(tmp_path, capsys, extra, message):
     assert main(_argv(tmp_path, *extra)) == 2
     assert message in capsys.readouterr().out
     assert not (tmp_path / "out" / "matrix.json").exists()
+
+
+@pytest.mark.parametrize("name", ["matrix.json", "matrix.md", "matrix.partial.json"])
+def test_an_output_file_that_is_a_directory_fails_before_any_run(tmp_path, capsys, monkeypatch, name):
+    from lbw_guard.experiments import matrix
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the output paths must be checked before any run")
+
+    monkeypatch.setattr(matrix, "execute_matrix", forbidden)
+    (tmp_path / "out" / name).mkdir(parents=True)
+    assert main(_argv(tmp_path)) == 2
+    out = capsys.readouterr().out
+    assert "exists and is not a file" in out and name in out
 
 
 @pytest.mark.parametrize("flag", [["--slices", "lr"], ["--archs", "gpt2"], ["--workers", "2"],

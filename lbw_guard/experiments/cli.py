@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -344,6 +345,9 @@ MATRIX_REJECTS = {
     "text_file": "the matrix trains on the stdlib's code and pydoc prose",
     "tokenizer": "the matrix uses one BPE trained on code and prose",
 }
+MAX_MATRIX_SEEDS = 1000
+MAX_WORKERS_PER_CORE = 4
+
 # argparse dest -> MatrixConfig field, for the flags the matrix takes
 MATRIX_FIELDS = {
     "slices": "slices", "archs": "archs", "arms": "arms", "steps": "steps", "batch_size": "batch_size",
@@ -374,8 +378,16 @@ def matrix_config_from_args(args: argparse.Namespace, given: set[str]):
         if len(seeds) == 1:
             if seeds[0] < 1:
                 raise StressConfigError("seeds", f"--seeds N with --matrix needs N >= 1, got {seeds[0]}")
+            if seeds[0] > MAX_MATRIX_SEEDS:  # each seed is a whole matrix: days of CPU time
+                raise StressConfigError("seeds", f"--seeds N with --matrix takes N <= {MAX_MATRIX_SEEDS}, got "
+                                                 f"{seeds[0]}; give a comma list to choose seeds")
             seeds = tuple(range(seeds[0]))
         kw["seeds"] = seeds
+    if "workers" in given:
+        cores = os.cpu_count() or 1
+        if args.workers > MAX_WORKERS_PER_CORE * cores:  # each worker holds its own torch (~0.5 GB)
+            raise StressConfigError("workers", f"--workers {args.workers} is more than {MAX_WORKERS_PER_CORE} per "
+                                               f"core on this machine ({cores} cores); one per core is fastest")
     if args.no_progress:
         kw["progress"] = False
     if args.no_plots:

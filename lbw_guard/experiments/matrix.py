@@ -51,6 +51,7 @@ from .arms import parse_arm
 from .config import BACKENDS, StressConfigError, config_json, default_cache_dir
 from .faults import FAULTS, FaultPlan, SwitchData, fault_steps
 from .models import ARCHITECTURES, SIZES
+from .report import check_output_paths
 from .schedules import SCHEDULES, ScheduleSpec
 
 SLICES = ("lr", "finetune", "faults")
@@ -495,6 +496,7 @@ def load_resume(cfg: MatrixConfig, resume: bool) -> tuple[dict, dict, dict]:
     or, where there is none, of a finished ``OUT/matrix.json`` (so a matrix can grow slice by
     slice: ``--slices faults``, then ``--slices faults,lr --resume``). Raises ValueError before
     any work if the file cannot be used, or a partial one exists and ``--resume`` was not given."""
+    check_output_paths(cfg.out_dir, (PARTIAL_NAME, PARTIAL_NAME + ".tmp", "matrix.json", "matrix.json.tmp", "matrix.md"))
     path = cfg.out_dir / PARTIAL_NAME
     schema = PARTIAL_SCHEMA
     if not path.exists():
@@ -717,6 +719,7 @@ class MatrixRunner:
         todo = self._start()
         if not todo:
             return
+        workers = min(workers, len(todo))  # a process per run at most
         self.progress.note(f"running in {workers} worker processes x {threads} torch thread(s)")
         ctx = multiprocessing.get_context("spawn")  # no fork of a process whose OpenMP pool is running
         with _workers_skip_main():

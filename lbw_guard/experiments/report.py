@@ -158,6 +158,18 @@ def write_json(doc: dict, path: Path) -> None:
     path.write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n")
 
 
+def check_output_paths(out_dir: Path, names: tuple[str, ...]) -> None:
+    """Raise ValueError, before any training, if ``out_dir`` or one of the files a run writes
+    into it exists as something that cannot be written as a file (found after hours otherwise)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir} is a file, not a directory; choose another --out")
+    for name in names:
+        path = out_dir / name
+        if path.exists() and not path.is_file():
+            raise ValueError(f"--out {out_dir}: {path} exists and is not a file, so the results could not be "
+                             "written there; remove it or choose another --out")
+
+
 # ---------------------------------------------------------------------------- text renderings
 def _ppl_cell(cell: dict | None) -> str:
     if not cell:

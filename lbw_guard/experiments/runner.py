@@ -11,7 +11,7 @@ from rich.console import Console
 
 from .config import PARTIAL_NAME, StressConfig
 from .progress import SweepProgress
-from .report import jsonable, markdown_report, print_table, results_document, write_json
+from .report import check_output_paths, jsonable, markdown_report, print_table, results_document, write_json
 from .stress import SweepState, planned_runs, run_key, run_sweep
 from .train import RunResult, run_from_json
 
@@ -65,6 +65,7 @@ def save_partial(state: SweepState, path: Path) -> None:
 def load_resume(cfg: StressConfig, resume: bool) -> Resumed:
     """The runs ``--resume`` skips. Raises ValueError, before any work, if the partial file
     cannot be used, or if one exists and ``--resume`` was not given (it would be overwritten)."""
+    check_output_paths(cfg.out_dir, (PARTIAL_NAME, PARTIAL_NAME + ".tmp", "results.json", "report.md"))
     path = cfg.out_dir / PARTIAL_NAME
     if not path.exists():
         if resume:

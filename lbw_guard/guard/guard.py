@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections import deque
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 from torch import Tensor
@@ -43,13 +44,16 @@ class _HostCopies:
 
     def __init__(self, slots: int):
         self.slots = slots
-        self.buffers: list[Tensor | None] = [None] * slots
-        self.events: list = [None] * slots
+        self.buffers: list[Tensor | None] = []  # grown on use, up to slots (a large lag costs nothing up front)
+        self.events: list = []
         self.next = 0
 
     def push(self, record: Tensor) -> int:
         i = self.next % self.slots
         self.next += 1
+        if i == len(self.buffers):
+            self.buffers.append(None)
+            self.events.append(None)
         if self.events[i] is not None:
             self.events[i].synchronize()
         size = record.numel()
@@ -105,6 +109,7 @@ class Guard:
         self._copies = _HostCopies(self.config.lag + 2)
         self._ring = SnapshotRing(self.config.snapshot_ring + 1, self.config.snapshot_device)
         self._writer: JsonlWriter | None = None
+        self._trace_failed = False
         self._param_key: tuple | None = None
         self._last_snapshot: int | None = None
         self._step_clock: float | None = None
@@ -317,19 +322,15 @@ class Guard:
         """A marker line of the trace (what the guard did between records, for replay)."""
         if self.config.keep_trace:
             self.records.append(line)
-        writer = self._trace_writer()
-        if writer is not None:
-            writer.write(line)
+        self._write_trace([line])
 
     # ------------------------------------------------------------------ events and traces
     def _flush_events(self) -> None:
-        writer = self._trace_writer()
         log = self.controller.events
         total = sum(log.counts.values())
         new = total - self._logged_events
-        if writer is not None and new > 0:
-            for event in list(log.ring)[-min(new, len(log.ring)):]:
-                writer.write(event.to_dict())
+        if new > 0 and self.config.trace_path is not None:
+            self._write_trace(event.to_dict() for event in list(log.ring)[-min(new, len(log.ring)):])
         self._logged_events = total
 
     def _trace_record(self, rec: HostRecord, signals: dict) -> None:
@@ -338,18 +339,34 @@ class Guard:
         line = {"type": "record", **rec.to_dict(), "regime": self.controller.regime, "signals": signals}
         if self.config.keep_trace:
             self.records.append(line)
-        writer = self._trace_writer()
-        if writer is not None:
-            writer.write(line)
+        self._write_trace([line])
 
-    def _trace_writer(self) -> JsonlWriter | None:
-        if self.config.trace_path is None:
-            return None
-        if self._writer is None:
-            self._writer = JsonlWriter(self.config.trace_path, mode="a")
-            self._writer.write(run_start_line(self.config.to_dict()))
-            self._writer.write({"type": "seed", "ratio": self._seed})
-        return self._writer
+    def _write_trace(self, lines: Iterable[dict]) -> None:
+        """Append ``lines`` to the trace file. A write that fails (disk full, the file's
+        volume gone) stops the tracing with a warning: training must not fail on its log."""
+        if self.config.trace_path is None or self._trace_failed:
+            return
+        try:
+            if self._writer is None:
+                self._writer = JsonlWriter(self.config.trace_path, mode="a")
+                self._writer.write(run_start_line(self.config.to_dict()))
+                self._writer.write({"type": "seed", "ratio": self._seed})
+            for line in lines:
+                self._writer.write(line)
+        except OSError as exc:
+            self._trace_failed = True
+            self._close_writer_quietly()
+            warnings.warn(f"lbw-guard: the trace {self.config.trace_path!r} could not be written ({exc}); "
+                          "tracing stops here and training goes on. The file holds the lines written "
+                          "before the failure.", RuntimeWarning, stacklevel=2)
+
+    def _close_writer_quietly(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            try:
+                writer.close()
+            except OSError:
+                pass  # the buffered tail is lost with the failed write
 
     def write_jsonl(self, path) -> None:
         """Write the kept records (``keep_trace``) and the kept events to ``path``."""
@@ -364,12 +381,11 @@ class Guard:
         """Finish the trace: the steps issued but not yet processed, so that replay issues the
         same last commands (an unclosed trace replays up to its last processed record)."""
         if self._writer is not None:
-            for p in self._pending:
-                self._writer.write({"type": "issued", "step": p.rec.step, "lrs": p.rec.lrs})
+            lines = [{"type": "issued", "step": p.rec.step, "lrs": p.rec.lrs} for p in self._pending]
             if self.optimizer is not None:
-                self._writer.write({"type": "end", "step": self.optimizer.num_steps})
-            self._writer.close()
-            self._writer = None
+                lines.append({"type": "end", "step": self.optimizer.num_steps})
+            self._write_trace(lines)
+            self._close_writer_quietly()
 
     # ------------------------------------------------------------------ introspection
     @property

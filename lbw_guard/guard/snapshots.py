@@ -82,7 +82,7 @@ class SnapshotRing:
     def __init__(self, capacity: int, where: str = "cpu"):
         self.capacity = capacity
         self.where = where
-        self.slots = [Slot() for _ in range(capacity)]
+        self.slots: list[Slot] = []  # grown on use, up to capacity (a large ring costs nothing up front)
         self._stream = None
         self.last_copy_seconds: float | None = None
         self._timing = None  # (start event, end event) of the last GPU copy, read later
@@ -108,6 +108,9 @@ class SnapshotRing:
     def take(self, step: int, optimizer, keep: list[int]) -> None:
         """Snapshot the state after ``step`` into a slot not holding one of ``keep``."""
         slot = next((s for s in self.slots if s.step is None or s.step not in keep), None)
+        if slot is None and len(self.slots) < self.capacity:
+            slot = Slot()
+            self.slots.append(slot)
         if slot is None:
             return
         layout = _layout(optimizer)
@@ -278,6 +281,7 @@ class SnapshotRing:
         self.clear()
         now = _layout(optimizer)
         saved = sorted(state.get("slots", []), key=lambda s: s["step"])[-self.capacity:]
+        self.slots += [Slot() for _ in range(len(saved) - len(self.slots))]
         for slot, entry in zip(self.slots, saved):
             buffers = entry["buffers"]
             layout = entry.get("layout")  # saved before layouts were kept: the optimizer's own

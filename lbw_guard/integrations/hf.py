@@ -38,6 +38,7 @@ through ``torch.distributed.checkpoint``, which carries it too: see :mod:`.dcp`)
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 
@@ -227,6 +228,7 @@ class GuardCallback(TrainerCallback):
 
     # ------------------------------------------------------------------ events
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self._finish_run()  # a run that raised before on_train_end left the clip moved
         self._resolve(optimizer)
         self.events.skip_existing()  # on resume: logged by the run that raised them
         if self.capture_loss and model is not None and self._hook is None:
@@ -277,6 +279,10 @@ class GuardCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kwargs):
         self.events.update()
+        self._finish_run()
+
+    def _finish_run(self) -> None:
+        """Put the Trainer's clip back and remove the loss hook (also after a run that raised)."""
         self._restore_clipping()
         if self._hook is not None:
             self._hook.remove()
@@ -296,7 +302,29 @@ def attach_guard(trainer: Trainer, callback: GuardCallback | None = None) -> Gua
     handler = trainer.callback_handler
     handler.callbacks = [cb for cb in handler.callbacks if cb is not callback]
     handler.callbacks.insert(0, callback)
+    _restore_clipping_on_failure(trainer)
     return callback
+
+
+def _restore_clipping_on_failure(trainer: Trainer) -> None:
+    """Wrap ``trainer.train`` so that a run that raises still puts ``args.max_grad_norm`` back
+    (``on_train_end`` never runs then): a retry with the same ``args`` must clip as asked."""
+    train = trainer.train
+    if getattr(train, "_lbw", False):
+        return
+
+    @functools.wraps(train)
+    def guarded_train(*args, **kwargs):
+        try:
+            return train(*args, **kwargs)
+        except BaseException:
+            for cb in trainer.callback_handler.callbacks:
+                if isinstance(cb, GuardCallback):
+                    cb._finish_run()
+            raise
+
+    guarded_train._lbw = True
+    trainer.train = guarded_train
 
 
 class GuardedTrainer(Trainer):
