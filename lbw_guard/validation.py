@@ -85,6 +85,7 @@ def check_hyperparameters(group: dict, where: str, read_device_lr: bool = True, 
         value = as_float(f"{where} lr", lr)
         if not math.isfinite(value) or value < 0.0:
             raise ValueError(f"Invalid learning rate: {lr} ({where} lr must be finite and >= 0)")
+        _check_fits_float32(where, "lr", value)
     betas = group["betas"]
     if not isinstance(betas, (tuple, list)):
         try:  # a pair of another kind, as torch takes: a ListConfig (Hydra), a NumPy array, a 1-d tensor
@@ -104,16 +105,29 @@ def check_hyperparameters(group: dict, where: str, read_device_lr: bool = True, 
     eps = as_float(f"{where} eps", group["eps"])
     if not math.isfinite(eps) or eps < 0.0:
         raise ValueError(f"Invalid epsilon value: {group['eps']} ({where} eps must be finite and >= 0)")
+    _check_fits_float32(where, "eps", eps)
     wd = as_float(f"{where} weight_decay", group["weight_decay"])
     if not math.isfinite(wd) or wd < 0.0:
         raise ValueError(f"Invalid weight_decay value: {group['weight_decay']} "
                          f"({where} weight_decay must be finite and >= 0)")
+    _check_fits_float32(where, "weight_decay", wd)
     for flag, message in UNSUPPORTED_FLAGS.items():
         if _flag(where, flag, group.get(flag, False)):
             raise ValueError(f"{where}: {message}")
     if not _flag(where, "decoupled_weight_decay", group.get("decoupled_weight_decay", True)):
         raise ValueError(f"{where}: decoupled_weight_decay=False (Adam's L2 penalty) is not supported; "
                          "FusedGuardedAdamW is AdamW (decoupled weight decay)")
+
+
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+def _check_fits_float32(where: str, name: str, value: float) -> None:
+    """The kernels take the hyperparameters as float32: a larger value would become inf there
+    (torch's fused AdamW raises on the conversion)."""
+    if value > _FLOAT32_MAX:
+        raise ValueError(f"{where} {name}={value:g} overflows float32, the precision the fused step computes in; "
+                         f"pass a value <= {_FLOAT32_MAX:.4g}")
 
 
 def _check_one_element(where: str, name: str, value: Any) -> None:

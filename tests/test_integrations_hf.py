@@ -196,6 +196,29 @@ def test_pre_clip_norm_recorded_when_the_optimizer_clips_itself(tmp_path):
         _clip_run(tmp_path / "b", False, "default", max_grad_norm=0.5, callbacks=[GuardCallback()])
 
 
+def test_a_loss_computed_outside_the_model_is_said_at_the_first_step_and_guarded_trainer_gets_it(tmp_path):
+    # With label smoothing the Trainer pops the labels and computes the loss itself.
+    runs = {}
+    for kind in ("attached", "guarded"):
+        model = tiny_llama()
+        opt = FusedGuardedAdamW(model.parameters(), lr=1e-3, backend="torch", guard=GuardConfig(keep_trace=100))
+        a = args(tmp_path / kind, max_steps=12, label_smoothing_factor=0.1)
+        cls = Trainer if kind == "attached" else GuardedTrainer
+        trainer = cls(model=model, args=a, train_dataset=token_dataset(48), optimizers=(opt, None))
+        if kind == "attached":
+            attach_guard(trainer)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.train()
+        losses = [r["signals"]["loss"] for r in opt.guard.records if r["type"] == "record"]
+        runs[kind] = ([str(w.message) for w in caught if "loss" in str(w.message)], losses)
+    said, losses = runs["attached"]
+    assert len(said) == 1 and "carry no loss" in said[0] and "GuardedTrainer" in said[0]
+    assert losses and all(r is None for r in losses)  # nothing reached the guard
+    said, losses = runs["guarded"]
+    assert said == [] and len(losses) == 11 and all(math.isfinite(x) and x > 0 for x in losses)
+
+
 class FailAt(TrainerCallback):
     """Raises at the end of one step, as an out-of-memory error or a dead data loader would."""
 

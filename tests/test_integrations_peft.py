@@ -57,6 +57,23 @@ def test_groups_by_module_layer_and_all():
         lora_param_groups(torch.nn.Linear(2, 2))
 
 
+def test_groups_by_layer_keep_an_encoders_and_a_decoders_blocks_apart():
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=VOCAB, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_decoder_layers=2, num_heads=2)
+    model = get_peft_model(T5ForConditionalGeneration(config), LoraConfig(r=2, target_modules=["q", "v"]))
+    groups = lora_param_groups(model, by="layer", lora_plus_ratio=4.0, lr=1e-3)
+    expected = [f"{stack}.block.{i}" for stack in ("encoder", "decoder") for i in range(2)]
+    assert [g["name"] for g in groups] == [n + suffix for n in expected for suffix in ("", ".lora_B")]
+    names = {id(p): n for n, p in model.named_parameters()}
+    for g in groups:  # each group holds exactly its own block's A (or B) matrices
+        stack_block = g["name"].removesuffix(".lora_B")
+        kind = ".lora_B." if g["name"].endswith(".lora_B") else ".lora_A."
+        expected_names = {n for n, p in model.named_parameters() if f".{stack_block}." in n and kind in n}
+        assert {names[id(p)] for p in g["params"]} == expected_names != set()
+
+
 def test_lora_trains_under_guard_and_a_spiking_adapter_is_frozen_alone():
     model = lora_model()
     config = GuardConfig(warmup_steps=3, spike_warmup=3, max_frozen_fraction=0.5, freeze_steps=4)

@@ -129,6 +129,8 @@ class GuardCallback(TrainerCallback):
         self._loss_count = 0
         self._window_normalised = False
         self._moved = None
+        self._output_without_loss = False
+        self._warned_no_loss = False
 
     # ------------------------------------------------------------------ plumbing
     def _resolve(self, optimizer):
@@ -145,6 +147,7 @@ class GuardCallback(TrainerCallback):
             return  # evaluation and no-grad passes are not training steps
         loss = _loss_of(output)
         if loss is None:
+            self._output_without_loss = True
             return
         # Given num_items_in_batch (transformers passes it to models that accept it), the model
         # divides by the token count of the whole accumulation window: the step's loss is the
@@ -250,8 +253,23 @@ class GuardCallback(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         self._resolve(optimizer)
         if self.capture_loss:
+            if self._loss_sum is None and self._output_without_loss:
+                self._warn_no_loss_in_output()
             normalised = self._window_normalised
             self.flush_loss(mean=not normalised, scale=self._ranks_in_count(args) if normalised else 1.0)
+
+    def _warn_no_loss_in_output(self) -> None:
+        """At the first step, not after the optimizer's ten: the model's output has no loss
+        because the Trainer computes it outside the model."""
+        if self._warned_no_loss or not self._guarded():
+            return
+        self._warned_no_loss = True
+        self.optimizer._warned_no_loss = True  # its generic advice (attach this callback) does not apply
+        warnings.warn(
+            "lbw-guard: the model's outputs carry no loss (the Trainer computes it outside the model: "
+            "label_smoothing_factor, compute_loss_func, or batches without labels), so GuardCallback cannot "
+            "give the guard the loss and its loss checks are off. Use lbw_guard.integrations.hf.GuardedTrainer, "
+            "which takes the loss from training_step.", stacklevel=2)
 
     def _ranks_in_count(self, args) -> float:
         """With ``average_tokens_across_devices`` the token count the model divides by is the

@@ -36,20 +36,35 @@ BY = ("module", "layer", "all")
 
 
 def _group_key(name: str, by: str) -> str | None:
-    """The LoRA group a parameter belongs to, or None for a non-LoRA parameter."""
+    """The LoRA group a parameter belongs to, or None for a non-LoRA parameter. With
+    ``by="layer"``: the path of its block (``model.layers.0``, ``encoder.block.0``)."""
     match = _LORA.search(name)
     if match is None:
         return None
     module = name[: match.start()]
     if by == "all":
         return "lora"
-    if by == "layer":
-        layer = _LAYER.search(module)
-        return f"{layer.group(1)}.{layer.group(2)}" if layer else module
     for prefix in ("base_model.model.", "base_model."):  # PeftModel's wrapper prefixes
         if module.startswith(prefix):
-            return module[len(prefix):]
+            module = module[len(prefix):]
+            break
+    if by == "layer":
+        layer = _LAYER.search(module)
+        return module[: layer.end()].rstrip(".") if layer else module
     return module
+
+
+def _short_layer_names(keys) -> dict[str, str]:
+    """Each block path by its short name (``layers.0``) where no other stack has a block of
+    that name; else by its path (an encoder's and a decoder's ``block.0`` stay apart)."""
+    short = {}
+    for key in keys:
+        layer = _LAYER.search(key)
+        short[key] = f"{layer.group(1)}.{layer.group(2)}" if layer else key
+    taken: dict[str, set] = {}
+    for key, name in short.items():
+        taken.setdefault(name, set()).add(key)
+    return {key: name if len(taken[name]) == 1 else key for key, name in short.items()}
 
 
 def lora_param_groups(model: nn.Module, by: str = "module", other: str = "other",
@@ -80,13 +95,13 @@ def lora_param_groups(model: nn.Module, by: str = "module", other: str = "other"
             raise ValueError(f"lora_plus_ratio must be a positive number, got {lora_plus_ratio!r}")
     groups: dict[str, list] = {}
     rest = []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        key = _group_key(name, by)
+    trainable = [(name, p, _group_key(name, by)) for name, p in model.named_parameters() if p.requires_grad]
+    names = _short_layer_names({key for _, _, key in trainable if key is not None}) if by == "layer" else {}
+    for name, p, key in trainable:
         if key is None:
             rest.append(p)
             continue
+        key = names.get(key, key)
         if lora_plus_ratio is not None and _LORA_B.search(name):
             groups.setdefault(key, [])  # the A group comes first even if B is listed first
             key = f"{key}.lora_B"
