@@ -150,6 +150,9 @@ def test_optimizer_cls_and_kwargs_maps_training_arguments(tmp_path):
     assert kwargs == {"lr": 3e-4, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.1, "guard": "monitor",
                       "max_grad_norm": 0.5, "backend": "torch"}
     assert a.max_grad_norm == 0.0
+    # A second call on the same args (one Trainer per trial of a sweep) still clips at 0.5.
+    _, again = optimizer_cls_and_kwargs(a, lr=1e-3)
+    assert again["max_grad_norm"] == 0.5 and again["lr"] == 1e-3 and a.max_grad_norm == 0.0
     # Keeping the Trainer's clip: args untouched, no optimizer clip.
     b = args(tmp_path, max_grad_norm=1.0)
     _, kwargs = optimizer_cls_and_kwargs(b, max_grad_norm=None, lr=1e-3)
