@@ -67,18 +67,24 @@ def run_key(arch: str, temperature: float, arm: str, lr: float, seed: int) -> st
     return f"{arch}|{temperature}|{arm}|{lr}|{seed}"
 
 
-def pretrained(arch: str, temperature: float, seed: int, steps: int) -> tuple[dict, float]:
-    """The model's state after ``steps`` of plain AdamW at PRETRAIN_LR, and its last training loss."""
-    model = build_model(arch, seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=PRETRAIN_LR)
-    data = markov_batches(temperature, seed)
+def _train(model, opt, data, steps: int, guarded: bool) -> float:
+    """``steps`` language-model steps on ``data`` (the guarded optimizer is given each loss);
+    the last training loss."""
     for _ in range(steps):
         x = next(data)
         loss = model(input_ids=x, labels=x).loss
         loss.backward()
-        opt.step()
+        opt.step(loss=loss.detach()) if guarded else opt.step()
         opt.zero_grad()
-    return {k: v.clone() for k, v in model.state_dict().items()}, loss.item()
+    return loss.item()
+
+
+def pretrained(arch: str, temperature: float, seed: int, steps: int) -> tuple[dict, float]:
+    """The model's state after ``steps`` of plain AdamW at PRETRAIN_LR, and its last training loss."""
+    model = build_model(arch, seed)
+    last = _train(model, torch.optim.AdamW(model.parameters(), lr=PRETRAIN_LR), markov_batches(temperature, seed),
+                  steps, guarded=False)
+    return {k: v.clone() for k, v in model.state_dict().items()}, last
 
 
 def finetune(arch: str, state: dict, temperature: float, seed: int, arm: str, lr: float, steps: int,
@@ -93,13 +99,7 @@ def finetune(arch: str, state: dict, temperature: float, seed: int, arm: str, lr
         opt = torch.optim.AdamW(model.parameters(), lr=lr)
     else:
         opt = FusedGuardedAdamW(model.parameters(), lr=lr, backend=backend)
-    data = markov_batches(temperature, seed + 100)  # fresh samples of the same source
-    for _ in range(steps):
-        x = next(data)
-        loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        opt.step() if arm == "adamw" else opt.step(loss=loss.detach())
-        opt.zero_grad()
+    _train(model, opt, markov_batches(temperature, seed + 100), steps, guarded=arm == "guard")  # fresh samples
     model.eval()
     held_out = markov_batches(temperature, seed + 999)
     with torch.no_grad():

@@ -82,10 +82,7 @@ def check_hyperparameters(group: dict, where: str, read_device_lr: bool = True, 
     if isinstance(lr, Tensor) and (lr.device.type != "cpu" and not read_device_lr):
         check_lr_tensor(f"{where} lr", lr)
     else:
-        value = as_float(f"{where} lr", lr)
-        if not math.isfinite(value) or value < 0.0:
-            raise ValueError(f"Invalid learning rate: {lr} ({where} lr must be finite and >= 0)")
-        _check_fits_float32(where, "lr", value)
+        _check_non_negative(where, "lr", lr, "Invalid learning rate")
     betas = group["betas"]
     if not isinstance(betas, (tuple, list)):
         try:  # a pair of another kind, as torch takes: a ListConfig (Hydra), a NumPy array, a 1-d tensor
@@ -102,15 +99,8 @@ def check_hyperparameters(group: dict, where: str, read_device_lr: bool = True, 
         b = as_float(f"{where} betas[{i}]", beta)
         if not 0.0 <= b < 1.0:
             raise ValueError(f"Invalid beta parameter at index {i}: {beta} ({where} betas[{i}] must be in [0, 1))")
-    eps = as_float(f"{where} eps", group["eps"])
-    if not math.isfinite(eps) or eps < 0.0:
-        raise ValueError(f"Invalid epsilon value: {group['eps']} ({where} eps must be finite and >= 0)")
-    _check_fits_float32(where, "eps", eps)
-    wd = as_float(f"{where} weight_decay", group["weight_decay"])
-    if not math.isfinite(wd) or wd < 0.0:
-        raise ValueError(f"Invalid weight_decay value: {group['weight_decay']} "
-                         f"({where} weight_decay must be finite and >= 0)")
-    _check_fits_float32(where, "weight_decay", wd)
+    _check_non_negative(where, "eps", group["eps"], "Invalid epsilon value")
+    _check_non_negative(where, "weight_decay", group["weight_decay"], "Invalid weight_decay value")
     for flag, message in UNSUPPORTED_FLAGS.items():
         if _flag(where, flag, group.get(flag, False)):
             raise ValueError(f"{where}: {message}")
@@ -122,9 +112,12 @@ def check_hyperparameters(group: dict, where: str, read_device_lr: bool = True, 
 _FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
-def _check_fits_float32(where: str, name: str, value: float) -> None:
-    """The kernels take the hyperparameters as float32: a larger value would become inf there
-    (torch's fused AdamW raises on the conversion)."""
+def _check_non_negative(where: str, name: str, given: Any, torch_wording: str) -> None:
+    """lr, eps or weight_decay: finite, >= 0, and within float32, the precision the kernels
+    take it in (a larger value would become inf there; torch's fused AdamW raises on it)."""
+    value = as_float(f"{where} {name}", given)
+    if not math.isfinite(value) or value < 0.0:
+        raise ValueError(f"{torch_wording}: {given} ({where} {name} must be finite and >= 0)")
     if value > _FLOAT32_MAX:
         raise ValueError(f"{where} {name}={value:g} overflows float32, the precision the fused step computes in; "
                          f"pass a value <= {_FLOAT32_MAX:.4g}")

@@ -72,15 +72,14 @@ def optimizer_cls_and_kwargs(args, guard="default", **overrides) -> tuple[type, 
     """
     kwargs = dict(lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
                   weight_decay=args.weight_decay, guard=guard)
-    clip = float(getattr(args, "max_grad_norm", 0) or 0)
-    if clip <= 0:
-        # An earlier call on these args moved the clip (a sweep builds one Trainer per trial):
-        # its value still holds, else the later trials would train without clipping.
-        clip = float(getattr(args, "_lbw_moved_clip", 0) or 0)
+    trainer_clip = float(getattr(args, "max_grad_norm", 0) or 0)
+    # An earlier call on these args moved the clip (a sweep builds one Trainer per trial): its
+    # value still holds, else the later trials would train without clipping.
+    clip = trainer_clip if trainer_clip > 0 else float(getattr(args, "_lbw_moved_clip", 0) or 0)
     max_grad_norm = overrides.pop("max_grad_norm", clip if clip > 0 else None)
     if max_grad_norm is not None and not _uses_deepspeed(args):
         kwargs["max_grad_norm"] = max_grad_norm
-        if args.max_grad_norm:
+        if trainer_clip > 0:
             logger.info("lbw-guard: clipping at %s moves into FusedGuardedAdamW; args.max_grad_norm set to 0",
                         max_grad_norm)
             args._lbw_moved_clip = clip

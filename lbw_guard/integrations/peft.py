@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 
 from torch import nn
 
@@ -61,10 +62,8 @@ def _short_layer_names(keys) -> dict[str, str]:
     for key in keys:
         layer = _LAYER.search(key)
         short[key] = f"{layer.group(1)}.{layer.group(2)}" if layer else key
-    taken: dict[str, set] = {}
-    for key, name in short.items():
-        taken.setdefault(name, set()).add(key)
-    return {key: name if len(taken[name]) == 1 else key for key, name in short.items()}
+    uses = Counter(short.values())
+    return {key: name if uses[name] == 1 else key for key, name in short.items()}
 
 
 def lora_param_groups(model: nn.Module, by: str = "module", other: str = "other",
