@@ -197,36 +197,68 @@ def test_a_group_appended_to_param_groups_directly_is_refused_naming_add_param_g
 
 
 def test_a_group_deleted_mid_run_leaves_the_others_stepping_as_under_torch():
+    """The groups left keep their own guard state: the group that moves into the deleted one's
+    place is not judged against the deleted group's lr (its 100x lr was skipped as a spike)."""
     ours, theirs = _pair(16, shapes=((4, 3), (3,), (5,)))
-    opt = FusedGuardedAdamW([{"params": ours[:1]}, {"params": ours[1:2]}, {"params": ours[2:]}], lr=1e-2,
+    lrs = (1e-4, 1e-2, 1e-2)
+    opt = FusedGuardedAdamW([{"params": [p], "lr": lr} for p, lr in zip(ours, lrs)],
                             backend="torch")  # the default guard, whose queued record is of three groups
-    ref = torch.optim.AdamW([{"params": theirs[:1]}, {"params": theirs[1:2]}, {"params": theirs[2:]}], lr=1e-2)
-    for step in range(6):
-        if step == 3:
+    ref = torch.optim.AdamW([{"params": [p], "lr": lr} for p, lr in zip(theirs, lrs)])
+    for step in range(16):
+        if step == 12:  # after the lr-spike rule's warm-up
             del opt.param_groups[0], ref.param_groups[0]
         _grads(100 + step, ours, theirs)
         opt.step(loss=1.0)
         ref.step()
-    assert opt.num_steps == 6 and opt.guard.controller.num_groups == 2
+    assert opt.num_steps == 16 and opt.guard.controller.num_groups == 2
+    assert "skip" not in [e.action for e in opt.guard.events]
     for a, b in zip(ours, theirs):
         _close(a, b)
 
 
-def test_a_parameter_moved_to_another_group_drops_the_snapshots_of_the_old_layout():
-    """A rollback restores by position: after the move a snapshot taken before it would put one
-    weight's values into the other."""
-    ours, _ = _pair(17, shapes=((4, 3), (4, 3)))
-    opt = FusedGuardedAdamW([{"params": ours[:1]}, {"params": ours[1:]}], lr=1e-3, backend="torch",
-                            guard=GuardConfig(snapshot_interval=1, warmup_steps=2))
-    for step in range(12):
-        _grads(120 + step, ours)
+@pytest.mark.parametrize("change", ["moved", "group deleted"])
+def test_snapshots_follow_the_parameters_through_a_change_of_the_param_lists(change):
+    """A rollback after a weight moved to another group, or after a group was deleted, restores
+    every parameter left (value and moments) from its own values at the snapshot's step. A
+    rollback restores by position, so the snapshots are put in the new order (before, they were
+    dropped, and a NaN in the next steps left nothing to roll back to)."""
+    ours, _ = _pair(17, shapes=((4, 3), (4, 3), (6,)))
+    opt = FusedGuardedAdamW([{"params": ours[:1]}, {"params": ours[1:2]}, {"params": ours[2:]}], lr=1e-3,
+                            backend="torch", guard=GuardConfig(snapshot_interval=1, warmup_steps=2))
+    history = {}
+
+    def step(seed):
+        _grads(seed, ours)
         opt.step(loss=1.0)
+        history[opt.num_steps] = [[p.detach().clone()] + [opt.state[p][k].clone() for k in ("exp_avg", "exp_avg_sq")]
+                                  for p in ours]
+
+    for n in range(12):
+        step(120 + n)
     guard = opt.guard
     assert guard.controller.recovery.verified_snapshots and guard._ring.steps()
-    opt.param_groups[0]["params"][0], opt.param_groups[1]["params"][0] = ours[1], ours[0]
-    _grads(140, ours)
-    opt.step(loss=1.0)
-    assert guard.controller.recovery.verified_snapshots == [] and guard._ring.steps() in ([], [13])
+    if change == "moved":
+        opt.param_groups[0]["params"][0], opt.param_groups[1]["params"][0] = ours[1], ours[0]
+        left = ours
+    else:
+        del opt.param_groups[0]
+        left = ours[1:]
+    step(140)
+    assert [s for s in guard.controller.recovery.verified_snapshots if s <= 12]  # kept through the change
+    with torch.no_grad():
+        left[0][0, 0] = float("nan")
+    for n in range(3):
+        step(150 + n)
+        rollbacks = [e for e in guard.events if e.action == "rollback"]
+        if rollbacks:
+            break
+    assert len(rollbacks) == 1
+    target = rollbacks[0].detail["to_step"]
+    for p in left:
+        saved = history[target][next(i for i, q in enumerate(ours) if q is p)]
+        assert torch.equal(p.detach(), saved[0])
+        assert torch.equal(opt.state[p]["exp_avg"], saved[1]) and torch.equal(opt.state[p]["exp_avg_sq"], saved[2])
+
 
 
 def test_a_record_queued_before_add_param_group_keeps_its_own_values():

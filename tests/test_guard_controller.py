@@ -1496,3 +1496,57 @@ def test_an_lr_spike_counts_as_a_skipped_step_not_a_frozen_one():
     assert summary["skipped_fraction"] * summary["steps"] == pytest.approx(1.0)
     assert summary["frozen_fraction"] == 0.0
     assert driver.controller.lr_skipped == {}  # forgotten once its record was processed
+
+
+def test_an_lr_spike_in_one_group_counts_as_a_partly_skipped_step():
+    driver = GuardDriver(explicit_config(spike_warmup=10, lag=0), groups=2)
+    for n in range(1, 21):
+        driver.step(lrs=[1e-3 * (100 if n == 15 else 1), 1e-3])
+    summary = driver.guard.summary()
+    assert driver.commands[15].gate == [0.0, 1.0]
+    assert summary["partly_skipped_fraction"] * summary["steps"] == pytest.approx(1.0)
+    assert summary["skipped_fraction"] == 0.0 and summary["frozen_fraction"] == 0.0
+
+
+def _per_group_paths(state, num_groups, path=()):
+    """Every list in a controller state holding one entry per group."""
+    if isinstance(state, dict):
+        for k, v in state.items():
+            yield from _per_group_paths(v, num_groups, path + (k,))
+    elif isinstance(state, list) and len(state) == num_groups:
+        yield path
+
+
+def _at(state, path):
+    for k in path:
+        state = state[k]
+    return state
+
+
+@pytest.mark.parametrize("sources", [[1, 2], [2, None, 0, 1], [None, 1], [0, 1, 2, None]])
+def test_regroup_moves_every_per_group_value_with_its_group(sources):
+    """A group deleted or moved takes its state with it: every per-group list of the state (found
+    by walking it, so a list added later is covered) follows each group, and new groups start
+    as a fresh controller's."""
+    ctl = Controller(explicit_config(), 3)
+    state = ctl.state_dict()
+    paths = list(_per_group_paths(state, 3))
+    assert len(paths) >= 12
+    for i, path in enumerate(paths):  # a distinct value per list and group, of the list's type
+        values = _at(state, path)
+        kind = type(values[0]) if values[0] is not None else float
+        _at(state, path[:-1])[path[-1]] = [f"bound{i}.{g}" if kind is str else kind(100 * i + g + 1) for g in range(3)]
+        if path == ("capped",):
+            _at(state, path[:-1])[path[-1]] = [f"bound{g}" for g in range(3)]
+    state["governor"]["climb_lr"] = [[0, 0.5], [2, 2.5]]
+    state["lr_skipped"] = [[7, [0, 2]]]
+    ctl.load_state_dict(state)
+    ctl.regroup(sources)
+    after, fresh = ctl.state_dict(), Controller(explicit_config(), len(sources)).state_dict()
+    assert after["num_groups"] == len(sources)
+    for path in paths:
+        expected = [_at(state, path)[s] if s is not None else _at(fresh, path)[g] for g, s in enumerate(sources)]
+        assert _at(after, path) == expected, path
+    old_climb = {0: 0.5, 2: 2.5}
+    assert after["governor"]["climb_lr"] == [[g, old_climb[s]] for g, s in enumerate(sources) if s in old_climb]
+    assert after["lr_skipped"] == [[7, [g for g, s in enumerate(sources) if s in (0, 2)]]]

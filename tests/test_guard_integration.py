@@ -658,6 +658,47 @@ def test_a_saved_snapshot_loads_with_the_state_keys_it_was_taken_with():
     assert all(torch.equal(opt.state[w][k], torch.zeros_like(opt.state[w][k])) for k in STATE_KEYS)
 
 
+def test_the_snapshot_ring_follows_parameters_removed_or_moved_but_not_one_that_joined():
+    """Guard.bind keeps the snapshots through a change of the param lists that only removed or
+    moved parameters: restoring them puts each parameter's own values (and the start's) back."""
+    from lbw_guard.guard.snapshots import SnapshotRing
+
+    gen = torch.Generator().manual_seed(31)
+    a, b, c = (torch.nn.Parameter(torch.randn(*s, generator=gen)) for s in ((3,), (2, 2), (4,)))
+    opt = FusedGuardedAdamW([{"params": [a, b]}, {"params": [c]}], lr=1e-2, guard=None, backend=BACKEND)
+
+    def step():
+        for p in (a, b, c):
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+
+    ring = SnapshotRing(2)
+    ring.take_start(opt)
+    start = {p: p.detach().clone() for p in (a, b, c)}
+    step()
+    ring.take(1, opt, keep=[])
+    saved = {p: [p.detach().clone()] + [opt.state[p][k].clone() for k in ("step", "exp_avg", "exp_avg_sq")]
+             for p in (a, b, c)}
+    before = [a, b, c]
+    opt.param_groups[0]["params"], opt.param_groups[1]["params"] = [c], [b]  # a removed, b moved
+    assert ring.follow(before, [c, b])
+    step()
+    ring.restore(1, opt)
+    for p in (c, b):
+        now = [p.detach()] + [opt.state[p][k] for k in ("step", "exp_avg", "exp_avg_sq")]
+        assert all(torch.equal(x, y) for x, y in zip(now, saved[p]))
+    ring.restore(0, opt)
+    for p in (c, b):
+        assert torch.equal(p.detach(), start[p])
+        assert all(not opt.state[p][k].any() for k in ("step", "exp_avg", "exp_avg_sq"))
+    d = torch.nn.Parameter(torch.zeros(2))
+    assert not ring.follow([c, b], [c, b, d])  # no snapshot holds d's values
+    with torch.no_grad():
+        c.data = torch.zeros(5)  # changed shape in place
+    assert not ring.follow([c, b], [c, b])
+    assert ring.steps() == [1]  # a refusal changes nothing: the caller drops them
+
+
 def test_unfreezing_layers_mid_run_is_no_fault():
     # Half of the parameters join at step 60 (unfrozen): their first gradients and Adam's first
     # steps on them raise the gradient norm and the loss. That is the user's doing, not a fault.

@@ -295,6 +295,35 @@ def test_replay_reproduces_rollbacks_to_the_start(tmp_path):
     assert_replay_matches(path, config, live.guard.events)
 
 
+def test_replay_reproduces_groups_deleted_and_added_mid_run(tmp_path):
+    """A group deleted from the middle takes its state with it (its lr peak: the group moving into
+    its place runs at 100x its lr), the snapshots follow the parameters left (a NaN weight rolls
+    back), and parameters that join drop them: the seed lines carry both to replay."""
+    path = tmp_path / "trace.jsonl"
+    config = GuardConfig(trace_path=str(path), snapshot_interval=5)
+    live = Live(config)
+    first, (weight, bias) = list(live.model[0].parameters()), list(live.model[2].parameters())
+    live.guard = Guard(config)  # three groups, the first at a 100x smaller lr
+    live.opt = FusedGuardedAdamW([{"params": first, "lr": 1e-4}, {"params": [weight]}, {"params": [bias]}],
+                                 lr=1e-2, guard=live.guard, backend=BACKEND)
+    live.run(30)
+    del live.opt.param_groups[0]
+    for n in range(31, 61):
+        if n == 45:
+            with torch.no_grad():
+                weight[0, 0] = math.nan
+        live.step()
+    live.opt.add_param_group({"params": first, "lr": 1e-3})
+    live.run(30, {70: dict(grad_scale=1e4)})
+    live.guard.close()
+    seeds = [line for line in read_jsonl(path) if line["type"] == "seed"]
+    assert [s.get("groups") for s in seeds] == [None, [1, 2], [0, 1, None]]
+    assert [s.get("snapshots") for s in seeds] == [None, None, "dropped"]
+    acted = [(e.step, e.action) for e in live.guard.events if e.action in ("skip", "rollback")]
+    assert acted == [(45, "skip"), (45, "rollback"), (70, "skip")]  # no lr spike at step 31
+    assert_replay_matches(path, config, live.guard.events)
+
+
 def test_a_rollback_that_cannot_be_restored_does_not_count_and_replays(tmp_path, monkeypatch):
     """A restore that fails (the parameters changed shape since the snapshot, ...) is taken back:
     not counted, its snapshots forgotten (none is a target any more), and the trace says so,

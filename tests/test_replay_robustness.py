@@ -99,6 +99,9 @@ BAD_TRACES = [
     ("beta1_one_short", line(rec(beta1=[0.9])), 1, "beta1"),
     ("snapshot_marker_without_step", good(2) + line({"type": "snapshot"}), 3, "step"),
     ("dropped_marker_bad_lrs", good(2) + line({"type": "dropped", "step": 3, "lrs": "x"}), 3, "lrs"),
+    ("seed_marker_bad_groups", good(2) + line({"type": "seed", "ratio": [1.0], "groups": [0, -1]}), 3, "groups"),
+    ("seed_marker_bad_snapshots", good(2) + line({"type": "seed", "ratio": [1.0], "snapshots": "kept"}), 3,
+     "snapshots"),
     ("resume_marker_not_a_controller_state", good(2) + line({"type": "resume", "step": 2,
                                                              "controller": {"regime": "stable"}}), 3, "controller"),
     # not UTF-8, too long

@@ -61,7 +61,8 @@ class Accounting:
     skipped_steps: int = 0
     """Steps that changed nothing (every group's applied gate 0)."""
     partly_skipped_steps: int = 0
-    """Steps with gradient elements over the bound or non-finite (clamped or not written)."""
+    """Steps that changed some of the model but not all of what was commanded: gradient elements
+    over the bound or non-finite (clamped or not written), or a group skipped for an lr spike."""
     frozen_steps: int = 0
     """Steps with at least one group frozen by the guard."""
     frozen_group_steps: int = 0

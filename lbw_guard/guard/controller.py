@@ -23,7 +23,7 @@ from .detectors import Detectors
 from .events import Event
 from .governor import StepSizeGovernor
 from .recovery import Recovery
-from .signals import HostRecord, StepSignals, derive, per_group, resized
+from .signals import HostRecord, StepSignals, derive, per_group, regrouped
 
 WARMUP, STABLE, SPIKING, DIVERGING, RECOVERING = "warmup", "stable", "spiking", "diverging", "recovering"
 REGIMES = (WARMUP, STABLE, SPIKING, DIVERGING, RECOVERING)
@@ -56,12 +56,20 @@ class Controller:
         self.resize(num_groups)
 
     def resize(self, num_groups: int) -> None:
-        num_groups = max(int(num_groups), 1)
-        self.governor.resize(num_groups)
-        self.recovery.resize(num_groups)
-        self.last_scale = resized(self.last_scale, num_groups, 1.0)
-        self.capped = resized(self.capped, num_groups, None)
-        self.num_groups = num_groups
+        self.regroup(range(max(int(num_groups), 1)))
+
+    def regroup(self, sources) -> None:
+        """A new group layout: group i keeps old group ``sources[i]``'s state (None: a new
+        group). A group deleted from the middle takes its state with it, instead of leaving its
+        ceilings, lr peak and freezes to the group that moves into its place."""
+        sources = list(sources) or [None]
+        self.governor.regroup(sources)
+        self.recovery.regroup(sources)
+        self.last_scale = regrouped(self.last_scale, sources, 1.0)
+        self.capped = regrouped(self.capped, sources, None)
+        now_of = {s: g for g, s in enumerate(sources) if s is not None}
+        self.lr_skipped = {step: sorted(now_of[g] for g in groups if g in now_of) for step, groups in self.lr_skipped.items()}
+        self.num_groups = len(sources)
 
     # ------------------------------------------------------------------ issuing
     def command(self, step: int, lrs: list[float]) -> GuardCommand:
@@ -148,7 +156,7 @@ class Controller:
         lr_skipped = self._lr_skipped_at(rec.step)
         freeze_gate = [1.0 if g in lr_skipped else x for g, x in enumerate(issued_gate)]
         self.accounting.add(issued_scale, freeze_gate, [gs.applied_gate for gs in sig.groups], numel,
-                            sig.spike_fraction > 0 or sig.nonfinite > 0)
+                            sig.spike_fraction > 0 or sig.nonfinite > 0 or bool(lr_skipped))
         self._move_regime(rec.step, a, signals, decision)
         if decision["give_up"] is not None and c.acts:
             self._event(rec.step, "give_up", signals=signals, detail={"why": decision["give_up"]["why"]})
@@ -233,6 +241,13 @@ class Controller:
     def snapshot_taken(self, step: int) -> None:
         """The guard took a snapshot of the state step ``step`` left (to be verified)."""
         self.recovery.snapshot_taken(step)
+
+    def snapshots_lost(self) -> None:
+        """The guard dropped its snapshots and the start (a parameter joined, or changed shape:
+        none of them can be restored)."""
+        self.recovery.verified_snapshots = []
+        self.recovery.pending_snapshots = []
+        self.recovery.start_held = False
 
     def accept_give_up(self) -> None:
         """The user's ``on_give_up`` hook returned: restart the statistics and go on."""

@@ -171,7 +171,7 @@ import math
 from lbw_kernels import contract as C
 
 from .config import GuardConfig
-from .signals import StepSignals, per_group, resized
+from .signals import StepSignals, per_group, regrouped
 
 
 def _finite(x) -> bool:
@@ -202,14 +202,20 @@ class StepSizeGovernor:
         self.resize(num_groups)
 
     def resize(self, num_groups: int) -> None:
-        num_groups = max(int(num_groups), 1)
-        self.ceiling = resized(getattr(self, "ceiling", []), num_groups, None)  # max effective lr, or None
+        self.regroup(range(max(int(num_groups), 1)))
+
+    def regroup(self, sources) -> None:
+        """Per-group state for a new group layout: group i keeps old group ``sources[i]``'s
+        (None: a new group, without history)."""
+        sources = list(sources) or [None]
+        self.ceiling = regrouped(getattr(self, "ceiling", []), sources, None)  # max effective lr, or None
         # after a rollback to the start: the highest scale for the rest of the run (see on_rollback)
-        self.start_cap = resized(getattr(self, "start_cap", []), num_groups, None)
-        self.ratio_per_lr = resized(getattr(self, "ratio_per_lr", []), num_groups, None)
+        self.start_cap = regrouped(getattr(self, "start_cap", []), sources, None)
+        self.ratio_per_lr = regrouped(getattr(self, "ratio_per_lr", []), sources, None)
         # sum over past steps of beta1^(2k) |g|^2: the white-noise energy of Adam's m, per group
-        self.grad_energy = resized(getattr(self, "grad_energy", []), num_groups, 0.0)
-        self.num_groups = num_groups
+        self.grad_energy = regrouped(getattr(self, "grad_energy", []), sources, 0.0)
+        self.climb_lr = {g: self.climb_lr[s] for g, s in enumerate(sources) if s in self.climb_lr}
+        self.num_groups = len(sources)
 
     def seed_ratio(self, values: list) -> None:
         """RMS over each group's matrices of 1/rms(theta_i), measured before the first step:

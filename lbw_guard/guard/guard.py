@@ -86,6 +86,17 @@ class _Pending:
         self.grad_norm = grad_norm  # host float, or a (pinned host tensor, event) pair, or None
 
 
+def _group_sources(before: list[dict], now: list[dict]) -> list[int | None]:
+    """For each group now, its index at the last bind (None: a new group). Groups are matched by
+    identity, so a group deleted from the middle takes its state with it. When no group is the
+    same object (``load_state_dict`` builds new group dicts), position is all there is."""
+    index = {id(g): i for i, g in enumerate(before)}  # ``before`` is held: no id is reused
+    sources = [index.get(id(g)) for g in now]
+    if before and all(s is None for s in sources):
+        return list(range(len(now)))
+    return sources
+
+
 class Guard:
     """The training guard. Build it from a :class:`GuardConfig` (or use ``make_guard``).
 
@@ -111,6 +122,8 @@ class Guard:
         self._writer: JsonlWriter | None = None
         self._trace_failed = False
         self._param_key: tuple | None = None
+        self._groups: list[dict] = []  # the optimizer's groups and parameters at the last bind,
+        self._params: list = []  # held so that their ids name them until the next bind
         self._last_snapshot: int | None = None
         self._step_clock: float | None = None
         self._step_seconds: float | None = None
@@ -130,27 +143,32 @@ class Guard:
                 raise ValueError(f"GuardConfig.trace_path={path!r} cannot be written ({exc}); pass a writable "
                                  "file path, or trace_path=None") from None
         self.optimizer = optimizer
-        G = len(optimizer.param_groups)
+        groups = list(optimizer.param_groups)
+        bound = {}  # what replay must repeat: the groups' new order, the snapshots dropped
         if self.controller is None:
-            self.controller = Controller(self.config, G)
-        elif G != self.controller.num_groups:
-            if G < self.controller.num_groups:
-                self._drop_pending()  # records of groups that are gone
-            self.controller.resize(G)
-        params = [p for g in optimizer.param_groups for p in g["params"]]
+            self.controller = Controller(self.config, len(groups))
+        else:
+            old = self.controller.num_groups
+            sources = _group_sources(self._groups, groups)
+            if sources[:old] != list(range(old)):  # not only groups added
+                self._drop_pending()  # records of groups that are gone, or now in other places
+            if sources != list(range(old)):
+                self.controller.regroup(sources)
+                bound["groups"] = sources
+        self._groups = groups
+        params = [p for g in groups for p in g["params"]]
         key = tuple((id(p), tuple(p.shape)) for p in params)
         if key != self._param_key:  # snapshots of another parameter set cannot be restored
-            if self._param_key is not None:
+            if self._param_key is not None and not self._ring.follow(self._params, params):
                 self._ring.clear()
-                self.controller.recovery.verified_snapshots = []
-                self.controller.recovery.pending_snapshots = []
                 self._ring.release_start()  # nor can the start
-                self.controller.recovery.start_held = False
-            self._param_key = key
+                self.controller.snapshots_lost()
+                bound["snapshots"] = "dropped"
+            self._param_key, self._params = key, params
         self._seed = optimizer.inverse_matrix_rms()
         self.controller.governor.seed_ratio(self._seed)
         if self._writer is not None:  # replay seeds its governor the same way
-            self._trace_line({"type": "seed", "ratio": self._seed})
+            self._trace_line({"type": "seed", "ratio": self._seed, **bound})
 
     # ------------------------------------------------------------------ per step
     def before_step(self, step: int) -> GuardCommand:

@@ -43,7 +43,7 @@ from collections import deque
 
 from .config import GuardConfig
 from .detectors import Assessment
-from .signals import StepSignals, per_group, resized
+from .signals import StepSignals, per_group, regrouped
 
 # Consecutive records in trouble after which a rollback is tried even without corroboration.
 _PERSISTENT_TROUBLE = 8
@@ -87,14 +87,19 @@ class Recovery:
         self.resize(num_groups)
 
     def resize(self, num_groups: int) -> None:
-        num_groups = max(int(num_groups), 1)
-        self.freeze_until = resized(getattr(self, "freeze_until", []), num_groups, 0)
-        self.hot_streak = resized(getattr(self, "hot_streak", []), num_groups, 0)
-        self.numel = resized(getattr(self, "numel", []), num_groups, 0.0)
-        self.numel_reported = resized(getattr(self, "numel_reported", []), num_groups, 0.0)
-        self.lr_peak = resized(getattr(self, "lr_peak", []), num_groups, None)
-        self.lr_spike_streak = resized(getattr(self, "lr_spike_streak", []), num_groups, 0)
-        self.num_groups = num_groups
+        self.regroup(range(max(int(num_groups), 1)))
+
+    def regroup(self, sources) -> None:
+        """Per-group state for a new group layout: group i keeps old group ``sources[i]``'s
+        (None: a new group, without history)."""
+        sources = list(sources) or [None]
+        self.freeze_until = regrouped(getattr(self, "freeze_until", []), sources, 0)
+        self.hot_streak = regrouped(getattr(self, "hot_streak", []), sources, 0)
+        self.numel = regrouped(getattr(self, "numel", []), sources, 0.0)
+        self.numel_reported = regrouped(getattr(self, "numel_reported", []), sources, 0.0)
+        self.lr_peak = regrouped(getattr(self, "lr_peak", []), sources, None)
+        self.lr_spike_streak = regrouped(getattr(self, "lr_spike_streak", []), sources, 0)
+        self.num_groups = len(sources)
 
     # ------------------------------------------------------------------ gates
     def gate(self, g: int, step: int) -> float:

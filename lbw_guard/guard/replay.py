@@ -175,6 +175,16 @@ MARKERS = {
 }
 
 
+# Fields a marker may carry (written only when there is something to say).
+OPTIONAL = {
+    # a bind that changed the groups: each group's index before (null: a new group); whether
+    # the snapshots were dropped (a parameter joined, or changed shape)
+    "seed": {"groups": (lambda v: isinstance(v, list) and all(s is None or _is_step(s) for s in v),
+                        "a list of group indices or nulls"),
+             "snapshots": (lambda v: v == "dropped", '"dropped"')},
+}
+
+
 def _short(value) -> str:
     text = json.dumps(value)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -186,7 +196,8 @@ def check_record(rec: dict, schema: dict | None = None, what: str = "record") ->
     missing = [k for k in schema if k not in rec]
     if missing:
         raise ValueError(f"{what} without field(s) {', '.join(missing)}")
-    for key, (ok, text) in schema.items():
+    optional = {k: v for k, v in OPTIONAL.get(what, {}).items() if k in rec}
+    for key, (ok, text) in {**schema, **optional}.items():
         if not ok(rec[key]):
             raise ValueError(f"{what} {key!r} must be {text}, got {_short(rec[key])}")
     if schema is RECORD_SCHEMA:
@@ -315,6 +326,10 @@ def replay(records: list[dict], config: GuardConfig):
         elif kind == "seed":  # written at every bind: one ratio per group of the new layout
             seed = [decode_float(x) for x in line["ratio"]]
             if controller is not None:
+                if "groups" in line:  # groups deleted or reordered: the state follows each group
+                    controller.regroup(line["groups"])
+                if line.get("snapshots") == "dropped":
+                    controller.snapshots_lost()
                 ensure(max(len(seed), 1), bind=True).governor.seed_ratio(seed)
         elif kind == "start":
             start = True

@@ -50,9 +50,10 @@ def per_group(name: str, values, num_groups: int) -> list:
     return list(values)
 
 
-def resized(values: list, num_groups: int, fill) -> list:
-    """A per-group list cut or padded with ``fill`` to ``num_groups`` entries (groups added)."""
-    return (list(values) + [fill] * num_groups)[:num_groups]
+def regrouped(values: list, sources, fill) -> list:
+    """A per-group list for a new group layout: group i takes the old entry ``sources[i]`` (None,
+    or an index past the old list: a group without history, ``fill``)."""
+    return [values[s] if s is not None and 0 <= s < len(values) else fill for s in sources]
 
 
 _RECORD_KEYS = ("step", "record", "num_groups", "lrs", "scale", "gate", "has_loss", "grad_norm", "now", "beta1")

@@ -71,6 +71,14 @@ class Slot:
             self.event.synchronize()
             self.event = None
 
+    def runs(self) -> list[list[Tensor]]:
+        """The buffers per parameter: its value, then its state (``layout``'s keys)."""
+        out, i = [], 0
+        for keys in self.layout:
+            out.append(self.buffers[i:i + 1 + len(keys)])
+            i += 1 + len(keys)
+        return out
+
     def fits(self, sources: list[Tensor]) -> bool:
         return len(self.buffers) == len(sources) and all(
             b.shape == s.shape and b.dtype == s.dtype for b, s in zip(self.buffers, sources))
@@ -104,6 +112,32 @@ class SnapshotRing:
             if s.step is not None and s.step not in keep:
                 s.step = None
 
+    def follow(self, before: list[Tensor], now: list[Tensor]) -> bool:
+        """Keep the snapshots (and the start) through a change of the parameter lists that only
+        removed or moved parameters (a group deleted, a weight moved to another group): each
+        snapshot's tensors are put in the new order, so a rollback restores every parameter
+        that remains from its own values. False, and nothing is changed, when a parameter
+        joined (no snapshot holds its values) or changed shape: the caller drops them."""
+        where = {id(p): i for i, p in enumerate(before)}
+        order = [where.get(id(p)) for p in now]
+        if None in order:
+            return False
+        held = [s for s in self.slots + [self.start] if s.step is not None]
+        for slot in held:
+            slot.wait()
+            if slot.layout is None or len(slot.layout) != len(before):
+                return False
+            runs = slot.runs()
+            if any(runs[j][0].shape != local_tensor(p.detach()).shape for j, p in zip(order, now)):
+                return False
+        for slot in held:
+            runs = slot.runs()
+            slot.buffers = [b for j in order for b in runs[j]]
+            slot.layout = tuple(slot.layout[j] for j in order)
+        if self.start_params:
+            self.start_params = len(now)
+        return True
+
     # ------------------------------------------------------------------ taking
     def take(self, step: int, optimizer, keep: list[int]) -> None:
         """Snapshot the state after ``step`` into a slot not holding one of ``keep``."""
@@ -130,11 +164,13 @@ class SnapshotRing:
         # holds the host back once.
         self._copy_into(self.start, sources, timed=False, pinned=False)
         self.start.step = 0
+        self.start.layout = _layout(optimizer)
 
     def release_start(self) -> None:
         self.start.wait()
         self.start.step = None
         self.start.buffers = []
+        self.start.layout = None
 
     def _copy_into(self, slot: Slot, sources: list[Tensor], timed: bool = True, pinned: bool = True) -> None:
         """Copy ``sources`` into ``slot``; ``timed``: the copy's time sets the snapshot interval;
@@ -274,6 +310,7 @@ class SnapshotRing:
                 dst.copy_(src)
         self.start_params = len(params) if state["params_only"] else 0
         self.start.step = 0
+        self.start.layout = tuple(() for _ in params) if state["params_only"] else _layout(optimizer)
         return True
 
     def load_state_dict(self, state: dict, optimizer) -> None:
