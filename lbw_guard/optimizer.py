@@ -356,7 +356,15 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
         }
 
     def state_dict(self) -> dict:
-        sd = super().state_dict()
+        # The state of parameters no longer in any group (a group deleted from param_groups) has
+        # no index to be saved under: torch's state_dict raises KeyError on it. It is left out
+        # of the checkpoint, and kept here (the parameters may be added back).
+        grouped = {id(p) for group in self.param_groups for p in group["params"]}
+        orphans = {p: self.state.pop(p) for p in list(self.state) if id(p) not in grouped}
+        try:
+            sd = super().state_dict()
+        finally:
+            self.state.update(orphans)
         sd["num_steps"] = self.num_steps  # the guard numbers its records, events and snapshots by it
         if self._guard is not None:
             sd["guard"] = self._guard.state_dict()

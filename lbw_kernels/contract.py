@@ -40,7 +40,7 @@ Per element::
     spike   = finite and v > 0 and |g| > bound and |g| > spike_floor  # SPAM-style bound
     clamped = spike and c[CLAMP]
     g_m     = copysign(sqrt(v) * prev_v, g) if clamped else g   # its typical size, sqrt(v_hat)
-    m'      = m + (1 - beta1) * (g_m - m)                       # torch's lerp_
+    m'      = lerp(m, g_m, 1 - beta1)                           # torch's lerp_ (from the nearer end)
     v'      = v * SPIKE_V_GROWTH if clamped else beta2 * v + (1 - beta2) * g * g
     p'      = (p * decay) - step_size * (m' / (sqrt(v') / bc2_sqrt + eps))
     d_prev  = (m * prev_m) / (sqrt(v) * prev_v + eps)           # the previous step's direction

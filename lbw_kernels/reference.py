@@ -72,7 +72,10 @@ def fused_adamw_reference(
         if clamp:
             g_m = torch.where(spike, torch.copysign(sqrt_v * c["prev_v"], g_used), g_used)
 
-        m_new = m_old + c["one_minus_beta1"] * (g_m - m_old)
+        # torch's lerp_, from the nearer end (beta1 = 0 gives m' = g_m exactly); spelled out, not
+        # torch.lerp, whose fused multiply-add rounds differently from the kernels
+        w = c["one_minus_beta1"]
+        m_new = torch.where(w.abs() < 0.5, m_old + w * (g_m - m_old), g_m - (1.0 - w) * (g_m - m_old))
         v_new = v_old * c["beta2"] + c["one_minus_beta2"] * g_used * g_used
         if clamp:
             v_new = torch.where(spike, v_old * C.SPIKE_V_GROWTH, v_new)

@@ -81,7 +81,9 @@ def _tile(p_ptrs, g_ptrs, m_ptrs, v_ptrs, inb, gate_v, clamp_v, keep_nonfinite_v
               | (g_used.to(tl.uint32, bitcast=True) & 0x80000000)).to(tl.float32, bitcast=True)
     g_m = tl.where(clamped, signed, g_used)
 
-    m_new = m + one_minus_beta1 * (g_m - m)
+    # torch's lerp_, from the nearer end: beta1 = 0 gives m' = g_m exactly
+    m_new = tl.where(tl.abs(one_minus_beta1) < 0.5, m + one_minus_beta1 * (g_m - m),
+                     g_m - (1.0 - one_minus_beta1) * (g_m - m))
     v_new = tl.where(clamped, v * SPIKE_V_GROWTH, v * beta2 + one_minus_beta2 * g_used * g_used)
     denom = tl.div_rn(tl.sqrt_rn(v_new), bc2_sqrt) + eps
     p_new = p32 * decay - step_size * tl.div_rn(m_new, denom)

@@ -214,6 +214,17 @@ def test_a_group_deleted_mid_run_leaves_the_others_stepping_as_under_torch():
     assert "skip" not in [e.action for e in opt.guard.events]
     for a, b in zip(ours, theirs):
         _close(a, b)
+    # torch's state_dict raises KeyError on the deleted parameter's state; ours leaves it out
+    resumed = [p.detach().clone().requires_grad_() for p in ours[1:]]
+    fresh = FusedGuardedAdamW([{"params": [p], "lr": lr} for p, lr in zip(resumed, lrs[1:])], backend="torch")
+    fresh.load_state_dict(opt.state_dict())
+    assert ours[0] in opt.state  # kept, should the parameter be added back
+    for step in range(2):
+        _grads(200 + step, ours[1:], resumed)
+        opt.step(loss=1.0)
+        fresh.step(loss=1.0)
+    for a, b in zip(ours[1:], resumed):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("change", ["moved", "group deleted"])

@@ -212,6 +212,24 @@ def test_notify_data_change_rebaselines_at_once():
     assert sim.controller.detectors.loss.mean == pytest.approx(3.0, rel=0.02)
 
 
+@pytest.mark.parametrize("lag", [1, 3])
+def test_notify_data_change_judges_the_queued_old_data_records_first(lag):
+    """Called before the first step on the new data, with the last ``lag`` records of the old
+    data still queued: they are judged as old data, and the restarted statistics hold only the
+    new data's records (folded in, the old level widened the loss limit for many records)."""
+    driver = GuardDriver(explicit_config(lag=lag))
+    rng = random.Random(3)
+    for _ in range(30):
+        driver.step(**healthy(0, rng, loss=0.1))
+    driver.guard.notify_data_change()
+    assert not driver.guard._pending
+    for _ in range(lag + 4):
+        driver.step(**healthy(0, rng, loss=3.0))
+    loss = driver.controller.detectors.loss
+    assert loss.count == 4 and loss.mean == pytest.approx(3.0, rel=0.02)
+    assert [e.step for e in driver.guard.events if e.action == "rebaseline"] == [30]
+
+
 def test_notify_data_change_accepts_the_new_gradient_level_too():
     config = explicit_config()
     sim = Sim(config, snapshot_every=5)
@@ -436,6 +454,26 @@ def test_two_of_three_records_above_the_start_roll_back_to_it(losses):
     assert ctl.command(len(losses) + 1, [1e-3]).scale == [pytest.approx(config.rollback_scale)]
     assert ctl.recovery.start_held  # the restarted run is judged against the same start
     assert ctl.recovery.start_records == 0 and ctl.recovery.start_above == []
+
+
+@pytest.mark.parametrize("norms, rolls_back", [([1.0, 4.0, 5.0], True), ([1.0, 2.2, 2.5], False),
+                                               ([1.0, 4.0, 2.0, 2.9], False), ([1.0, 3.5, 1.0, 3.2], True)])
+def test_the_rise_from_the_start_needs_the_gradients_to_rise_too(norms, rolls_back):
+    """Minibatch noise moves the loss and the grad norm together (a regression with batches of 16:
+    2x the first loss, 1.7-2.2x its grad norm); a too-high lr grows the gradients far more."""
+    config = explicit_config(start_rise=0.2, start_rise_grad=3.0)
+    ctl = Controller(config, 1)
+    ctl.start_taken()
+    losses = [2.0, 2.5, 2.6, 2.7][: len(norms)]
+    decisions = []
+    for n, (loss, norm) in enumerate(zip(losses, norms), start=1):
+        ctl.command(n, [1e-3])
+        decisions.append(ctl.observe(make_record(n, loss=loss, grad_norm=norm), n))
+    assert (decisions[-1]["rollback_to"] == 0) is rolls_back
+    assert all(d["rollback_to"] is None for d in decisions[:-1])
+    restored = Controller(config, 1)
+    restored.load_state_dict(ctl.state_dict())
+    assert restored.recovery.start_grad_norm == ctl.recovery.start_grad_norm
 
 
 @pytest.mark.parametrize("window, quiet, rolls_back", [(10, 1, True), (10, 7, True), (10, 8, False), (10, 15, False),

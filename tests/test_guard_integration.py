@@ -699,6 +699,32 @@ def test_the_snapshot_ring_follows_parameters_removed_or_moved_but_not_one_that_
     assert ring.steps() == [1]  # a refusal changes nothing: the caller drops them
 
 
+def test_a_checkpoint_saved_as_a_parameter_goes_nan_on_a_snapshot_step_loads():
+    """The snapshot of that step is taken before its record is read (it is still pending, and
+    would be discarded): the state dict leaves it out, so the checkpoint loads (a non-finite
+    snapshot is refused by load_state_dict) and keeps the verified ones."""
+    model, xs, ys = _mlp()
+    config = GuardConfig(snapshot_interval=5, snapshots_in_state_dict=True)
+    opt = FusedGuardedAdamW(model.parameters(), lr=1e-2, guard=config, backend=BACKEND)
+    while opt.num_steps < 20 or opt.guard._last_snapshot != opt.num_steps - 4:
+        _mlp_step(model, opt, xs, ys)
+    with torch.no_grad():
+        model[0].weight[0, 0] = math.nan
+    _mlp_step(model, opt, xs, ys)  # a snapshot step: the ring now holds the NaN state, pending
+    recovery = opt.guard.controller.recovery
+    assert recovery.pending_snapshots == [opt.num_steps] and opt.num_steps in opt.guard._ring.steps()
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    assert [s["step"] for s in state["guard"]["snapshots"]["slots"]] == sorted(recovery.verified_snapshots)
+    fresh_model, _, _ = _mlp()
+    fresh = FusedGuardedAdamW(fresh_model.parameters(), lr=1e-2, guard=config, backend=BACKEND)
+    fresh.load_state_dict(state)
+    assert fresh.guard.controller.recovery.verified_snapshots == recovery.verified_snapshots
+    assert fresh.guard.controller.recovery.pending_snapshots == []
+
+
 def test_unfreezing_layers_mid_run_is_no_fault():
     # Half of the parameters join at step 60 (unfrozen): their first gradients and Adam's first
     # steps on them raise the gradient norm and the loss. That is the user's doing, not a fault.
@@ -715,7 +741,7 @@ def test_a_run_worse_than_its_start_goes_back_to_it_at_a_lower_lr():
     """The first steps made the loss worse than it began: the guard restores the parameters
     it began from, in place, with the moments back to zero (as a fresh optimizer has them)."""
     model, xs, ys = _mlp()
-    config = GuardConfig(start_rise=0.2)
+    config = GuardConfig(start_rise=0.2, start_rise_grad=None)  # the scaled loss scales the gradients by 2 only
     opt = FusedGuardedAdamW(model.parameters(), lr=1e-3, guard=config, backend=BACKEND)
     params = list(model.parameters())
     start = [p.detach().clone() for p in params]

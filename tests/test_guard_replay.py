@@ -286,7 +286,7 @@ def test_replay_uses_the_live_lrs_at_the_end_of_a_trace(tmp_path):
 
 def test_replay_reproduces_rollbacks_to_the_start(tmp_path):
     path = tmp_path / "trace.jsonl"
-    config = GuardConfig(trace_path=str(path))
+    config = GuardConfig(trace_path=str(path), start_rise_grad=None)  # the loss alone judges the rise
     live = Live(config).run(40, level_shift=2)  # the loss the guard reads jumps after step 1
     live.guard.close()
     assert [line["type"] for line in read_jsonl(path)][:3] == ["run_start", "seed", "start"]

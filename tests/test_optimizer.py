@@ -155,6 +155,25 @@ def test_fp32_equals_torch_adamw_over_200_steps_with_scheduler(backend):
     assert opt.num_steps == n
 
 
+@pytest.mark.parametrize("betas", [(0.0, 0.0), (0.3, 0.5), (0.5, 0.9), (0.9, 0.0)])
+def test_small_beta1_updates_the_first_moment_from_the_nearer_end_as_torch_lerp(backend, betas):
+    """torch's lerp_ computes m + w (g - m) for a weight w = 1 - beta1 below 0.5, else
+    g - (1 - w)(g - m): with beta1 = 0, m is g exactly. A large gradient, then tiny ones: the
+    other form loses the tiny gradient to cancellation (the update was 24% off with beta2 = 0)."""
+    ours = make_params(5)
+    theirs = clone_params(ours)
+    opt = FusedGuardedAdamW(ours, lr=1e-3, betas=betas, weight_decay=0.0, guard=None, backend=backend)
+    ref = torch.optim.AdamW(theirs, lr=1e-3, betas=betas, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(6)
+    for scale in (1.0, 20.0, 3e-6, 3e-6):
+        set_grads(ours, theirs, random_grads(ours, gen, scale))
+        opt.step()
+        ref.step()
+    for p, q in zip(ours, theirs):
+        close_to_reference(p, q, rtol=1e-6)
+        close_to_reference(opt.state[p]["exp_avg"], ref.state[q]["exp_avg"], rtol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_params_match_fp32_adamw_rounded_each_step(dtype, backend):
     """bf16/fp16 params with fp32 moments equal fp32 AdamW whose params are rounded to the

@@ -192,7 +192,8 @@ __attribute__((always_inline)) inline void vec_body(P* __restrict p, float* __re
   const vf gt = kFinite ? gr : keep(tfin, gr);
   vf u = splat<vf>(0.0f);
   if (kWrite) {
-    const vf mn = mo + c.omb1 * (gm - mo);                   // torch's lerp_
+    // torch's lerp_, from the nearer end: beta1 = 0 gives m' = g exactly
+    const vf mn = (c.omb1 < 0.5f && c.omb1 > -0.5f) ? mo + c.omb1 * (gm - mo) : gm - (1.0f - c.omb1) * (gm - mo);
     const vf vn = sel(grown, vo * kSpikeVGrowth, vo * c.beta2 + c.omb2 * gc * gc);
     const vf denom = vsqrt(vn) / c.bc2_sqrt + c.eps;
     const vf pn = pf * c.decay - c.step_size * (mn / denom);

@@ -280,7 +280,9 @@ __device__ __forceinline__ void element(uint32_t& p_bits, uint32_t g_bits, float
   const float dprev = __fdiv_rn(__fmul_rn(mo, c.prev_m), __fadd_rn(__fmul_rn(sv, c.prev_v), c.eps));
   float u = 0.0f;
   if (c.flags & kFWrite) {
-    const float mn = __fadd_rn(mo, __fmul_rn(c.omb1, __fsub_rn(gm, mo)));  // torch's lerp_
+    // torch's lerp_, from the nearer end: beta1 = 0 gives m' = g exactly
+    const float mn = fabsf(c.omb1) < 0.5f ? __fadd_rn(mo, __fmul_rn(c.omb1, __fsub_rn(gm, mo)))
+                                          : __fsub_rn(gm, __fmul_rn(__fsub_rn(1.0f, c.omb1), __fsub_rn(gm, mo)));
     const float vn = grown ? __fmul_rn(vo, kSpikeVGrowth)
                            : __fadd_rn(__fmul_rn(vo, c.beta2), __fmul_rn(__fmul_rn(c.omb2, gc), gc));
     const float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(vn), c.bc2_sqrt), c.eps);

@@ -191,7 +191,13 @@ class Guard:
                          gate=gate, has_loss=record.has_loss,
                          beta1=None if record.beta1 is None else [float(x) for x in record.beta1])
         self._pending.append(_Pending(rec, self._copies.push(record.record), self._grad_norm_copy(record.grad_norm)))
-        while len(self._pending) > self.config.lag:
+        if self._process_pending(self.config.lag, now):
+            self._maybe_snapshot(now)
+
+    def _process_pending(self, keep: int, now: int) -> bool:
+        """Judge the queued records, oldest first, until ``keep`` are left (or a rollback drops
+        them). False when an ``on_give_up`` hook loaded a checkpoint: its state stands."""
+        while len(self._pending) > keep:
             pending = self._pending.popleft()
             rec = self._host_record(pending, now)
             decision = self.controller.observe(rec, now)
@@ -205,8 +211,8 @@ class Guard:
             if decision["give_up"] is not None:
                 self._give_up(decision["give_up"])
                 if self.optimizer.num_steps != now:
-                    return  # the hook loaded a checkpoint: its state stands, nothing of this step's
-        self._maybe_snapshot(now)
+                    return False
+        return True
 
     def _host_record(self, pending: _Pending, now: int | None) -> HostRecord:
         """The pending record with its values on the host (reads the copy once)."""
@@ -327,6 +333,10 @@ class Guard:
         if self.controller is None:
             return  # not attached to an optimizer yet: nothing learnt from the old data
         step = self._steps_taken()
+        # The queued records are of the old data: judged now, against the old statistics, not
+        # folded into the new ones (on a GPU this reads them at once: one host sync).
+        if not self._process_pending(0, step):
+            return  # an on_give_up hook loaded a checkpoint
         self.controller.notify_data_change(step)
         self._ring.release_start()
         self._trace_line({"type": "data_change", "step": step})

@@ -79,6 +79,7 @@ class Recovery:
         self.recent_reasons: deque[tuple[int, list[str]]] = deque(maxlen=8)
         self.start_held = False  # the guard holds the state the run began from
         self.start_loss: float | None = None  # the loss of that state (the first record's)
+        self.start_grad_norm: float | None = None  # and its grad norm
         self.start_records = 0  # records judged against it since the start (or a rollback to it)
         self.start_above: list[int] = []  # of the last 3 records, which were above it by start_rise
         self.start_grads: list[list] = []  # of the last 3 records since the start: [grad norm or None, written]
@@ -247,14 +248,23 @@ class Recovery:
         loss = sig.loss
         if loss is None or not math.isfinite(loss):
             return False  # a non-finite loss is a fault, answered as one
+        norm = sig.grad_norm if math.isfinite(sig.grad_norm) and sig.grad_norm > 0 else None
         if self.start_loss is None:
-            self.start_loss = float(loss)
+            self.start_loss, self.start_grad_norm = float(loss), norm
             return False
         if self.start_records > c.start_rise_records:
             return False  # the start stays held for the other rules; noise alone clears the bar later
-        above = loss - self.start_loss > c.start_rise * abs(self.start_loss)
+        above = loss - self.start_loss > c.start_rise * abs(self.start_loss) and self._grads_rose_from_start(norm)
         self.start_above = (self.start_above + [int(above)])[-3:]
         return sum(self.start_above) >= 2
+
+    def _grads_rose_from_start(self, norm: float | None) -> bool:
+        """The loss's rise is corroborated by the gradients: their norm is ``start_rise_grad``
+        times the first record's (without a first grad norm, the loss alone judges)."""
+        factor = self.config.start_rise_grad
+        if factor is None or self.start_grad_norm is None:
+            return True
+        return norm is not None and norm > factor * self.start_grad_norm
 
     def _unbounded_spike(self, sig: StepSignals, written: bool) -> bool:
         """Was a gradient spike written where the per-element bound could not hold it? A
@@ -433,6 +443,7 @@ class Recovery:
             "numel_reported": list(self.numel_reported),
             "start_held": self.start_held,
             "start_loss": self.start_loss,
+            "start_grad_norm": self.start_grad_norm,
             "start_records": self.start_records,
             "start_above": list(self.start_above),
             "start_grads": [list(x) for x in self.start_grads],
@@ -462,6 +473,8 @@ class Recovery:
         # the start came later: a state saved without it holds none
         self.start_held = bool(state.get("start_held", False))
         self.start_loss = None if state.get("start_loss") is None else float(state["start_loss"])
+        # came later: a state saved without it judges the rise by the loss alone
+        self.start_grad_norm = None if state.get("start_grad_norm") is None else float(state["start_grad_norm"])
         self.start_records = int(state.get("start_records", 0))
         self.start_above = [int(bool(x)) for x in state.get("start_above", [])][-3:]
         self.start_grads = [[None if x is None else float(x), bool(w)]  # came later

@@ -275,12 +275,18 @@ class SnapshotRing:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
+        """The held snapshots, less any with a non-finite value: a snapshot taken on the step a
+        parameter went NaN is not verified yet (its record is read a step later, and will discard
+        it), and ``load_state_dict`` refuses a non-finite snapshot."""
         out = []
         for s in self.slots:
             if s.step is None:
                 continue
             s.wait()
-            out.append({"step": s.step, "buffers": [b.detach().cpu().clone() for b in s.buffers],
+            buffers = [b.detach().cpu().clone() for b in s.buffers]
+            if not all(bool(torch.isfinite(b).all()) for b in buffers if b.is_floating_point()):
+                continue
+            out.append({"step": s.step, "buffers": buffers,
                         "layout": [list(keys) for keys in s.layout] if s.layout is not None else None})
         return {"capacity": self.capacity, "slots": out}
 
