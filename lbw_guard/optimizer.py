@@ -258,8 +258,6 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
             raise
         group["betas"] = tuple(group["betas"])
         self._probe_params(group["params"])
-        if len(self.param_groups) != self._known_groups:
-            self._buffers.clear()  # the control table and record are sized by the group count
         self._note_param_lists()
         if self._guard is not None:
             self._guard.bind(self)
@@ -273,6 +271,8 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
     def _note_param_lists(self) -> None:
         """The groups and parameters listed now, all checked: a later change means the lists
         were edited in place (see ``_collect``)."""
+        if len(self.param_groups) != self._known_groups:
+            self._buffers.clear()  # the control table and record are sized by the group count
         self._known_groups = len(self.param_groups)
         self._known_layout = self._layout()
 
@@ -738,8 +738,6 @@ class FusedGuardedAdamW(torch.optim.Optimizer):
             if joining:
                 self._check_joining(group["params"], f"param group {gid}")
                 self._probe_params(joining)
-        if len(self.param_groups) != self._known_groups:
-            self._buffers.clear()  # the control table and record are sized by the group count
         self._note_param_lists()
         if self._guard is not None:
             self._guard.bind(self)

@@ -1571,11 +1571,9 @@ def test_regroup_moves_every_per_group_value_with_its_group(sources):
     paths = list(_per_group_paths(state, 3))
     assert len(paths) >= 12
     for i, path in enumerate(paths):  # a distinct value per list and group, of the list's type
-        values = _at(state, path)
-        kind = type(values[0]) if values[0] is not None else float
+        first = _at(state, path)[0]
+        kind = str if path == ("capped",) else float if first is None else type(first)  # capped: a bound's name
         _at(state, path[:-1])[path[-1]] = [f"bound{i}.{g}" if kind is str else kind(100 * i + g + 1) for g in range(3)]
-        if path == ("capped",):
-            _at(state, path[:-1])[path[-1]] = [f"bound{g}" for g in range(3)]
     state["governor"]["climb_lr"] = [[0, 0.5], [2, 2.5]]
     state["lr_skipped"] = [[7, [0, 2]]]
     ctl.load_state_dict(state)

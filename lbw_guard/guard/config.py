@@ -388,6 +388,11 @@ def _validate(c: GuardConfig) -> list[str]:
             return float("nan")
         return float(value)
 
+    def above_or_none(name: str, low: float) -> None:
+        """A threshold above ``low``, or None: the rule is off."""
+        if getattr(c, name) is not None:
+            check(not number(name) <= low, f"{name} must be > {low:g} or None (off), got {getattr(c, name)}")
+
     def integer(name: str, low: int) -> int:
         value = getattr(c, name)
         if isinstance(value, bool) or not isinstance(value, int):
@@ -422,8 +427,7 @@ def _validate(c: GuardConfig) -> list[str]:
           and (isinstance(warm_k, float) or warm_k < 2 ** 1023),  # an int must fit a float
           f"spike_k_warmup must be > 0 (inf: no bound in the warm-up), got {c.spike_k_warmup!r:.40}")
     check(not number("warmup_grad_factor") <= 1.0, f"warmup_grad_factor must be > 1, got {c.warmup_grad_factor}")
-    if c.lr_spike_factor is not None:
-        check(not number("lr_spike_factor") <= 1.0, f"lr_spike_factor must be > 1 or None (off), got {c.lr_spike_factor}")
+    above_or_none("lr_spike_factor", 1.0)
     frac = number("spike_fraction")
     check(0.0 < frac <= 1.0, f"spike_fraction must be in (0, 1], got {c.spike_fraction}")
 
@@ -437,26 +441,22 @@ def _validate(c: GuardConfig) -> list[str]:
         check(not (drop <= 0.0 or drop >= 1.0), f"release_drop must be in (0, 1) or None, got {c.release_drop}")
     if c.release_loss_z is not None:
         check(not number("release_loss_z") < 0.0, f"release_loss_z must be >= 0 or None, got {c.release_loss_z}")
-    if c.omega_recent_max is not None:
-        check(not number("omega_recent_max") <= 0.0, f"omega_recent_max must be > 0 or None, got {c.omega_recent_max}")
+    above_or_none("omega_recent_max", 0.0)
     integer("efficiency_records", 0)
     integer("efficiency_window", 1)
     for name in ("efficiency_low", "efficiency_min_drop"):
         check(not number(name) <= 0.0, f"{name} must be > 0, got {getattr(c, name)}")
     worse = number("omega_worsening")
     check(0.0 < worse <= 1.0, f"omega_worsening must be in (0, 1], got {c.omega_worsening}")
-    if c.max_update_ratio is not None:
-        check(not number("max_update_ratio") <= 0.0, f"max_update_ratio must be > 0 or None, got {c.max_update_ratio}")
+    above_or_none("max_update_ratio", 0.0)
     cut = number("cut_factor")
     check(0.0 < cut < 1.0, f"cut_factor must be in (0, 1), got {c.cut_factor}")
     rec = number("recovery_rate")
     check(0.0 < rec <= 1.0, f"recovery_rate must be in (0, 1], got {c.recovery_rate}")
     inc = number("max_scale_increase")
     check(0.0 < inc <= 1.0, f"max_scale_increase must be in (0, 1], got {c.max_scale_increase}")
-    if c.start_rise is not None:
-        check(not number("start_rise") <= 0.0, f"start_rise must be > 0 or None, got {c.start_rise}")
-    if c.start_rise_grad is not None:
-        check(not number("start_rise_grad") <= 1.0, f"start_rise_grad must be > 1 or None (off), got {c.start_rise_grad}")
+    above_or_none("start_rise", 0.0)
+    above_or_none("start_rise_grad", 1.0)
     rb = number("rollback_scale")
     check(0.0 < rb <= 1.0, f"rollback_scale must be in (0, 1], got {c.rollback_scale}")
     budget = number("snapshot_budget")

@@ -245,9 +245,7 @@ class Controller:
     def snapshots_lost(self) -> None:
         """The guard dropped its snapshots and the start (a parameter joined, or changed shape:
         none of them can be restored)."""
-        self.recovery.verified_snapshots = []
-        self.recovery.pending_snapshots = []
-        self.recovery.start_held = False
+        self.recovery.snapshots_lost()
 
     def accept_give_up(self) -> None:
         """The user's ``on_give_up`` hook returned: restart the statistics and go on."""

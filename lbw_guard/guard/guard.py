@@ -347,7 +347,7 @@ class Guard:
         return self.optimizer.num_steps if self.optimizer is not None else 0
 
     def _trace_line(self, line: dict) -> None:
-        """A marker line of the trace (what the guard did between records, for replay)."""
+        """A line of the trace: a record, or a marker of what the guard did between records."""
         if self.config.keep_trace:
             self.records.append(line)
         self._write_trace([line])
@@ -364,10 +364,7 @@ class Guard:
     def _trace_record(self, rec: HostRecord, signals: dict) -> None:
         if self.config.trace_path is None and not self.config.keep_trace:
             return
-        line = {"type": "record", **rec.to_dict(), "regime": self.controller.regime, "signals": signals}
-        if self.config.keep_trace:
-            self.records.append(line)
-        self._write_trace([line])
+        self._trace_line({"type": "record", **rec.to_dict(), "regime": self.controller.regime, "signals": signals})
 
     def _write_trace(self, lines: Iterable[dict]) -> None:
         """Append ``lines`` to the trace file. A write that fails (disk full, the file's

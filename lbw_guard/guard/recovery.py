@@ -45,6 +45,11 @@ from .config import GuardConfig
 from .detectors import Assessment
 from .signals import StepSignals, per_group, regrouped
 
+def _grad_norm(sig: StepSignals) -> float | None:
+    """The record's grad norm, or None where it says nothing (non-finite, or no gradient)."""
+    return sig.grad_norm if math.isfinite(sig.grad_norm) and sig.grad_norm > 0 else None
+
+
 # Consecutive records in trouble after which a rollback is tried even without corroboration.
 _PERSISTENT_TROUBLE = 8
 
@@ -248,7 +253,7 @@ class Recovery:
         loss = sig.loss
         if loss is None or not math.isfinite(loss):
             return False  # a non-finite loss is a fault, answered as one
-        norm = sig.grad_norm if math.isfinite(sig.grad_norm) and sig.grad_norm > 0 else None
+        norm = _grad_norm(sig)
         if self.start_loss is None:
             self.start_loss, self.start_grad_norm = float(loss), norm
             return False
@@ -284,7 +289,7 @@ class Recovery:
         n = self.start_records  # this record's place since the start (_diverged_from_start counts it)
         if not self.start_held:
             return False
-        norm = sig.grad_norm if math.isfinite(sig.grad_norm) and sig.grad_norm > 0 else None
+        norm = _grad_norm(sig)
         self.start_grads = ((self.start_grads if n > 1 else []) + [[norm, bool(written)]])[-3:]
         judged = n - 1  # the record judged now: its successor has arrived
         if judged < 1 or judged > max(2, self.config.spike_warmup) or len(self.start_grads) != min(n, 3):
@@ -326,6 +331,10 @@ class Recovery:
         every snapshot (they are of a state the optimizer can no longer take)."""
         if self.rollback_steps:
             self.rollback_steps.pop()
+        self.snapshots_lost()
+
+    def snapshots_lost(self) -> None:
+        """No snapshot, nor the start, can be restored any more: none is a target."""
         self.verified_snapshots, self.pending_snapshots = [], []
         self.start_held = False
 
