@@ -253,6 +253,7 @@ TUNING = dict(
     governor="evidence", min_scale=0.1, max_update_ratio=None,
     early_records=20, omega_low=0.35, omega_high=0.6, omega_recent_max=1.0, omega_worsening=0.7,
     omega_window=8, efficiency_records=12, efficiency_window=6, efficiency_low=0.15, efficiency_min_drop=0.3,
+    efficiency_large_drop=None, efficiency_grad_rise=3.0,
     min_evidence=3, cut_factor=0.6, cut_interval=4, recovery_rate=0.02, release_drop=0.5, release_loss_z=1.0,
     max_scale_increase=0.05,
     snapshots=True, snapshot_interval=5, snapshot_budget=0.02, snapshot_ring=2, snapshot_device="cpu",

@@ -68,6 +68,8 @@ def decisions_at(sim, record_step):
         (dict(efficiency_window=0), "efficiency_window"),
         (dict(efficiency_low=0.0), "efficiency_low"),
         (dict(efficiency_min_drop=math.inf), "efficiency_min_drop"),
+        (dict(efficiency_large_drop=0.0), "efficiency_large_drop"),
+        (dict(efficiency_grad_rise=1.0), "efficiency_grad_rise"),
         (dict(release_drop=1.0), "release_drop"),
         (dict(release_drop=math.nan), "release_drop"),
         (dict(release_loss_z=-1.0), "release_loss_z"),
@@ -752,6 +754,35 @@ def test_guard_raises_guard_gave_up_or_calls_the_hook_and_continues():
     assert driver.guard.controller.recovery.consecutive_trouble == 0
 
 
+@pytest.mark.parametrize("saved", [False, True])
+def test_a_run_resumed_without_its_snapshots_snapshots_at_once(saved):
+    """The default checkpoint leaves the snapshots out: the resumed guard snapshots on its first
+    stable step, so non-finite parameters soon after the resume roll back to it instead of
+    giving up for a whole snapshot interval. A checkpoint with its snapshots keeps the spacing."""
+    interval = 20
+    config = explicit_config(snapshot_interval=interval, snapshots_in_state_dict=saved)
+    first = GuardDriver(config, seed=random.randint(0, 1000))
+    for _ in range(30):
+        first.step()
+    state = first.opt.state_dict()
+    last = state["guard"]["last_snapshot"]
+    assert 35 - interval < last <= 30 and ("snapshots" in state["guard"]) == saved  # the next one due after step 35
+    second = GuardDriver(config, seed=random.randint(0, 1000), on_give_up=lambda exc: None)
+    second.opt.load_state_dict(state)
+    values = {}
+    for n in range(31, 36):
+        second.step()
+        values[n] = second.params[0].detach().clone()
+    second.step(param_sq=math.nan)  # step 36 reports non-finite parameters
+    second.step()  # its record is processed here (lag 1)
+    (back,) = [e for e in second.guard.events if e.action in ("rollback", "give_up") and e.step > 30]
+    assert back.action == "rollback"
+    to = back.detail["to_step"]
+    assert (31 <= to < 36) if not saved else to == last  # the newest verified snapshot
+    if not saved:
+        torch.testing.assert_close(second.params[0].detach(), values[to], rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------------------- governor
 def test_governor_cuts_on_sustained_oscillation_rate_limited_within_bounds():
     config = explicit_config()
@@ -828,6 +859,43 @@ def test_governor_does_not_cut_on_the_loss_efficiency_without_all_its_evidence(w
     sim = Sim(explicit_config()).run(60, spec)
     assert not [e for e in sim.events if e.action in ("decrease_scale", "cap_scale")], why
     assert all(cmd.scale[0] == 1.0 for cmd in sim.commands.values()), why
+
+
+@pytest.mark.parametrize("first, decay, grad_growth, cuts", [
+    # predictions dying out (0.49-0.58 of the loss over the records judged), gradients steady:
+    # a healthy start near its loss floor reads so
+    (0.6, 0.75, 1.0, False),
+    (0.6, 0.75, 1.25, True),  # the same with the gradients rising 1.25x a record (3x by the window's sixth)
+    (0.2, 1.1, 1.0, True),  # predictions growing (a warmup): 0.39-0.93 of the loss over the records judged
+    (1.2, 0.9, 1.0, True),  # 1.3 of the loss predicted by the first record judged: the steps outrun the curvature
+    (0.6, 0.75, 1.0, "back"),  # the first case in a run that went back to its start before: cut
+])
+def test_a_predicted_decrease_below_the_loss_needs_the_steps_to_keep_predicting(first, decay, grad_growth, cuts):
+    """Each step predicts ``first * decay**k``; the loss falls by 2% of what was predicted; the
+    gradient turns against the last step and its norm grows by ``grad_growth`` a record."""
+    config = explicit_config(efficiency_large_drop=1.0, efficiency_grad_rise=3.0)
+    rng = random.Random(5)
+    sim = Sim(config)
+    if cuts == "back":  # a rollback to the start for the lr (a rise from the start) showed it too high
+        sim.controller.governor.on_rollback([1e-3], [1.0], to_start=True, cut=False)  # a fault's: not that
+        assert sim.controller.governor.sent_back_for_lr is False
+        sim.controller.governor.on_rollback([1e-3], [1.0], to_start=True)
+        state = sim.controller.governor.state_dict()
+        assert state["sent_back_for_lr"] is True
+        sim.controller.governor.load_state_dict(state)  # and a resumed governor knows it
+        cuts = True
+
+    def spec(n, cmd):
+        predicted = [first * decay ** k for k in range(n)]
+        loss = 4.0 - 0.02 * sum(predicted[:-1]) + 0.01 * rng.uniform(-1, 1)
+        return dict(omega=1.0, gdu=-predicted[-1], gdp=-0.05, loss=loss, grad_sq=grad_growth ** (2 * (n - 1)))
+    sim.run(30, spec)
+    overshoots = [e for e in sim.events if e.action == "decrease_scale" and e.detail["why"] == "overshoot"]
+    assert bool(overshoots) == cuts
+    if cuts:  # judged once the window is full, in the first records
+        assert config.efficiency_window + 1 <= overshoots[0].step <= config.efficiency_records + config.lag
+    else:
+        assert all(cmd.scale[0] == 1.0 for cmd in sim.commands.values())
 
 
 @pytest.mark.parametrize("restart, held, cap", [(True, True, True), (True, True, False), (True, False, True),
@@ -1048,7 +1116,7 @@ def test_loss_efficiency_state_is_every_record_since_the_start_and_the_whole_mod
         gdp = [rng.uniform(0.5, 1.0), rng.uniform(-0.5, 0.0)]  # a cosine >= 0 overall: no cut clears the window
         rec = make_record(step, groups=2, grad_sq=g_sq, gdu=gdu, gdp=gdp, loss=loss)  # prev_sq 1 per group
         gov.observe(derive(rec), [1.0, 1.0], [1e-3, 1e-3])
-        seen.append([loss, -sum(gdu)])
+        seen.append([loss, -sum(gdu), math.sqrt(sum(g_sq))])
         if step > config.efficiency_records:  # judged in the first records only: nothing kept
             assert gov.early_losses == []
             continue
@@ -1067,6 +1135,11 @@ def test_loss_efficiency_state_is_every_record_since_the_start_and_the_whole_mod
         del old[key]
     restored.load_state_dict(old)  # a state saved before the loss efficiency existed
     assert restored.early_losses == [] and restored.cos is None and restored.cos_samples == 0
+    old = gov.state_dict()
+    old["early_losses"] = [x[:2] for x in old["early_losses"]]
+    restored.load_state_dict(old)  # saved before the grad norm was kept: none known, never a rise
+    assert [x[:2] for x in restored.early_losses] == old["early_losses"]
+    assert all(math.isnan(x[2]) for x in restored.early_losses) and restored.early_losses
     gov.on_rollback([1e-3, 1e-3], [1.0, 1.0])
     assert gov.early_losses == []
 

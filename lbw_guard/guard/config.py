@@ -196,6 +196,30 @@ class GuardConfig:
     efficiency_min_drop: float = 0.3
     """The efficiency is judged only when the steps predicted a decrease of at least this
     fraction of the loss: below it the minibatch noise of two losses decides."""
+    efficiency_large_drop: float | None = 1.0
+    """Below this fraction of the loss, a predicted decrease is judged only while the steps keep
+    predicting: a record's grad norm since the window began at ``efficiency_grad_rise`` x the
+    first record's, or the window's last three steps predicting at least as much as its first
+    three. A first-order prediction of losing the whole loss is the step outrunning the loss's
+    curvature on its own; a smaller one that dies out as the gradients fall is also what a
+    healthy start near its loss floor, or on a noisy loss, reads. Measured at the records where
+    the rule fired with ``efficiency_min_drop`` alone (the 270 held-out runs at 1x, 3x and 10x
+    their best lr; the matrix's runs, seed 0; the low-loss fine-tunes of
+    ``benchmarks/results/lowloss-finetune/``): the healthy 1x starts (PiSSA, 3 seeds; rank-64
+    LoRA; GPT-2 and Llama fine-tunes near their loss floor, 5 runs) predicted 0.30-0.69 of the
+    loss over the records judged, with grad norms at most 2.03x the first and their last three
+    predictions 0.19-0.50 of their first three. The held-out and matrix runs at 10x that
+    predicted less than the loss (LoRA and LoRA+, DoRA, LoRA on the MLP) had their gradients at
+    3.7-11x the first, or (Llama LoRA under warmup + cosine, 2.2x) their last predictions 2.5x
+    their first; every other 10x firing predicted more than the loss. Lost: the matrix's Llama
+    under OneCycle at 30x (0.82 of the loss, gradients 2.3x, predictions 0.25x: no restart, 1.267
+    of the best loss instead of 1.106; AdamW 1.281) and the low-loss fine-tunes at 10x their best
+    lr (where AdamW ends 2% above its best). Not asked once the run went back to its start for
+    its lr (see ``StepSizeGovernor._steps_keep_predicting``). None: ``efficiency_min_drop``
+    alone."""
+    efficiency_grad_rise: float = 3.0
+    """See ``efficiency_large_drop``: the grad-norm rise, over the window's first record, that
+    shows the steps still predicting."""
     omega_worsening: float = 0.7
     """A further oscillation cut needs omega below this fraction of its value at the last cut.
     1.0 (cut again whenever omega is still under ``omega_low``) left the held-out 10x runs
@@ -446,6 +470,9 @@ def _validate(c: GuardConfig) -> list[str]:
     integer("efficiency_window", 1)
     for name in ("efficiency_low", "efficiency_min_drop"):
         check(not number(name) <= 0.0, f"{name} must be > 0, got {getattr(c, name)}")
+    above_or_none("efficiency_large_drop", 0.0)
+    check(not number("efficiency_grad_rise") <= 1.0,
+          f"efficiency_grad_rise must be > 1, got {c.efficiency_grad_rise}")
     worse = number("omega_worsening")
     check(0.0 < worse <= 1.0, f"omega_worsening must be in (0, 1], got {c.omega_worsening}")
     above_or_none("max_update_ratio", 0.0)

@@ -91,8 +91,17 @@ per-layer param groups):
   the previous direction below 0 (the hypergradient's sign: the step overshot). The efficiency
   is judged only when the steps predicted a decrease of at least ``efficiency_min_drop`` (30%)
   of the loss, below which two minibatch losses decide, never on a loss that did not move at
-  all (a constant passed to ``step``: it was cut by record 7), and only in the first
-  ``efficiency_records`` (12): later the schedule moves the lr (the end of a warmup, a restart)
+  all (a constant passed to ``step``: it was cut by record 7). Healthy starts also read low
+  where the loss cannot follow a prediction of half of itself: PiSSA and rank-64 LoRA at their
+  best lr, fine-tunes near their loss floor (their steps predicted 0.30-0.69 of the loss) were
+  sent back to their start and capped for the rest of the run. Their predictions die out as
+  their gradients fall (the last three steps 0.19-0.50 of the first three, grad norms within
+  2.03x the first record's); a step too large for the loss keeps predicting. So a prediction
+  below the loss itself (``efficiency_large_drop``) counts only while the steps keep
+  predicting: the gradients risen to ``efficiency_grad_rise`` (3x) the first record's, or the
+  last three predictions at least the first three (LoRA under a warmup at 10x: 3.7-11x, or
+  2.5x). It is judged only in the first ``efficiency_records`` (12): later the schedule moves
+  the lr (the end of a warmup, a restart)
   and healthy runs read 0.0-0.1 (GPT-2 under warm restarts, Gemma under polynomial decay).
   Reaching to the end of a 24-step warmup (30 records, the last 6 steps with the last 3 also
   below 0.3 of their prediction) cut Gemma under polynomial decay at 10x at record 18 and it
@@ -189,7 +198,7 @@ class StepSizeGovernor:
         self.omega_at_cut: float | None = None  # filtered log omega at the last cut of an episode
         self.log_recent: float | None = None  # filtered log omega_recent (whole model)
         self.recent_samples = 0
-        self.early_losses: list[list[float]] = []  # [loss, predicted decrease] of the last records
+        self.early_losses: list[list[float]] = []  # [loss, predicted decrease, grad norm] of the last records
         self.cos: float | None = None  # filtered whole-model cos(g_t, d_{t-1})
         self.cos_samples = 0
         self.records = 0  # written records seen
@@ -198,6 +207,7 @@ class StepSizeGovernor:
         self.climb_loss: float | None = None  # the filtered loss where it began
         self.loss_mean: float | None = None  # the loss filtered over omega_window records
         self.loss_var: float | None = None  # the variance of one record's loss about it
+        self.sent_back_for_lr = False  # the run went back to its start for a too-high lr
         self.num_groups = 0
         self.resize(num_groups)
 
@@ -419,7 +429,8 @@ class StepSizeGovernor:
         if sig.loss is None or not (math.isfinite(sig.loss) and math.isfinite(sig.grad_dot_update)):
             self.early_losses = []  # a gap: the loss difference would span an unmeasured step
             return
-        self.early_losses.append([float(sig.loss), -float(sig.grad_dot_update)])
+        grad_norm = sig.grad_norm if math.isfinite(sig.grad_norm) and sig.grad_norm > 0 else math.nan
+        self.early_losses.append([float(sig.loss), -float(sig.grad_dot_update), grad_norm])
 
     @staticmethod
     def _whole_model_cos(sig: StepSignals, written: list[int]) -> float | None:
@@ -445,12 +456,31 @@ class StepSizeGovernor:
             return False
         if self.cos_samples < c.min_evidence or not self.cos < 0.0:
             return False
-        if len({loss for loss, _ in window}) == 1:
+        if len({loss for loss, _, _ in window}) == 1:
             return False  # a loss that never moves (a constant passed to step) says nothing about the steps
-        predicted = sum(p for _, p in window[:-1])
-        if not predicted > c.efficiency_min_drop * abs(window[0][0]):
+        predicted = sum(p for _, p, _ in window[:-1])
+        start = abs(window[0][0])
+        if not predicted > c.efficiency_min_drop * start:
+            return False
+        if c.efficiency_large_drop is not None and predicted < c.efficiency_large_drop * start \
+                and not self.sent_back_for_lr and not self._steps_keep_predicting(window):
             return False
         return (window[0][0] - window[-1][0]) < c.efficiency_low * predicted
+
+    def _steps_keep_predicting(self, window: list[list[float]]) -> bool:
+        """What a predicted decrease below ``efficiency_large_drop`` of the loss also needs: a
+        record's grad norm at ``efficiency_grad_rise`` x the window's first, or the window's last
+        three steps predicting at least as much as its first three. A healthy start's predictions
+        die out as its gradients fall; a step too large for the loss keeps predicting (and under
+        a warmup predicts more) while the loss does not follow. Not asked once the run went back
+        to its start for its lr (a rise from the start, or the overshoot's restart): the lr is
+        shown too high, and a restart's first steps (zero moments, each element moved by the lr)
+        die out at any lr."""
+        first = window[0][2]
+        if any(g >= self.config.efficiency_grad_rise * first for _, _, g in window[1:]):
+            return True
+        predicted = [p for _, p, _ in window[:-1]]
+        return sum(predicted[-3:]) >= sum(predicted[:3])
 
     def _oscillating(self) -> bool:
         """Evidence: omega low over the window, and (after a cut) lower than at the last cut:
@@ -499,6 +529,7 @@ class StepSizeGovernor:
         see an lr that damages a run only over its first steps, so without the cap the climb
         went back there and the run diverged late (held-out rsLoRA at 10x)."""
         c = self.config
+        self.sent_back_for_lr = self.sent_back_for_lr or (to_start and cut)
         for g in range(self.num_groups if cut else 0):
             if g < len(lrs) and _finite(lrs[g]) and lrs[g] > 0:
                 lr_eff = lrs[g] * (scales[g] if g < len(scales) else 1.0)
@@ -517,6 +548,7 @@ class StepSizeGovernor:
         after any return to the start, the scale it continues from is the most it may climb
         back to (``start_cap``)."""
         self.records = 0
+        self.sent_back_for_lr = True
         self._forget_evidence(energy=True)  # the moments are the start's
         for g in range(self.num_groups if self.config.start_cap else 0):
             if g < len(lrs) and _finite(lrs[g]) and lrs[g] > 0 and self.ceiling[g] is not None:
@@ -559,7 +591,7 @@ class StepSizeGovernor:
 
     # ------------------------------------------------------------------ state
     _SCALARS = ("log_omega", "omega_samples", "since_cut", "omega_at_cut", "records", "log_recent", "recent_samples",
-                "cos", "cos_samples", "climb_peak", "climb_loss", "loss_mean", "loss_var")
+                "cos", "cos_samples", "climb_peak", "climb_loss", "loss_mean", "loss_var", "sent_back_for_lr")
 
     def state_dict(self) -> dict:
         return {"num_groups": self.num_groups, "ceiling": list(self.ceiling), "start_cap": list(self.start_cap),
@@ -584,7 +616,9 @@ class StepSizeGovernor:
             self.log_recent = None if state["log_recent"] is None else float(state["log_recent"])
             self.recent_samples = int(state["recent_samples"])
         # the loss efficiency came later still: a state without it starts its window afresh
-        self.early_losses = [[float(loss), float(drop)] for loss, drop in state.get("early_losses", [])]
+        # (a record saved before the grad norm was kept has none: NaN, never a rise)
+        self.early_losses = [[float(x[0]), float(x[1]), float(x[2]) if len(x) > 2 else math.nan]
+                             for x in state.get("early_losses", [])]
         self.cos = None if state.get("cos") is None else float(state["cos"])
         self.cos_samples = int(state.get("cos_samples", 0))
         # and the climb's probe later again: without it the probe starts at the next healthy record
@@ -592,6 +626,7 @@ class StepSizeGovernor:
             setattr(self, k, None if state.get(k) is None else float(state[k]))
         self.climb_lr = {int(g): float(lr) for g, lr in state.get("climb_lr", [])
                          if 0 <= int(g) < self.num_groups}
+        self.sent_back_for_lr = bool(state.get("sent_back_for_lr", False))  # (saved later: False)
         # the start's cap came last: a state saved without it has none
         self.start_cap = [None if v is None else float(v)
                           for v in per_group("start_cap", state.get("start_cap", [None] * self.num_groups),

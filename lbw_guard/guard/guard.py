@@ -551,7 +551,10 @@ class Guard:
         self._pending = deque()
         for r in state["pending"]:
             self._pending.append(_Pending(HostRecord.from_dict(r), None, None))
-        self._last_snapshot = state.get("last_snapshot")
+        # A checkpoint without its snapshots (the default) leaves nothing to roll back to: the
+        # next stable step snapshots, instead of a whole interval after the saved one. (Decided
+        # from the checkpoint alone, so every rank resuming it snapshots on the same steps.)
+        self._last_snapshot = state.get("last_snapshot") if "snapshots" in state else None
         self._ring.clear()
         held = self.optimizer is not None and self._ring.load_start(state.get("start"), self.optimizer)
         if "snapshots" in state and self.optimizer is not None:
