@@ -271,7 +271,6 @@ def test_snapshots_follow_the_parameters_through_a_change_of_the_param_lists(cha
         assert torch.equal(opt.state[p]["exp_avg"], saved[1]) and torch.equal(opt.state[p]["exp_avg_sq"], saved[2])
 
 
-
 def test_a_record_queued_before_add_param_group_keeps_its_own_values():
     ours, _ = _pair(18)
     extra, _ = _pair(19, shapes=((3,),))

@@ -496,7 +496,8 @@ def load_resume(cfg: MatrixConfig, resume: bool) -> tuple[dict, dict, dict]:
     or, where there is none, of a finished ``OUT/matrix.json`` (so a matrix can grow slice by
     slice: ``--slices faults``, then ``--slices faults,lr --resume``). Raises ValueError before
     any work if the file cannot be used, or a partial one exists and ``--resume`` was not given."""
-    check_output_paths(cfg.out_dir, (PARTIAL_NAME, PARTIAL_NAME + ".tmp", "matrix.json", "matrix.json.tmp", "matrix.md"))
+    check_output_paths(cfg.out_dir,
+                       (PARTIAL_NAME, PARTIAL_NAME + ".tmp", "matrix.json", "matrix.json.tmp", "matrix.md"))
     path = cfg.out_dir / PARTIAL_NAME
     schema = PARTIAL_SCHEMA
     if not path.exists():

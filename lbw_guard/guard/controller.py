@@ -68,7 +68,8 @@ class Controller:
         self.last_scale = regrouped(self.last_scale, sources, 1.0)
         self.capped = regrouped(self.capped, sources, None)
         now_of = {s: g for g, s in enumerate(sources) if s is not None}
-        self.lr_skipped = {step: sorted(now_of[g] for g in groups if g in now_of) for step, groups in self.lr_skipped.items()}
+        self.lr_skipped = {step: sorted(now_of[g] for g in groups if g in now_of)
+                           for step, groups in self.lr_skipped.items()}
         self.num_groups = len(sources)
 
     # ------------------------------------------------------------------ issuing

@@ -429,7 +429,8 @@ class StepSizeGovernor:
         if sig.loss is None or not (math.isfinite(sig.loss) and math.isfinite(sig.grad_dot_update)):
             self.early_losses = []  # a gap: the loss difference would span an unmeasured step
             return
-        grad_norm = sig.grad_norm if math.isfinite(sig.grad_norm) and sig.grad_norm > 0 else math.nan
+        grad_norm = sig.usable_grad_norm
+        grad_norm = math.nan if grad_norm is None else grad_norm  # (unusable: never a rise)
         self.early_losses.append([float(sig.loss), -float(sig.grad_dot_update), grad_norm])
 
     @staticmethod

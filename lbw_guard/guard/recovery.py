@@ -45,11 +45,6 @@ from .config import GuardConfig
 from .detectors import Assessment
 from .signals import StepSignals, per_group, regrouped
 
-def _grad_norm(sig: StepSignals) -> float | None:
-    """The record's grad norm, or None where it says nothing (non-finite, or no gradient)."""
-    return sig.grad_norm if math.isfinite(sig.grad_norm) and sig.grad_norm > 0 else None
-
-
 # Consecutive records in trouble after which a rollback is tried even without corroboration.
 _PERSISTENT_TROUBLE = 8
 
@@ -253,7 +248,7 @@ class Recovery:
         loss = sig.loss
         if loss is None or not math.isfinite(loss):
             return False  # a non-finite loss is a fault, answered as one
-        norm = _grad_norm(sig)
+        norm = sig.usable_grad_norm
         if self.start_loss is None:
             self.start_loss, self.start_grad_norm = float(loss), norm
             return False
@@ -289,7 +284,7 @@ class Recovery:
         n = self.start_records  # this record's place since the start (_diverged_from_start counts it)
         if not self.start_held:
             return False
-        norm = _grad_norm(sig)
+        norm = sig.usable_grad_norm
         self.start_grads = ((self.start_grads if n > 1 else []) + [[norm, bool(written)]])[-3:]
         judged = n - 1  # the record judged now: its successor has arrived
         if judged < 1 or judged > max(2, self.config.spike_warmup) or len(self.start_grads) != min(n, 3):

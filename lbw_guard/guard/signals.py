@@ -143,6 +143,11 @@ class StepSignals:
         return math.isfinite(self.param_sq)
 
     @property
+    def usable_grad_norm(self) -> float | None:
+        """The grad norm, or None where it says nothing (non-finite, or no gradient)."""
+        return self.grad_norm if math.isfinite(self.grad_norm) and self.grad_norm > 0 else None
+
+    @property
     def written_groups(self) -> list[int]:
         return [g for g, gs in enumerate(self.groups) if gs.written]
 
