@@ -259,7 +259,7 @@ TUNING = dict(
     snapshots=True, snapshot_interval=5, snapshot_budget=0.02, snapshot_ring=2, snapshot_device="cpu",
     max_rollback_distance=50, max_rollbacks=3, rollback_window=500, rollback_scale=0.5, start_rise=0.2,
     start_rise_records=10, start_rise_grad=None,
-    overshoot_restart=False,
+    overshoot_restart=False, restart_cut=0.3,
     freeze_steps=20,
     max_frozen_fraction=0.25, give_up_after=25, event_capacity=1000, lag=1, keep_trace=0,
 )

@@ -577,6 +577,7 @@ RANGE_EXTRAS = {
     "max_update_ratio": [0.0],
     "early_records": [], "omega_low": [0.0, 0.95], "omega_high": [0.01],  # below the default omega_low
     "omega_worsening": [0.0, 1.5], "omega_window": [0], "min_evidence": [0], "cut_factor": [0.0, 1.0],
+    "restart_cut": [0.0, 1.5],
     "cut_interval": [0], "recovery_rate": [0.0, 1.5], "max_scale_increase": [0.0, 1.5],
     "snapshot_interval": [51], "snapshot_budget": [0.0, 1.5], "snapshot_ring": [0],
     "max_rollback_distance": [0], "rollback_window": [0], "rollback_scale": [0.0, 1.5], "start_rise": [0.0, -0.2],

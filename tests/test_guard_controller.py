@@ -52,6 +52,9 @@ def decisions_at(sim, record_step):
         (dict(min_scale=0.0), "min_scale"),
         (dict(min_scale=1.5), "min_scale"),
         (dict(cut_factor=1.0), "cut_factor"),
+        (dict(restart_cut=0.0), "restart_cut"),
+        (dict(restart_cut=1.5), "restart_cut"),
+        (dict(restart_cut=math.nan), "restart_cut"),
         (dict(omega_low=0.7, omega_high=0.6), "omega_low"),
         (dict(snapshot_interval=60, max_rollback_distance=50), "snapshot_interval"),
         (dict(max_frozen_fraction=1.0), "max_frozen_fraction"),
@@ -917,10 +920,12 @@ def test_a_first_overshoot_while_the_start_is_held_restarts_the_run_once_at_the_
     assert sim.controller.accounting.rollbacks == 1 and sim.controller.recovery.returned_to_start
     rolled = [d for _, _, d in sim.decisions if d["rollback_to"] is not None]
     assert len(rolled) == 1 and rolled[0]["rollback_cuts_lr"] is False  # the governor's cut is the lr change
-    # the restarted run starts at the cut's lr (no further halving), and is judged afresh:
-    # its next cut needs a full efficiency window of its own records
+    # the restarted run starts at restart_cut of the lr it overshot at (the cut event says so;
+    # no further halving), and is judged afresh: its next cut needs a full efficiency window of
+    # its own records
     after = sim.commands[cuts[0].step + config.lag + 1].scale[0]
     assert after == pytest.approx(cuts[0].detail["to_lr"] / 1e-3)
+    assert after == pytest.approx(config.restart_cut * cuts[0].detail["from_lr"] / 1e-3)
     # omega stays healthy: without start_cap the ceiling climbs back above that lr, with it never
     later = [cmd.scale[0] for n, cmd in sim.commands.items() if n > cuts[0].step + config.lag]
     assert max(later) <= after * (1 + 1e-12) if cap else max(later) > after

@@ -148,10 +148,14 @@ class Controller:
             self.detectors.fold(sig, a)
             if not (a.nonfinite or a.params_bad or a.grad_spike):  # a fault says nothing of the lr
                 cuts = self.governor.observe(sig, issued_scale, lrs)
-                for cut in cuts:
+                before = len(decision["events"])
+                restarted = (c.overshoot_restart and self._overshoot_cut_lowered_the_lr(cuts, sig)
+                             and self._restart_after_overshoot(now, decision, lrs, cuts))
+                for cut in cuts:  # (a restart deepened them first)
                     self._event(rec.step, "decrease_scale", signals=signals, detail=cut, bound=None)
-                if c.overshoot_restart and self._overshoot_cut_lowered_the_lr(cuts, sig):
-                    self._restart_after_overshoot(rec.step, now, decision, signals, lrs)
+                self._recovery_events(rec.step, decision["events"][before:], signals)
+                if restarted:
+                    self._rolled_back(rec.step, signals)
 
         numel = [gs.numel for gs in sig.groups]
         lr_skipped = self._lr_skipped_at(rec.step)
@@ -184,16 +188,15 @@ class Controller:
                       for cut in cuts if cut["why"] == "overshoot")
         return written > 0 and removed >= 0.5 * (1.0 - self.config.cut_factor) * written
 
-    def _restart_after_overshoot(self, step: int, now: int, decision: dict, signals: dict, lrs: list[float]) -> None:
+    def _restart_after_overshoot(self, now: int, decision: dict, lrs: list[float], cuts: list[dict]) -> bool:
         """The governor's first overshoot, found while the start is held, sends the run back to
-        the start at the lr the cut set: the damage of a run's first steps at a too-high lr is
-        what a later cut cannot undo (see ``GuardConfig.overshoot_restart``)."""
-        before = len(decision["events"])
+        the start at ``restart_cut`` of the lr it overshot at: the damage of a run's first steps
+        at a too-high lr is what a later cut cannot undo (see ``GuardConfig.overshoot_restart``).
+        Returns whether it did (the rollback budget or a lost start can refuse it)."""
         restarted = self.recovery.restart_from_start(now, decision, "overshoot")
-        self._recovery_events(step, decision["events"][before:], signals)
         if restarted:
-            self.governor.on_restart(lrs)
-            self._rolled_back(step, signals)
+            self.governor.on_restart(lrs, cuts)
+        return restarted
 
     def _rolled_back(self, step: int, signals: dict) -> None:
         """What every rollback does past the governor: count it, restart the statistics."""

@@ -113,8 +113,10 @@ per-layer param groups):
   at the too-high lr did damage the cut cannot undo. Only a cut that lowered the parameters'
   lr (element-weighted) by at least half a cut does: where the envelope already holds most of
   them at ``min_scale`` the cut lowers only the small groups above it, and going back would
-  only throw the steps away. The restarted run is judged afresh
-  (:meth:`StepSizeGovernor.on_restart`), and the cut lr is the most it may climb back to
+  only throw the steps away. The restarted run continues at ``restart_cut`` (0.3) of the lr
+  it overshot at, deeper than the cut in place: the restart has undone the damage, so the
+  deeper cut does not come after it (see ``GuardConfig.restart_cut``). It is judged afresh
+  (:meth:`StepSizeGovernor.on_restart`), and that lr is the most it may climb back to
   (``start_cap``): restarted runs that climbed back ended worse than with the cut alone.
 - **not used**: the secant estimate of the best step along the update (-g_t.u_t over
   g_{t+1}.u_t - g_t.u_t) and the per-matrix cosine of g_t with u_{t-1} (the hypergradient).
@@ -543,11 +545,18 @@ class StepSizeGovernor:
         self.loss_mean = self.loss_var = None
         self._forget_recent(energy=True)  # the moments are the snapshot's now
 
-    def on_restart(self, lrs: list[float]) -> None:
-        """The run went back to its start at the ceilings just cut: the evidence was about the
-        abandoned steps, and the restarted run is judged afresh (envelope, loss efficiency). As
-        after any return to the start, the scale it continues from is the most it may climb
-        back to (``start_cap``)."""
+    def on_restart(self, lrs: list[float], cuts: list[dict]) -> None:
+        """The run went back to its start after the overshoot ``cuts``: each cut group continues
+        at ``restart_cut`` of the effective lr it overshot at (the cut's ``to_lr`` is rewritten
+        to say so). The evidence was about the abandoned steps, and the restarted run is judged
+        afresh (envelope, loss efficiency). As after any return to the start, the scale it
+        continues from is the most it may climb back to (``start_cap``)."""
+        c = self.config
+        for cut in cuts:
+            g = cut["group"]
+            if g < len(lrs) and _finite(lrs[g]) and lrs[g] > 0:
+                self.ceiling[g] = min(self.ceiling[g], max(c.min_scale * lrs[g], cut["from_lr"] * c.restart_cut))
+                cut["to_lr"] = self.ceiling[g]
         self.records = 0
         self.sent_back_for_lr = True
         self._forget_evidence(energy=True)  # the moments are the start's
