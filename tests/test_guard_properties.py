@@ -78,6 +78,7 @@ def scenarios(draw, mode="act"):
         start_rise=draw(st.one_of(st.none(), st.floats(0.01, 1.0))),
         start_cap=draw(st.booleans()),
         overshoot_restart=draw(st.booleans()),
+        restart_cut=draw(st.floats(0.05, 1.0)),
         snapshot_interval=draw(st.integers(1, min(distance, 8))),
         snapshot_ring=draw(st.integers(1, 3)),
         max_rollback_distance=distance,

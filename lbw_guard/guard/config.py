@@ -308,9 +308,9 @@ class GuardConfig:
     overshoot_restart: bool = True
     """The loss efficiency's cut (a start that overshoots), while the state the run began from is
     held and the run has not gone back to it before, also sends the run back there, to continue
-    at the cut lr: a too-high lr does its harm in the first steps, and a later cut does not undo
-    it (AdamW at 10x cut to 3x after 5 steps ends 27 of the 30 held-out runs within 15% of the
-    best, after 10 steps 20). Held-out QK-norm Qwen3 at 10x sat on a plateau under the cuts
+    at a lower lr (``restart_cut``): a too-high lr does its harm in the first steps, and a later
+    cut does not undo it (AdamW at 10x cut to 3x after 5 steps ends 27 of the 30 held-out runs
+    within 15% of the best, after 10 steps 20). Held-out QK-norm Qwen3 at 10x sat on a plateau under the cuts
     (1.36-1.43 of the best loss, plain AdamW 1.27-1.33) and ends at 1.25-1.30 with the restart.
     Once only: a run that went back to its start already continues from an lr chosen on
     evidence, and restarting it again cost held-out MLP runs 9-19% of their loss. Only when the
@@ -318,7 +318,7 @@ class GuardConfig:
     envelope already holds most of them at ``min_scale`` the cut lowers only the small groups
     above it (norm weights and biases), and going back would replay the same start at the same
     lr, throwing the steps away (the stress demo at 33x its best lr: perplexity 214 with that
-    restart, 156 without; no held-out run restarted so). With ``start_cap`` the cut lr is also
+    restart, 156 without; no held-out run restarted so). With ``start_cap`` that lr is also
     the most the restarted run may climb back to. The measurements:
     ``benchmarks/results/overshoot-restart/``. False: the cut alone."""
     restart_cut: float = 0.3
@@ -326,8 +326,8 @@ class GuardConfig:
     at (the cut in place, without a restart, stays ``cut_factor``; a value above it restarts at
     the cut). The restart has undone the steps taken at the too-high lr, so a deeper cut no
     longer comes after the damage (why ``cut_factor`` stays 0.6), and AdamW at 10x cut to 3x
-    after 5 steps ends 27 of 30 held-out runs within 15% of the best: 0.3
-    takes a 10x start to 3x. Against 0.6 (the restarted runs only: 41 held-out 10x runs, 3
+    after 5 steps ends 27 of 30 held-out runs within 15% of the best: 0.3 takes a 10x start
+    to 3x. Against 0.6 (the restarted runs only: 41 held-out 10x runs, 3
     sets x 3 seeds; the matrix's 21 seed-0 and 25 3-seed cells): held-out Qwen3 and Mixtral
     under a constant lr 1.22-1.31 -> 1.13-1.19 of the best loss, OPT 1.14-1.15 -> 1.08-1.09,
     Falcon under StepLR 1.03-1.11 -> 0.99-1.04; over the 90 held-out 10x runs 62 -> 66 within

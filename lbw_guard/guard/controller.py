@@ -179,7 +179,7 @@ class Controller:
 
     def _overshoot_cut_lowered_the_lr(self, cuts: list[dict], sig: StepSignals) -> bool:
         """An overshoot cut that lowered the parameters' lr, element-weighted, by at least half a
-        cut. Going back to the start redoes the start at the cut lr: where most parameters
+        cut. Going back to the start redoes the start at a lower lr: where most parameters
         already sat at ``min_scale`` (a 33x lr under the update envelope, with only the small
         vector group above it) the cut leaves their lr as it was, and the restart would only
         throw their steps away."""

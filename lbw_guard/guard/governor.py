@@ -555,7 +555,8 @@ class StepSizeGovernor:
         for cut in cuts:
             g = cut["group"]
             if g < len(lrs) and _finite(lrs[g]) and lrs[g] > 0:
-                self.ceiling[g] = min(self.ceiling[g], max(c.min_scale * lrs[g], cut["from_lr"] * c.restart_cut))
+                restart_lr = max(c.min_scale * lrs[g], cut["from_lr"] * c.restart_cut)
+                self.ceiling[g] = min(self.ceiling[g], restart_lr)
                 cut["to_lr"] = self.ceiling[g]
         self.records = 0
         self.sent_back_for_lr = True

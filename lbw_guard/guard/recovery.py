@@ -23,8 +23,8 @@ The policy answers faults, not level changes, and never harms a healthy run:
   too-high lr in a fine-tune does it within 2-4 steps, and Adam's second moment then keeps
   those gradients for the rest of the run). The state the run began from is held until then;
 - the governor's first overshoot at a run's start (the loss efficiency) also goes back to the
-  start, once, while it is held and if the cut lowered most parameters' lr: the cut lr then
-  applies from the first step (``GuardConfig.overshoot_restart``);
+  start, once, while it is held and if the cut lowered most parameters' lr: ``restart_cut``
+  of the lr it overshot at then applies from the first step (``GuardConfig.overshoot_restart``);
 - a gradient spike that the per-element bound could not hold (none in a tensor's first two
   steps, a loose one through ``spike_warmup`` records) rolls back to the start too (seen one
   record later, against the neighbouring records' grad norms), without an lr cut: the fault
