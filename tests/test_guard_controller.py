@@ -903,7 +903,7 @@ def test_a_predicted_decrease_below_the_loss_needs_the_steps_to_keep_predicting(
 
 @pytest.mark.parametrize("restart, held, cap", [(True, True, True), (True, True, False), (True, False, True),
                                                 (False, True, True)])
-def test_a_first_overshoot_while_the_start_is_held_restarts_the_run_once_at_the_cut_lr(restart, held, cap):
+def test_a_first_overshoot_while_the_start_is_held_restarts_the_run_once_at_a_lower_lr(restart, held, cap):
     config = explicit_config(efficiency_records=30, overshoot_restart=restart, start_cap=cap)  # room for more than one cut
     sim = Sim(config)
     if held:

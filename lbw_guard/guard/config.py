@@ -310,8 +310,9 @@ class GuardConfig:
     held and the run has not gone back to it before, also sends the run back there, to continue
     at a lower lr (``restart_cut``): a too-high lr does its harm in the first steps, and a later
     cut does not undo it (AdamW at 10x cut to 3x after 5 steps ends 27 of the 30 held-out runs
-    within 15% of the best, after 10 steps 20). Held-out QK-norm Qwen3 at 10x sat on a plateau under the cuts
-    (1.36-1.43 of the best loss, plain AdamW 1.27-1.33) and ends at 1.25-1.30 with the restart.
+    within 15% of the best, after 10 steps 20). Held-out QK-norm Qwen3 at 10x sat on a plateau
+    under the cuts (1.36-1.43 of the best loss, plain AdamW 1.27-1.33) and ended at 1.25-1.30
+    with the restart at the cut's lr.
     Once only: a run that went back to its start already continues from an lr chosen on
     evidence, and restarting it again cost held-out MLP runs 9-19% of their loss. Only when the
     cut lowered the parameters' lr, element-weighted, by at least half a cut: where the update
@@ -327,8 +328,8 @@ class GuardConfig:
     the cut). The restart has undone the steps taken at the too-high lr, so a deeper cut no
     longer comes after the damage (why ``cut_factor`` stays 0.6), and AdamW at 10x cut to 3x
     after 5 steps ends 27 of 30 held-out runs within 15% of the best: 0.3 takes a 10x start
-    to 3x. Against 0.6 (the restarted runs only: 41 held-out 10x runs, 3
-    sets x 3 seeds; the matrix's 21 seed-0 and 25 3-seed cells): held-out Qwen3 and Mixtral
+    to 3x. Against 0.6 (only a restarted run can change: the 41 held-out runs with a rollback,
+    3 sets x 3 seeds; the matrix's 21 seed-0 and 25 3-seed cells with one): held-out Qwen3 and Mixtral
     under a constant lr 1.22-1.31 -> 1.13-1.19 of the best loss, OPT 1.14-1.15 -> 1.08-1.09,
     Falcon under StepLR 1.03-1.11 -> 0.99-1.04; over the 90 held-out 10x runs 62 -> 66 within
     15%, mean 1.126 -> 1.112; worse but within 15% where the best lr region is wide (LoRA on

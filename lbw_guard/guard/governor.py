@@ -363,7 +363,6 @@ class StepSizeGovernor:
 
     def _back_off(self, lr_eff: dict, lrs: list[float], evidence: str) -> list[dict]:
         """Ceilings back to the effective lr where the climb began; the probe starts again."""
-        c = self.config
         self.since_cut = 0
         decisions = []
         for g, eff in lr_eff.items():
@@ -371,7 +370,7 @@ class StepSizeGovernor:
             if back is None or not eff > back:
                 continue
             before = self.ceiling[g]
-            self.ceiling[g] = max(c.min_scale * lrs[g], back)
+            self.ceiling[g] = self._floored(lrs[g], back)
             decisions.append({"group": g, "from_lr": eff, "to_lr": self.ceiling[g], "why": "release_overshoot",
                               "evidence": evidence, "omega": math.exp(self.log_omega),
                               "omega_peak": math.exp(self.climb_peak), "loss_mean": self.loss_mean,
@@ -518,7 +517,7 @@ class StepSizeGovernor:
             if eff <= floor * (1.0 + 1e-9):
                 continue
             before = self.ceiling[g]
-            self.ceiling[g] = max(floor, eff * c.cut_factor)
+            self.ceiling[g] = self._floored(lrs[g], eff * c.cut_factor)
             decisions.append({"group": g, "from_lr": eff, "to_lr": self.ceiling[g], "why": why,
                               "omega": None if self.log_omega is None else math.exp(self.log_omega),
                               "cos": self.cos, "ceiling_before": before})
@@ -536,7 +535,7 @@ class StepSizeGovernor:
         for g in range(self.num_groups if cut else 0):
             if g < len(lrs) and _finite(lrs[g]) and lrs[g] > 0:
                 lr_eff = lrs[g] * (scales[g] if g < len(scales) else 1.0)
-                self.ceiling[g] = max(c.min_scale * lrs[g], lr_eff * c.rollback_scale)
+                self.ceiling[g] = self._floored(lrs[g], lr_eff * c.rollback_scale)
                 if to_start and c.start_cap:  # a fraction of the schedule's lr, as the scale is
                     self._cap_at_start(g, self.ceiling[g] / lrs[g])
         self.since_cut = 0
@@ -551,19 +550,21 @@ class StepSizeGovernor:
         to say so). The evidence was about the abandoned steps, and the restarted run is judged
         afresh (envelope, loss efficiency). As after any return to the start, the scale it
         continues from is the most it may climb back to (``start_cap``)."""
-        c = self.config
-        for cut in cuts:
+        for cut in cuts:  # (every cut group has a finite lr > 0: observe cuts no other)
             g = cut["group"]
-            if g < len(lrs) and _finite(lrs[g]) and lrs[g] > 0:
-                restart_lr = max(c.min_scale * lrs[g], cut["from_lr"] * c.restart_cut)
-                self.ceiling[g] = min(self.ceiling[g], restart_lr)
-                cut["to_lr"] = self.ceiling[g]
+            restart_lr = self._floored(lrs[g], cut["from_lr"] * self.config.restart_cut)
+            self.ceiling[g] = min(self.ceiling[g], restart_lr)
+            cut["to_lr"] = self.ceiling[g]
         self.records = 0
         self.sent_back_for_lr = True
         self._forget_evidence(energy=True)  # the moments are the start's
         for g in range(self.num_groups if self.config.start_cap else 0):
             if g < len(lrs) and _finite(lrs[g]) and lrs[g] > 0 and self.ceiling[g] is not None:
                 self._cap_at_start(g, self.ceiling[g] / lrs[g])
+
+    def _floored(self, lr: float, ceiling: float) -> float:
+        """A ceiling never below ``min_scale`` x the schedule's lr."""
+        return max(self.config.min_scale * lr, ceiling)
 
     def _cap_at_start(self, g: int, scale: float) -> None:
         self.start_cap[g] = scale if self.start_cap[g] is None else min(self.start_cap[g], scale)
