@@ -19,14 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import statistics
+import math
 import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lowloss_finetune import _numbers
+from .sweep import guard_accounting, numbers, per_lr
 
 SAMPLES = 1024  # training samples per task; as many again are held out
 STEPS = {"cnn": 80, "cnn-bn": 150, "mlp": 200}
@@ -89,10 +89,9 @@ def train(task: str, batch: int, arm: str, lr: float, seed: int, steps: int, bac
     model.eval()
     with torch.no_grad():
         final = F.cross_entropy(model(x[SAMPLES:]), y[SAMPLES:]).item()
-    out = {"final_loss": final if final == final else float("inf")}
+    out = {"final_loss": final if math.isfinite(final) else math.inf}
     if guarded:
-        summary = opt.guard.summary()
-        out.update({k: summary[k] for k in ("capped_fraction", "mean_scale", "rollbacks", "actions")})
+        out.update(guard_accounting(opt))
     return out
 
 
@@ -100,17 +99,11 @@ def table(runs: dict, settings: list[tuple[str, int]], lrs: list[float], seeds: 
     lines = ["| task | batch | lr | AdamW held-out loss | guard / AdamW | guard runs rolled back | guard capped (mean) |",
              "|---|---|---|---|---|---|---|"]
     for task, batch in settings:
-        adamw = {lr: statistics.fmean(runs[run_key(task, batch, "adamw", lr, s)]["final_loss"] for s in seeds)
-                 for lr in lrs}
-        best = min(adamw, key=adamw.get)
-        for lr in lrs:
-            guard = [runs[run_key(task, batch, "guard", lr, s)] for s in seeds]
-            ratio = statistics.fmean(g["final_loss"] / runs[run_key(task, batch, "adamw", lr, s)]["final_loss"]
-                                     for g, s in zip(guard, seeds))
+        rows, best = per_lr(runs, lambda arm, lr, s: run_key(task, batch, arm, lr, s), lrs, seeds)
+        for lr, adamw, ratio, rolled_back, capped in rows:
             mark = " (best)" if lr == best else ""
-            lines.append(f"| {task} | {batch} | {lr:g}{mark} | {adamw[lr]:.4f} | {ratio:.3f} | "
-                         f"{sum(1 for g in guard if g['rollbacks'])} of {len(seeds)} | "
-                         f"{statistics.fmean(g['capped_fraction'] for g in guard):.0%} |")
+            lines.append(f"| {task} | {batch} | {lr:g}{mark} | {adamw:.4f} | {ratio:.3f} | "
+                         f"{rolled_back} of {len(seeds)} | {capped:.0%} |")
     return "\n".join(lines)
 
 
@@ -167,8 +160,8 @@ def main(argv=None) -> None:
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     settings = _settings(p, args.settings)
-    lrs = _numbers(p, "--lrs", args.lrs)
-    seeds = _numbers(p, "--seeds", args.seeds, int)
+    lrs = numbers(p, "--lrs", args.lrs)
+    seeds = numbers(p, "--seeds", args.seeds, int)
     out = pathlib.Path(args.out)
     run(settings, lrs, seeds, out, backend=args.backend, progress=not args.no_progress)
     print((out / "results.md").read_text(), end="")

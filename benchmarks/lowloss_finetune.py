@@ -26,6 +26,8 @@ import time
 
 import torch
 
+from .sweep import guard_accounting, numbers, per_lr
+
 VOCAB, SEQ_LEN, BATCH = 64, 64, 8
 PRETRAIN_STEPS, PRETRAIN_LR, FINETUNE_STEPS, EVAL_BATCHES = 150, 3e-3, 80, 8
 CHAIN_SEED = 1234  # one transition matrix for every run: the source, not the sample, is fixed
@@ -107,8 +109,7 @@ def finetune(arch: str, state: dict, temperature: float, seed: int, arm: str, lr
                                  for x in (next(held_out) for _ in range(EVAL_BATCHES)))
     out = {"final_loss": final if math.isfinite(final) else math.inf}
     if arm == "guard":
-        summary = opt.guard.summary()
-        out.update({k: summary[k] for k in ("capped_fraction", "mean_scale", "rollbacks", "actions")})
+        out.update(guard_accounting(opt))
     return out
 
 
@@ -117,17 +118,11 @@ def table(runs: dict, settings: list[tuple[str, float]], lrs: list[float], seeds
              "| guard capped (mean) |",
              "|---|---|---|---|---|---|---|"]
     for arch, temp in settings:
-        adamw = {lr: statistics.fmean(runs[run_key(arch, temp, "adamw", lr, s)]["final_loss"] for s in seeds)
-                 for lr in lrs}
-        best = min(adamw, key=adamw.get)
-        for lr in lrs:
-            guard = [runs[run_key(arch, temp, "guard", lr, s)] for s in seeds]
-            ratio = statistics.fmean(g["final_loss"] / runs[run_key(arch, temp, "adamw", lr, s)]["final_loss"]
-                                     for g, s in zip(guard, seeds))
+        rows, best = per_lr(runs, lambda arm, lr, s: run_key(arch, temp, arm, lr, s), lrs, seeds)
+        for lr, adamw, ratio, rolled_back, capped in rows:
             mark = " (best)" if lr == best else ""
-            lines.append(f"| {arch} | {temp:g} | {lr:g}{mark} | {adamw[lr]:.4f} | {ratio:.4f} | "
-                         f"{sum(1 for g in guard if g['rollbacks'])} of {len(seeds)} | "
-                         f"{statistics.fmean(g['capped_fraction'] for g in guard):.0%} |")
+            lines.append(f"| {arch} | {temp:g} | {lr:g}{mark} | {adamw:.4f} | {ratio:.4f} | "
+                         f"{rolled_back} of {len(seeds)} | {capped:.0%} |")
     return "\n".join(lines)
 
 
@@ -163,18 +158,6 @@ def run(archs: list[str], temperatures: list[float], lrs: list[float], seeds: li
     return runs
 
 
-def _numbers(p: argparse.ArgumentParser, option: str, text: str, kind=float) -> list:
-    """Distinct values from a comma list: floats above 0, or integers from 0."""
-    try:
-        values = [kind(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        p.error(f"{option}: {text!r} is not a comma list of numbers")
-    in_range = (lambda v: v >= 0) if kind is int else (lambda v: math.isfinite(v) and v > 0)
-    if not values or not all(map(in_range, values)) or len(set(values)) != len(values):
-        p.error(f"{option}: give distinct values, " + ("0 or more" if kind is int else "above 0"))
-    return values
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--archs", default=",".join(ARCHS), help=f"comma list of {', '.join(ARCHS)}")
@@ -188,9 +171,9 @@ def main(argv=None) -> None:
     unknown = [a for a in archs if a not in ARCHS]
     if unknown or not archs:
         p.error(f"--archs: {f'unknown {unknown[0]!r}' if unknown else 'none given'} (use {', '.join(ARCHS)})")
-    temps = _numbers(p, "--temperatures", args.temperatures)
-    lrs = _numbers(p, "--lrs", args.lrs)
-    seeds = _numbers(p, "--seeds", args.seeds, int)
+    temps = numbers(p, "--temperatures", args.temperatures)
+    lrs = numbers(p, "--lrs", args.lrs)
+    seeds = numbers(p, "--seeds", args.seeds, int)
     out = pathlib.Path(args.out)
     run(archs, temps, lrs, seeds, out, backend=args.backend)
     print((out / "results.md").read_text(), end="")

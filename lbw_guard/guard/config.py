@@ -336,8 +336,9 @@ class GuardConfig:
     Llama's MLP 1.00-1.01 -> 1.03-1.07, rank-64 LoRA seed 1 1.028 -> 1.096); the matrix's
     LoRA cells at 10x 1.026 -> 1.011 (seed 0), its full-training 10x and 30x means over 3
     seeds 1.078 -> 1.079 and 1.087 -> 1.088. What it costs: a false overshoot (a healthy start
-    read as one, still open: a small CNN classifier at batch 16) continues at 0.3x its lr
-    instead of 0.6x (1.3-1.9x AdamW's loss -> 1.8-2.4x)."""
+    read as one, still open: a small CNN classifier at its best lr) continues at 0.3x its lr
+    instead of 0.6x (on its training loss, 1.3-1.9x AdamW's -> 1.8-2.4x; on held-out samples
+    15-18% above AdamW, ``benchmarks/results/classifiers/``)."""
     start_cap: bool = True
     """After a rollback to the start, the lr scale it continues from (the scale it diverged at x
     ``rollback_scale``: a fraction of the schedule's lr, so a warmup still reaches that fraction
