@@ -69,8 +69,9 @@ def run_key(task: str, batch: int, arm: str, lr: float, seed: int) -> str:
     return f"{task}|{batch}|{arm}|{lr}|{seed}"
 
 
-def train(task: str, batch: int, arm: str, lr: float, seed: int, steps: int, backend: str) -> dict:
-    """``steps`` of ``arm`` ("adamw" or "guard"); the held-out loss (and the guard's accounting)."""
+def train(task: str, batch: int, arm: str, lr: float, seed: int, steps: int, backend: str, fault=None) -> dict:
+    """``steps`` of ``arm`` ("adamw" or "guard"); the held-out loss (and the guard's accounting).
+    ``fault`` (a :class:`benchmarks.classifier_faults.Fault`) corrupts the run at its steps."""
     from lbw_guard import FusedGuardedAdamW
 
     x, y = task_data(task, seed)
@@ -80,11 +81,15 @@ def train(task: str, batch: int, arm: str, lr: float, seed: int, steps: int, bac
            else torch.optim.AdamW(model.parameters(), lr=lr))
     gen = torch.Generator().manual_seed(seed + 1)  # the same minibatches for both arms
     model.train()
-    for _ in range(steps):
+    for step in range(steps):
         i = torch.randint(0, SAMPLES, (batch,), generator=gen)
-        loss = F.cross_entropy(model(x[i]), y[i])
+        inputs, labels = (x[i], y[i]) if fault is None else fault.batch(step, x[i], y[i])
+        loss = F.cross_entropy(model(inputs), labels)
         loss.backward()
-        opt.step(loss=loss.detach()) if guarded else opt.step()
+        seen = loss.detach()
+        if fault is not None:
+            seen = fault.before_step(step, model, opt, lr, seen)
+        opt.step(loss=seen) if guarded else opt.step()
         opt.zero_grad()
     model.eval()
     with torch.no_grad():

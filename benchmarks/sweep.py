@@ -7,7 +7,9 @@ import argparse
 import math
 import statistics
 
-GUARD_FIELDS = ("capped_fraction", "mean_scale", "rollbacks", "actions")
+# "steps": the steps the guard accounted, the denominator of its fractions
+GUARD_FIELDS = ("steps", "capped_fraction", "skipped_fraction", "partly_skipped_fraction", "mean_scale", "rollbacks",
+                "actions")
 
 
 def guard_accounting(opt) -> dict:
