@@ -11,6 +11,7 @@ with AdamW's lowest loss is marked: the guard should match AdamW there and below
 
     python -m benchmarks.classifiers                               # 5 settings x 5 lrs x 3 seeds (~4 min, 1 core)
     python -m benchmarks.classifiers --settings cnn:64 --lrs 1e-2,3e-2 --seeds 0
+    python -m benchmarks.classifiers --schedule warmup-cosine --out benchmarks/results/classifiers/warmup-cosine
 
 Writes ``results.json`` and ``results.md`` under ``--out``. CPU only.
 """
@@ -65,13 +66,39 @@ def build_model(task: str, seed: int) -> nn.Module:
     raise ValueError(f"unknown task {task!r}: use {', '.join(STEPS)}")
 
 
+SCHEDULES = ("constant", "cosine", "warmup-cosine", "onecycle", "warm-restarts", "step")
+
+
+def make_schedule(name: str, opt, steps: int):
+    """The lr scheduler ``name`` over a run of ``steps`` (stepped after every optimizer step), or
+    None for a constant lr."""
+    sched = torch.optim.lr_scheduler
+    if name == "constant":
+        return None
+    if name == "cosine":
+        return sched.CosineAnnealingLR(opt, steps)
+    if name == "warmup-cosine":  # a linear warm-up from 1% over the first 10% of the run
+        warm = max(1, steps // 10)
+        return sched.SequentialLR(opt, [sched.LinearLR(opt, 0.01, 1.0, warm),
+                                        sched.CosineAnnealingLR(opt, max(1, steps - warm))], [warm])
+    if name == "onecycle":
+        return sched.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=steps)
+    if name == "warm-restarts":  # 4 cosine cycles, no warm-up
+        return sched.CosineAnnealingWarmRestarts(opt, T_0=max(1, steps // 4))
+    if name == "step":
+        return sched.StepLR(opt, max(1, steps // 3), 0.3)
+    raise ValueError(f"unknown schedule {name!r}: use {', '.join(SCHEDULES)}")
+
+
 def run_key(task: str, batch: int, arm: str, lr: float, seed: int) -> str:
     return f"{task}|{batch}|{arm}|{lr}|{seed}"
 
 
-def train(task: str, batch: int, arm: str, lr: float, seed: int, steps: int, backend: str, fault=None) -> dict:
-    """``steps`` of ``arm`` ("adamw" or "guard"); the held-out loss (and the guard's accounting).
-    ``fault`` (a :class:`benchmarks.classifier_faults.Fault`) corrupts the run at its steps."""
+def train(task: str, batch: int, arm: str, lr: float, seed: int, steps: int, backend: str, fault=None,
+          schedule: str = "constant") -> dict:
+    """``steps`` of ``arm`` ("adamw" or "guard") under the lr ``schedule`` (peak ``lr``); the
+    held-out loss (and the guard's accounting). ``fault`` (a
+    :class:`benchmarks.classifier_faults.Fault`) corrupts the run at its steps."""
     from lbw_guard import FusedGuardedAdamW
 
     x, y = task_data(task, seed)
@@ -79,6 +106,7 @@ def train(task: str, batch: int, arm: str, lr: float, seed: int, steps: int, bac
     guarded = arm == "guard"
     opt = (FusedGuardedAdamW(model.parameters(), lr=lr, backend=backend) if guarded
            else torch.optim.AdamW(model.parameters(), lr=lr))
+    scheduler = make_schedule(schedule, opt, steps)
     gen = torch.Generator().manual_seed(seed + 1)  # the same minibatches for both arms
     model.train()
     for step in range(steps):
@@ -91,6 +119,8 @@ def train(task: str, batch: int, arm: str, lr: float, seed: int, steps: int, bac
             seen = fault.before_step(step, model, opt, lr, seen)
         opt.step(loss=seen) if guarded else opt.step()
         opt.zero_grad()
+        if scheduler is not None:
+            scheduler.step()
     model.eval()
     with torch.no_grad():
         final = F.cross_entropy(model(x[SAMPLES:]), y[SAMPLES:]).item()
@@ -113,7 +143,7 @@ def table(runs: dict, settings: list[tuple[str, int]], lrs: list[float], seeds: 
 
 
 def run(settings: list[tuple[str, int]], lrs: list[float], seeds: list[int], out: pathlib.Path,
-        steps: dict | None = None, backend: str = "cpu", progress: bool = True) -> dict:
+        steps: dict | None = None, backend: str = "cpu", progress: bool = True, schedule: str = "constant") -> dict:
     """AdamW and the guard for every (task, batch, lr, seed); writes ``results.json`` and
     ``results.md`` under ``out`` and returns the runs by key."""
     torch.set_num_threads(1)
@@ -125,7 +155,7 @@ def run(settings: list[tuple[str, int]], lrs: list[float], seeds: list[int], out
             for seed in seeds:
                 for arm in ("adamw", "guard"):
                     r = runs[run_key(task, batch, arm, lr, seed)] = train(task, batch, arm, lr, seed, steps[task],
-                                                                          backend)
+                                                                          backend, schedule=schedule)
                     done += 1
                     if progress:
                         guard = (f", rollbacks {r['rollbacks']}, capped {r['capped_fraction']:.0%}"
@@ -134,7 +164,7 @@ def run(settings: list[tuple[str, int]], lrs: list[float], seeds: list[int], out
                               f"lr {lr:g}: held-out {r['final_loss']:.4f}{guard}", flush=True)
     out.mkdir(parents=True, exist_ok=True)
     doc = {"what": "small classifiers: AdamW and the guard from the same initialisation and minibatches",
-           "torch": torch.__version__, "backend": backend, "samples": SAMPLES,
+           "torch": torch.__version__, "backend": backend, "schedule": schedule, "samples": SAMPLES,
            "steps": {task: steps[task] for task, _ in settings}, "runs": runs}
     (out / "results.json").write_text(json.dumps(doc, indent=1) + "\n")
     (out / "results.md").write_text(table(runs, settings, lrs, seeds) + "\n")
@@ -161,6 +191,7 @@ def main(argv=None) -> None:
     p.add_argument("--lrs", default="1e-3,3e-3,1e-2,3e-2,1e-1")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--backend", default="cpu", choices=("cpu", "torch"), help="the guarded optimizer's backend")
+    p.add_argument("--schedule", default="constant", choices=SCHEDULES, help="the lr schedule (peak: each --lrs value)")
     p.add_argument("--out", default="benchmarks/results/classifiers")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
@@ -168,7 +199,7 @@ def main(argv=None) -> None:
     lrs = numbers(p, "--lrs", args.lrs)
     seeds = numbers(p, "--seeds", args.seeds, int)
     out = pathlib.Path(args.out)
-    run(settings, lrs, seeds, out, backend=args.backend, progress=not args.no_progress)
+    run(settings, lrs, seeds, out, backend=args.backend, progress=not args.no_progress, schedule=args.schedule)
     print((out / "results.md").read_text(), end="")
 
 

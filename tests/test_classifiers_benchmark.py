@@ -58,8 +58,44 @@ def test_both_arms_start_from_the_same_model():
     (["--lrs", "fast"], "--lrs"),
     (["--seeds", "1.5"], "--seeds"),
     (["--backend", "cuda"], "--backend"),
+    (["--schedule", "linear"], "--schedule"),
 ])
 def test_bad_arguments_name_the_option(argv, words, capsys):
     with pytest.raises(SystemExit):
         cls.main(argv)
     assert words in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", [s for s in cls.SCHEDULES if s != "constant"])
+def test_each_schedule_moves_the_lr_of_both_arms_alike(name):
+    """The scheduler sets the same lr on plain AdamW and on the guarded optimizer, step by step
+    (the guard's scale multiplies it inside the kernel and never rewrites ``group["lr"]``)."""
+    from lbw_guard import FusedGuardedAdamW
+
+    steps, lr = 40, 1e-2
+    lrs = {}
+    for arm, cls_ in (("adamw", torch.optim.AdamW), ("guard", FusedGuardedAdamW)):
+        p = torch.nn.Parameter(torch.zeros(3))
+        opt = cls_([p], lr=lr)
+        sched = cls.make_schedule(name, opt, steps)
+        seen = []
+        for _ in range(steps):
+            seen.append(opt.param_groups[0]["lr"])
+            p.grad = torch.ones(3)
+            opt.step(**({"loss": torch.tensor(1.0)} if arm == "guard" else {}))
+            sched.step()
+        lrs[arm] = seen
+    assert lrs["adamw"] == pytest.approx(lrs["guard"], rel=1e-12)
+    seen = lrs["adamw"]
+    assert max(seen) == pytest.approx(lr, rel=0.05) and min(seen) < 0.5 * lr  # peaks at lr, and moves
+    if name == "warmup-cosine":
+        assert seen[0] == pytest.approx(0.01 * lr) and seen[4] == pytest.approx(lr)
+    if name == "warm-restarts":
+        assert seen[10] == pytest.approx(lr) and seen[9] < 0.1 * lr  # a restart every steps // 4
+
+
+def test_an_unknown_schedule_is_refused():
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    assert cls.make_schedule("constant", opt, 10) is None
+    with pytest.raises(ValueError, match="unknown schedule 'linear'"):
+        cls.make_schedule("linear", opt, 10)
