@@ -9,7 +9,7 @@ gives, per lr, AdamW's cross-entropy on held-out samples, the guard's against it
 (the overshoot's return to the start counts as one) and the share of steps it capped. The lr
 with AdamW's lowest loss is marked: the guard should match AdamW there and below it.
 
-    python -m benchmarks.classifiers                               # 5 settings x 5 lrs x 3 seeds (~4 min, 1 core)
+    python -m benchmarks.classifiers                               # 5 settings x 5 lrs x 3 seeds (~40 s, 1 core)
     python -m benchmarks.classifiers --settings cnn:64 --lrs 1e-2,3e-2 --seeds 0
     python -m benchmarks.classifiers --schedule warmup-cosine --out benchmarks/results/classifiers/warmup-cosine
 
