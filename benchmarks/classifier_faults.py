@@ -180,7 +180,8 @@ def _settings(p: argparse.ArgumentParser, text: str) -> list[tuple[str, int, flo
     """``task:batch:lr`` triples from a comma list."""
     out = []
     for item in (v.strip() for v in text.split(",") if v.strip()):
-        task, batch, lr = (item.split(":") + ["", ""])[:3]
+        parts = item.split(":")
+        task, batch, lr = parts if len(parts) == 3 else ("", "", "")
         try:
             value = float(lr)
         except ValueError:

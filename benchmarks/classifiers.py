@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .sweep import guard_accounting, numbers, per_lr
+from .sweep import guard_accounting, numbers, per_lr_lines
 
 SAMPLES = 1024  # training samples per task; as many again are held out
 STEPS = {"cnn": 80, "cnn-bn": 150, "mlp": 200}
@@ -134,11 +134,8 @@ def table(runs: dict, settings: list[tuple[str, int]], lrs: list[float], seeds: 
     lines = ["| task | batch | lr | AdamW held-out loss | guard / AdamW | guard runs rolled back | guard capped (mean) |",
              "|---|---|---|---|---|---|---|"]
     for task, batch in settings:
-        rows, best = per_lr(runs, lambda arm, lr, s: run_key(task, batch, arm, lr, s), lrs, seeds)
-        for lr, adamw, ratio, rolled_back, capped in rows:
-            mark = " (best)" if lr == best else ""
-            lines.append(f"| {task} | {batch} | {lr:g}{mark} | {adamw:.4f} | {ratio:.3f} | "
-                         f"{rolled_back} of {len(seeds)} | {capped:.0%} |")
+        lines += per_lr_lines(runs, lambda arm, lr, s: run_key(task, batch, arm, lr, s), lrs, seeds,
+                              f"| {task} | {batch} |", digits=3)
     return "\n".join(lines)
 
 

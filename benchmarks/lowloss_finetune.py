@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from .sweep import guard_accounting, numbers, per_lr
+from .sweep import guard_accounting, numbers, per_lr_lines
 
 VOCAB, SEQ_LEN, BATCH = 64, 64, 8
 PRETRAIN_STEPS, PRETRAIN_LR, FINETUNE_STEPS, EVAL_BATCHES = 150, 3e-3, 80, 8
@@ -118,11 +118,8 @@ def table(runs: dict, settings: list[tuple[str, float]], lrs: list[float], seeds
              "| guard capped (mean) |",
              "|---|---|---|---|---|---|---|"]
     for arch, temp in settings:
-        rows, best = per_lr(runs, lambda arm, lr, s: run_key(arch, temp, arm, lr, s), lrs, seeds)
-        for lr, adamw, ratio, rolled_back, capped in rows:
-            mark = " (best)" if lr == best else ""
-            lines.append(f"| {arch} | {temp:g} | {lr:g}{mark} | {adamw:.4f} | {ratio:.4f} | "
-                         f"{rolled_back} of {len(seeds)} | {capped:.0%} |")
+        lines += per_lr_lines(runs, lambda arm, lr, s: run_key(arch, temp, arm, lr, s), lrs, seeds,
+                              f"| {arch} | {temp:g} |", digits=4)
     return "\n".join(lines)
 
 

@@ -33,6 +33,15 @@ def per_lr(runs: dict, key, lrs: list[float], seeds: list[int]) -> tuple[list[tu
     return rows, min(adamw, key=adamw.get)
 
 
+def per_lr_lines(runs: dict, key, lrs: list[float], seeds: list[int], prefix: str, digits: int) -> list[str]:
+    """One setting's table rows: ``prefix`` (the setting's own columns), then per lr the lr (the
+    best marked), AdamW's mean loss, the guard's ratio to ``digits`` places, the guard runs
+    rolled back and its mean capped fraction. ``key`` as in :func:`per_lr`."""
+    rows, best = per_lr(runs, key, lrs, seeds)
+    return [f"{prefix} {lr:g}{' (best)' if lr == best else ''} | {adamw:.4f} | {ratio:.{digits}f} | "
+            f"{rolled_back} of {len(seeds)} | {capped:.0%} |" for lr, adamw, ratio, rolled_back, capped in rows]
+
+
 def numbers(p: argparse.ArgumentParser, option: str, text: str, kind=float) -> list:
     """Distinct values from a comma list: floats above 0, or integers from 0."""
     try:

@@ -107,6 +107,7 @@ def test_a_tiny_run_writes_every_run_and_the_table(tmp_path):
     (["--settings", "cnn:16"], "--settings"),
     (["--settings", "cnn:16:fast"], "--settings"),
     (["--settings", "cnn:16:0"], "--settings"),
+    (["--settings", "cnn:16:1e-3:2"], "--settings"),
     (["--settings", "resnet:16:1e-3"], "--settings"),
     (["--settings", "cnn:16:1e-3,cnn:16:1e-2"], "--settings"),
     (["--faults", "spike-1e9"], "--faults"),
