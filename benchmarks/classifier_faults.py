@@ -9,7 +9,7 @@ the guard's rollbacks and skipped steps. The faults fire where the stress matrix
 (``lbw_guard.experiments.faults``: two-step faults at 40% and 70% of the run, one-step faults at
 50%, ``spike-early`` at the first and seventh steps); the loss and lr faults are this module's.
 
-    python -m benchmarks.classifier_faults                        # 5 settings x 11 faults x 3 seeds (~1 min, 2 cores)
+    python -m benchmarks.classifier_faults                        # 5 settings x 12 faults x 3 seeds (~1 min, 2 cores)
     python -m benchmarks.classifier_faults --settings mlp:16:3e-3 --faults spike-1e6,nan-grad --seeds 0
 
 Writes ``results.json`` and ``results.md`` under ``--out``. CPU only.
@@ -44,6 +44,7 @@ FAULTS = {
     "zero-grad": "every gradient zero at 2 steps",
     "random-labels": "1 batch with uniformly random labels",
     "outlier-input": "1 batch of inputs x100",
+    "nan-input": "1 batch with one NaN input element (a corrupted sample)",
     "lr-x100": "the lr x100 for 1 step (a scheduler bug)",
 }
 # The best AdamW lr of each setting of ../classifiers/results.md (3 seeds).
@@ -57,7 +58,7 @@ def fault_steps(name: str, steps: int) -> frozenset[int]:
         return frozenset()
     if name == "spike-early":
         return frozenset(s for s in EARLY_STEPS if s < steps)
-    if name in ("random-labels", "outlier-input", "lr-x100"):
+    if name in ("random-labels", "outlier-input", "nan-input", "lr-x100"):
         fractions = (ONE_STEP_FRACTION,)
     elif name in FAULTS:
         fractions = TWO_STEP_FRACTIONS
@@ -84,6 +85,9 @@ class Fault:
             labels = torch.randint(0, int(labels.max()) + 1, labels.shape, generator=gen)
         if step in self.at and self.name == "outlier-input":
             inputs = inputs * 100
+        if step in self.at and self.name == "nan-input":
+            inputs = inputs.clone()
+            inputs.view(-1)[0] = math.nan
         return inputs, labels
 
     @torch.no_grad()

@@ -106,6 +106,8 @@ def train(task: str, batch: int, arm: str, lr: float, seed: int, steps: int, bac
     guarded = arm == "guard"
     opt = (FusedGuardedAdamW(model.parameters(), lr=lr, backend=backend) if guarded
            else torch.optim.AdamW(model.parameters(), lr=lr))
+    if guarded:
+        opt.guard.watch_buffers(model)  # BatchNorm's running statistics go with skips and rollbacks
     scheduler = make_schedule(schedule, opt, steps)
     gen = torch.Generator().manual_seed(seed + 1)  # the same minibatches for both arms
     model.train()

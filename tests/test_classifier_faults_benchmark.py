@@ -16,6 +16,7 @@ def test_faults_fire_where_the_stress_matrix_puts_them():
     assert cf.fault_steps("spike-1e4", 100) == {40, 70}
     assert cf.fault_steps("nan-loss", 150) == {60, 105}
     assert cf.fault_steps("random-labels", 80) == {40}
+    assert cf.fault_steps("nan-input", 150) == {75}
     assert cf.fault_steps("lr-x100", 3) == {1}
     assert cf.fault_steps("spike-early", 100) == {0, 6}
     assert cf.fault_steps("spike-early", 5) == {0}
@@ -72,6 +73,10 @@ def test_each_fault_corrupts_what_it_names_at_its_steps_only(name):
             assert torch.equal(x2, x) and not torch.equal(y2, y) and 0 <= int(y2.min()) and int(y2.max()) <= 2
         elif name == "outlier-input":
             assert torch.equal(x2, 100 * x) and y2 is y
+        elif name == "nan-input":
+            flat, orig = x2.view(-1), x.view(-1)
+            assert math.isnan(flat[0].item()) and torch.equal(flat[1:], orig[1:]) and y2 is y
+            assert torch.isfinite(orig).all()  # the batch given is not changed
         else:
             assert x2 is x and y2 is y
         assert all(g["lr"] == (100 * lr if name == "lr-x100" else lr) for g in opt.param_groups)

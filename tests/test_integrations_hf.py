@@ -76,6 +76,8 @@ def test_plain_trainer_with_callback_feeds_loss_and_reports_honest_accounting(tm
     trainer.train()
 
     assert opt.num_steps == 6
+    # The model's buffers (here the rotary frequencies) are watched through skips and rollbacks.
+    assert opt.guard.watched_buffers == len(list(model.buffers())) > 0
     # The guard saw every step's loss (records lag one step): equal to the Trainer's own.
     logged = train_logs(trainer.state.log_history)
     seen = signals(opt)

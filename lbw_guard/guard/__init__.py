@@ -3,6 +3,7 @@
 >>> opt = FusedGuardedAdamW(model.parameters(), lr=3e-4, guard="default")
 >>> opt.guard.summary()       # fractions of steps capped, skipped, frozen; mean lr scale
 >>> opt.guard.events          # the most recent decisions, as Event records
+>>> opt.guard.watch_buffers(model)  # BatchNorm statistics go with skips and rollbacks
 >>> opt = FusedGuardedAdamW(model.parameters(), guard=GuardConfig(min_scale=0.2, trace_path="t.jsonl"))
 """
 

@@ -33,6 +33,7 @@ from .controller import STABLE, Controller
 from .events import Event, JsonlWriter, run_start_line
 from .recovery import GuardGaveUp
 from .signals import HostRecord
+from .buffers import WatchedBuffers, buffers_of
 from .snapshots import SnapshotRing
 
 STATE_VERSION = 2
@@ -119,6 +120,7 @@ class Guard:
         self._issued: dict[int, tuple[list[float], list[float]]] = {}
         self._copies = _HostCopies(self.config.lag + 2)
         self._ring = SnapshotRing(self.config.snapshot_ring + 1, self.config.snapshot_device)
+        self._buffers = WatchedBuffers()  # module buffers kept in step with skips and rollbacks
         self._writer: JsonlWriter | None = None
         self._trace_failed = False
         self._param_key: tuple | None = None
@@ -162,6 +164,7 @@ class Guard:
             if self._param_key is not None and not self._ring.follow(self._params, params):
                 self._ring.clear()
                 self._ring.release_start()  # nor can the start
+                self._buffers.release_start()
                 self.controller.snapshots_lost()
                 bound["snapshots"] = "dropped"
             self._param_key, self._params = key, params
@@ -169,6 +172,21 @@ class Guard:
         self.controller.governor.seed_ratio(self._seed)
         if self._writer is not None:  # replay seeds its governor the same way
             self._trace_line({"type": "seed", "ratio": self._seed, **bound})
+
+    def watch_buffers(self, source) -> None:
+        """Keep ``source``'s buffers (a module's, e.g. BatchNorm's running statistics, or an
+        iterable of tensors) in step with the parameters: a bad step's forward pass leaves no
+        trace in them, and a rollback restores them with the parameters (see
+        :mod:`lbw_guard.guard.buffers`). The optimizer sees parameters only, so call this once
+        with the model; the Trainer integration does it for you. A copy of the optimizer
+        (``deepcopy``, pickling) starts a fresh guard that watches none: call it on the copy
+        with the copy's model."""
+        self._buffers.watch(buffers_of(source))
+
+    @property
+    def watched_buffers(self) -> int:
+        """How many buffers :meth:`watch_buffers` registered."""
+        return len(self._buffers)
 
     # ------------------------------------------------------------------ per step
     def before_step(self, step: int) -> GuardCommand:
@@ -190,6 +208,8 @@ class Guard:
         rec = HostRecord(step=now, record=[], num_groups=G, lrs=[float(x) for x in record.lrs], scale=scale,
                          gate=gate, has_loss=record.has_loss,
                          beta1=None if record.beta1 is None else [float(x) for x in record.beta1])
+        if self.config.acts:
+            self._buffers.after_step(record.record, len(self.optimizer.param_groups))
         self._pending.append(_Pending(rec, self._copies.push(record.record), self._grad_norm_copy(record.grad_norm)))
         if self._process_pending(self.config.lag, now):
             self._maybe_snapshot(now)
@@ -205,6 +225,7 @@ class Guard:
             self._flush_events()
             if decision["release_start"]:
                 self._ring.release_start()
+                self._buffers.release_start()
             if decision["rollback_to"] is not None:
                 self._rollback(decision["rollback_to"], now)
                 break
@@ -254,13 +275,16 @@ class Guard:
     def _rollback(self, target: int, now: int) -> None:
         try:
             self._ring.restore(target, self.optimizer)
+            self._buffers.restore(target)
         except (KeyError, RuntimeError) as exc:
             self.controller.rollback_failed(now, target, str(exc))
             self._trace_line({"type": "rollback_failed", "step": now, "to_step": target, "error": str(exc)})
             self._ring.clear()
             self._ring.release_start()
+            self._buffers.release_start()
             return
         self._ring.retain(self.controller.recovery.verified_snapshots)
+        self._buffers.retain(self._ring.steps(), start=self._ring.start.step is not None)
         self._drop_pending()  # the queued records describe the abandoned trajectory
         self._issued = {s: v for s, v in self._issued.items() if s > now}
 
@@ -293,6 +317,7 @@ class Guard:
         if self.controller.processed or self._pending or self.controller.recovery.start_held:
             return  # not the run's first step, or the start is held already
         self._ring.take_start(self.optimizer)
+        self._buffers.take(0, keep=self._ring.steps())
         self.controller.start_taken()
         self._trace_line({"type": "start"})
 
@@ -311,6 +336,7 @@ class Guard:
         if self._last_snapshot is not None and now - self._last_snapshot < interval:
             return
         self._ring.take(now, self.optimizer, keep=self.controller.recovery.verified_snapshots)
+        self._buffers.take(now, keep=self._ring.steps())
         self._last_snapshot = now
         self.controller.snapshot_taken(now)
         self._trace_line({"type": "snapshot", "step": now})
@@ -339,6 +365,7 @@ class Guard:
             return  # an on_give_up hook loaded a checkpoint
         self.controller.notify_data_change(step)
         self._ring.release_start()
+        self._buffers.release_start()
         self._trace_line({"type": "data_change", "step": step})
         self._flush_events()
 
@@ -527,6 +554,7 @@ class Guard:
         self._step_clock = None
         self._ring.clear()
         self._ring.release_start()
+        self._buffers.clear()
         self.records.clear()
         self.controller = Controller(self.config, len(self.optimizer.param_groups))
         self.controller.governor.seed_ratio(self._seed)
@@ -556,6 +584,7 @@ class Guard:
         # from the checkpoint alone, so every rank resuming it snapshots on the same steps.)
         self._last_snapshot = state.get("last_snapshot") if "snapshots" in state else None
         self._ring.clear()
+        self._buffers.clear()  # the checkpoint's snapshots (and start) hold no buffers
         held = self.optimizer is not None and self._ring.load_start(state.get("start"), self.optimizer)
         if "snapshots" in state and self.optimizer is not None:
             self._ring.load_state_dict(state["snapshots"], self.optimizer)
@@ -564,6 +593,7 @@ class Guard:
         rec.start_held = rec.start_held and held  # a start whose tensors did not come is let go
         if not rec.start_held:
             self._ring.release_start()
+            self._buffers.release_start()
         rec.verified_snapshots = [s for s in rec.verified_snapshots if s in kept]
         rec.pending_snapshots = [s for s in rec.pending_snapshots if s in kept]
         self._logged_events = sum(self.controller.events.counts.values())

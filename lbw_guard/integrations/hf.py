@@ -115,6 +115,8 @@ class GuardCallback(TrainerCallback):
     - ``on_log`` adds :func:`guard_metrics` to the logs (keys already there are kept), and to
       the entry ``Trainer.log`` has just appended to ``state.log_history``.
     - Guard events are forwarded to Python :mod:`logging` after every step.
+    - At train begin the model's buffers are watched (``optimizer.guard.watch_buffers``):
+      BatchNorm's running statistics go with the guard's skips and rollbacks.
     """
 
     def __init__(self, optimizer=None, *, capture_loss: bool = True, prefix: str = "guard/",
@@ -246,6 +248,8 @@ class GuardCallback(TrainerCallback):
                           "FusedGuardedAdamW; it only reports metrics", stacklevel=2)
             return
         self._setup_clipping(args)
+        if model is not None and self.optimizer.guard is not None:
+            self.optimizer.guard.watch_buffers(model)  # running statistics go with skips and rollbacks
         if self.skipped_steps and optimizer is not None and optimizer is not self.optimizer:
             from .accelerate import guard_accelerated_optimizer
 
