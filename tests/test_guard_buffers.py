@@ -164,9 +164,9 @@ def test_a_rollback_to_a_snapshot_restores_its_buffers():
     assert same(buffers(model), history[target])
 
 
-def test_a_checkpoint_load_forgets_the_buffer_snapshots_and_good_values():
-    """After load_state_dict the buffers hold the checkpoint's values (loaded by the model): the
-    next step only records them, and no snapshot of the old run is restored into them."""
+def test_a_checkpoint_load_forgets_the_buffer_snapshots_and_takes_the_buffers_as_they_are():
+    """After load_state_dict no snapshot of the old run is restored into the buffers, and a
+    model checkpoint loaded after the optimizer's becomes the good values at the next good step."""
     model, opt, gen = setup(8)
     for _ in range(5):
         train_step(model, opt, gen)
@@ -180,6 +180,18 @@ def test_a_checkpoint_load_forgets_the_buffer_snapshots_and_good_values():
     before = buffers(model)
     train_step(model, opt, gen, corrupt=nan_element)
     assert same(buffers(model), before)
+
+
+def test_a_bad_first_step_after_a_load_goes_back_to_the_buffers_at_the_load():
+    model, opt, gen = setup(9)
+    for _ in range(5):
+        train_step(model, opt, gen)
+    opt.load_state_dict(opt.state_dict())
+    at_load = buffers(model)
+    train_step(model, opt, gen, corrupt=nan_element)
+    assert same(buffers(model), at_load)
+    train_step(model, opt, gen)
+    assert all(torch.isfinite(b.float()).all() for b in model.buffers())
 
 
 @pytest.mark.parametrize("source, message", [

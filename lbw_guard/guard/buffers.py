@@ -17,8 +17,8 @@ So the buffers a user registers (``opt.guard.watch_buffers(model)``):
   (an outlier batch the step takes) writes its statistics as it does under plain AdamW;
 - are held in each snapshot and in the start, and restored with the parameters on a rollback.
 
-Cost: one copy of the buffers, two small device ops per buffer per step, and one copy per
-snapshot (BatchNorm's buffers are two floats per channel).
+Cost: one copy of the buffers, one small device op per buffer and three more per step, and
+one copy per snapshot (BatchNorm's buffers are two floats per channel and a counter).
 """
 
 from __future__ import annotations
@@ -59,7 +59,6 @@ class WatchedBuffers:
         self.tensors: list[Tensor] = []
         self.good: list[Tensor] = []  # each buffer after the last good step
         self.snapshots: dict[int, list[Tensor]] = {}
-        self.good_known = True  # False after a checkpoint load: the next step only records them
 
     def watch(self, tensors: list[Tensor]) -> None:
         """Watch ``tensors`` too (each once); their snapshots begin with the next one taken."""
@@ -81,15 +80,11 @@ class WatchedBuffers:
 
     @torch.no_grad()
     def after_step(self, record: Tensor, num_groups: int) -> None:
-        """Undo what a bad step's forward pass wrote into the buffers (device ops only)."""
+        """Undo what a bad step's forward pass wrote into the buffers, and keep a good step's
+        values as the ones to go back to (device ops only)."""
         if not self.tensors:
             return
         self._follow_shapes()
-        if not self.good_known:  # (a load replaced the buffers: their old values are no good state)
-            for t, good in zip(self.tensors, self.good):
-                good.copy_(local_tensor(t))
-            self.good_known = True
-            return
         layout = C.record_layout(num_groups)
         fields = record[layout.group_fields].view(num_groups, C.NUM_GROUP_FIELDS)
         bad = (record[layout.globals][C.R_STEP_OK] == 0) | (fields[:, C.T_NONFINITE].sum() > 0)
@@ -118,12 +113,12 @@ class WatchedBuffers:
         if not self.tensors:
             return
         self._follow_shapes()
-        for s in [s for s in self.snapshots if s not in set(keep) and s != 0]:
+        keep = set(keep)
+        for s in [s for s in self.snapshots if s not in keep and s != 0]:
             del self.snapshots[s]
         # the values after the last good step: the start is taken inside the first step, after
         # its forward pass has written the buffers
-        source = self.good if self.good_known else [local_tensor(t.detach()) for t in self.tensors]
-        self.snapshots[step] = [t.clone() for t in source]
+        self.snapshots[step] = [good.clone() for good in self.good]
 
     @torch.no_grad()
     def restore(self, step: int) -> bool:
@@ -149,8 +144,12 @@ class WatchedBuffers:
     def release_start(self) -> None:
         self.snapshots.pop(0, None)
 
+    @torch.no_grad()
     def clear(self) -> None:
-        """Forget every snapshot (the start included) and the last good values: a checkpoint
-        load or a reset put other values in the buffers."""
+        """Forget every snapshot (the start included), and take the buffers as they are now as
+        the good values: a checkpoint load or a reset. (Where the model's own checkpoint is
+        loaded after the optimizer's, its values become the good ones at the next good step.)"""
         self.snapshots.clear()
-        self.good_known = False
+        if self.tensors:
+            self._follow_shapes()
+            torch._foreach_copy_(self.good, [local_tensor(t) for t in self.tensors])

@@ -28,12 +28,12 @@ from lbw_kernels import contract as C
 from lbw_guard.distributed import is_distributed
 from lbw_guard.step_buffers import read_doubles, write_doubles
 
+from .buffers import WatchedBuffers, buffers_of
 from .config import GuardConfig, preset
 from .controller import STABLE, Controller
 from .events import Event, JsonlWriter, run_start_line
 from .recovery import GuardGaveUp
 from .signals import HostRecord
-from .buffers import WatchedBuffers, buffers_of
 from .snapshots import SnapshotRing
 
 STATE_VERSION = 2
@@ -164,7 +164,7 @@ class Guard:
             if self._param_key is not None and not self._ring.follow(self._params, params):
                 self._ring.clear()
                 self._ring.release_start()  # nor can the start
-                self._buffers.release_start()
+                self._buffers.retain([], start=False)
                 self.controller.snapshots_lost()
                 bound["snapshots"] = "dropped"
             self._param_key, self._params = key, params
@@ -275,14 +275,14 @@ class Guard:
     def _rollback(self, target: int, now: int) -> None:
         try:
             self._ring.restore(target, self.optimizer)
-            self._buffers.restore(target)
         except (KeyError, RuntimeError) as exc:
             self.controller.rollback_failed(now, target, str(exc))
             self._trace_line({"type": "rollback_failed", "step": now, "to_step": target, "error": str(exc)})
             self._ring.clear()
             self._ring.release_start()
-            self._buffers.release_start()
+            self._buffers.retain([], start=False)
             return
+        self._buffers.restore(target)  # (a snapshot taken before they were watched holds none)
         self._ring.retain(self.controller.recovery.verified_snapshots)
         self._buffers.retain(self._ring.steps(), start=self._ring.start.step is not None)
         self._drop_pending()  # the queued records describe the abandoned trajectory
