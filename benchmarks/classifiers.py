@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .sweep import guard_accounting, numbers, per_lr_lines
+from .sweep import guard_accounting, numbers, per_lr_lines, progress_line
 
 SAMPLES = 1024  # training samples per task; as many again are held out
 STEPS = {"cnn": 80, "cnn-bn": 150, "mlp": 200}
@@ -157,10 +157,8 @@ def run(settings: list[tuple[str, int]], lrs: list[float], seeds: list[int], out
                                                                           backend, schedule=schedule)
                     done += 1
                     if progress:
-                        guard = (f", rollbacks {r['rollbacks']}, capped {r['capped_fraction']:.0%}"
-                                 if arm == "guard" else "")
-                        print(f"[{done}/{total} {time.time() - start:.0f}s] {task} batch {batch} seed {seed} {arm} "
-                              f"lr {lr:g}: held-out {r['final_loss']:.4f}{guard}", flush=True)
+                        print(progress_line(done, total, start, f"{task} batch {batch} seed {seed}", arm, lr, r),
+                              flush=True)
     out.mkdir(parents=True, exist_ok=True)
     doc = {"what": "small classifiers: AdamW and the guard from the same initialisation and minibatches",
            "torch": torch.__version__, "backend": backend, "schedule": schedule, "samples": SAMPLES,

@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from .sweep import guard_accounting, numbers, per_lr_lines
+from .sweep import guard_accounting, numbers, per_lr_lines, progress_line
 
 VOCAB, SEQ_LEN, BATCH = 64, 64, 8
 PRETRAIN_STEPS, PRETRAIN_LR, FINETUNE_STEPS, EVAL_BATCHES = 150, 3e-3, 80, 8
@@ -141,10 +141,8 @@ def run(archs: list[str], temperatures: list[float], lrs: list[float], seeds: li
                                                                             finetune_steps, backend)
                     done += 1
                     if progress:
-                        guard = (f", rollbacks {r['rollbacks']}, capped {r['capped_fraction']:.0%}"
-                                 if arm == "guard" else "")
-                        print(f"[{done}/{total} {time.time() - start:.0f}s] {arch} t={temp:g} seed {seed} {arm} "
-                              f"lr {lr:g}: held-out {r['final_loss']:.4f}{guard}", flush=True)
+                        print(progress_line(done, total, start, f"{arch} t={temp:g} seed {seed}", arm, lr, r),
+                              flush=True)
     out.mkdir(parents=True, exist_ok=True)
     doc = {"what": "low-loss fine-tune: AdamW and the guard after a plain-AdamW pre-training",
            "torch": torch.__version__, "backend": backend,

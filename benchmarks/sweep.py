@@ -1,11 +1,12 @@
 """What the AdamW-against-the-guard lr sweeps (``lowloss_finetune``, ``classifiers``) share: their
-comma-list arguments, the guard's accounting kept per run, and the per-lr comparison their
-tables print."""
+comma-list arguments, the guard's accounting kept per run, their progress lines, and the per-lr
+comparison their tables print."""
 from __future__ import annotations
 
 import argparse
 import math
 import statistics
+import time
 
 # "steps": the steps the guard accounted, the denominator of its fractions
 GUARD_FIELDS = ("steps", "capped_fraction", "skipped_fraction", "partly_skipped_fraction", "mean_scale", "rollbacks",
@@ -16,6 +17,14 @@ def guard_accounting(opt) -> dict:
     """The fields of ``opt.guard.summary()`` a sweep keeps per guard run."""
     summary = opt.guard.summary()
     return {k: summary[k] for k in GUARD_FIELDS}
+
+
+def progress_line(done: int, total: int, start: float, what: str, arm: str, lr: float, run: dict) -> str:
+    """One finished run of a sweep (``what`` names its setting and seed); the guard's adds its
+    rollbacks and the share of capped steps."""
+    guard = f", rollbacks {run['rollbacks']}, capped {run['capped_fraction']:.0%}" if arm == "guard" else ""
+    return (f"[{done}/{total} {time.time() - start:.0f}s] {what} {arm} lr {lr:g}: "
+            f"held-out {run['final_loss']:.4f}{guard}")
 
 
 def per_lr(runs: dict, key, lrs: list[float], seeds: list[int]) -> tuple[list[tuple], float]:

@@ -113,9 +113,7 @@ class WatchedBuffers:
         if not self.tensors:
             return
         self._follow_shapes()
-        keep = set(keep)
-        for s in [s for s in self.snapshots if s not in keep and s != 0]:
-            del self.snapshots[s]
+        self.retain(keep, start=True)
         # the values after the last good step: the start is taken inside the first step, after
         # its forward pass has written the buffers
         self.snapshots[step] = [good.clone() for good in self.good]
